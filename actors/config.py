@@ -1,0 +1,36 @@
+"""The `rollout` config section: how many vLLM workers, their resources, engine and sampling."""
+from __future__ import annotations
+
+from pydantic import Field
+
+from contract.config_base import Section
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(-1, ge=-1)  # -1: disabled
+    max_new_tokens: int = Field(32, ge=1)
+    n: int = Field(1, ge=1, description="samples per prompt (the group size for GRPO/RLOO)")
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+
+
+class EngineConfig(Section):
+    dtype: str = Field("float32", pattern="^(float32|bfloat16|float16|auto)$")
+    max_model_len: int = Field(512, ge=16)
+    kv_cache_bytes: int = Field(64 << 20, ge=1 << 20, description="CPU only: KV cache size")
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(1, ge=1)
+    seed: int = 0
+
+
+class RolloutConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    threads_per_worker: int = Field(1, ge=1)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    request_timeout_s: float = Field(600.0, gt=0)
+    max_retries: int = Field(3, ge=0, description="re-dispatches of a prompt whose worker died")

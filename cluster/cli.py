@@ -1,0 +1,119 @@
+"""`rlhf` — the command line. Each subcommand is a thin shell over a function in `cluster/`.
+
+Errors the user can fix (config, data, model dirs, addresses) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from contract.config_base import ConfigError
+from contract.datasets import DatasetError
+
+
+class UsageError(RuntimeError):
+    """A problem the user can fix, phrased as one line."""
+
+
+USER_ERRORS = (ConfigError, DatasetError, UsageError)
+
+
+def _cmd_train(args) -> int:
+    from cluster.train import train_command
+
+    return train_command(args.config, args.overrides, resume=args.resume, run_dir=args.run_dir,
+                         address=args.address)
+
+
+def _cmd_make_tiny_models(args) -> int:
+    from cluster.tiny_models import make_tiny_models
+
+    for role, path in make_tiny_models(args.out, size=args.size, seed=args.seed).items():
+        print(f"{role}: {path}")
+    return 0
+
+
+def _cmd_train_rm(args) -> int:
+    from cluster.config import load_config
+    from reward_service.config import RewardModelTrainConfig
+    from reward_service.train_rm import train_reward_model
+
+    cfg = load_config(args.config, args.overrides, model=RewardModelTrainConfig)
+    result = train_reward_model(cfg)
+    print(f"reward model saved to {cfg.output_dir}: held-out pairwise accuracy {result['eval_accuracy']:.3f}")
+    return 0
+
+
+def _cmd_scale(args) -> int:
+    from cluster.control import scale_command
+
+    return scale_command(args.workers, address=args.address, name=args.name)
+
+
+def _cmd_status(args) -> int:
+    from cluster.control import status_command
+
+    return status_command(address=args.address, name=args.name)
+
+
+def _cmd_submit(args) -> int:
+    from cluster.submit import submit_command
+
+    return submit_command(args.config, args.overrides, address=args.address, wait=not args.no_wait)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlhf", description="Distributed actor-learner RLHF on Ray + vLLM + DeepSpeed.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="run a training job (no CONFIG: the built-in demo on tiny models)")
+    t.add_argument("config", nargs="?", help="job YAML; omit to run the demo")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.num_workers=2")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    t.add_argument("--run-dir", help="where to write the run (default runs/<name>-<timestamp>)")
+    t.add_argument("--address", help="Ray cluster to attach to (default RAY_ADDRESS, else an embedded one)")
+    t.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("submit", help="submit `rlhf train CONFIG` as a Ray job to a cluster")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--address", required=True, help="dashboard address, e.g. http://HEAD:8265")
+    s.add_argument("--no-wait", action="store_true", help="return after submission instead of following logs")
+    s.set_defaults(func=_cmd_submit)
+
+    for name, fn, hlp in (("scale", _cmd_scale, "change the number of rollout workers of a running job"),
+                          ("status", _cmd_status, "show step, policy version, workers and throughput of a running job")):
+        c = sub.add_parser(name, help=hlp)
+        if name == "scale":
+            c.add_argument("--workers", type=int, required=True, help="target number of rollout workers")
+        c.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS)")
+        c.add_argument("--name", default=None, help="job name (default: the only running one)")
+        c.set_defaults(func=fn)
+
+    r = sub.add_parser("train-rm", help="train a reward model on preference pairs (Bradley-Terry) or labels (BCE)")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*")
+    r.set_defaults(func=_cmd_train_rm)
+
+    m = sub.add_parser("make-tiny-models", help="write tiny random-init policy/reward models and a tokenizer")
+    m.add_argument("out", help="output directory")
+    m.add_argument("--size", choices=["tiny", "m100"], default="tiny")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=_cmd_make_tiny_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rlhf {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""Tiny random-init models and a locally trained tokenizer, for tests and the demo (no hub).
+
+Written with `save_pretrained`, so they load through exactly the code path a real checkpoint
+takes (transformers `from_pretrained`, `vllm.LLM(model=dir)`). head_dim is 32 because vLLM's
+CPU attention supports only head sizes 32, 64, 80, ... .
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from reward_service.functions import COLOURS, FILLER
+
+SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 2
+    max_position_embeddings: int = 512
+    tokenizer_vocab: int = 512
+
+
+SIZES = {
+    "tiny": TinySpec(),
+    # ~100M parameters: the compute-bound size used by the benchmarks.
+    "m100": TinySpec(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                     tokenizer_vocab=32000),
+}
+
+
+def synthetic_corpus(n_lines: int = 3000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    words = list(COLOURS) + list(FILLER)
+    return [" ".join(rng.choice(words) + ("" if rng.random() < 0.8 else str(rng.randint(0, 99)))
+                     for _ in range(rng.randint(4, 24))) for _ in range(n_lines)]
+
+
+def train_tokenizer(vocab_size: int, seed: int = 0):
+    """Byte-level BPE trained with `tokenizers` on synthetic text, wrapped for transformers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(synthetic_corpus(seed=seed), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+
+
+def _llama_config(spec: TinySpec, vocab_size: int, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=spec.hidden_size,
+                       intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
+                       num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_attention_heads,
+                       max_position_embeddings=spec.max_position_embeddings, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=3, tie_word_embeddings=False, **extra)
+
+
+def make_tiny_models(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> dict[str, Path]:
+    """Write `policy/` (causal LM) and `reward/` (1-output sequence classifier) under out_dir.
+
+    Both share the tokenizer. Returns {"policy": path, "reward": path}. Idempotent: existing
+    complete directories are reused.
+    """
+    import torch
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    spec = SIZES[size]
+    out = Path(out_dir)
+    paths = {"policy": out / "policy", "reward": out / "reward"}
+    if all((p / "config.json").is_file() and (p / "tokenizer.json").is_file() for p in paths.values()):
+        return paths
+    tok = train_tokenizer(spec.tokenizer_vocab, seed)
+    vocab = len(tok)
+    torch.manual_seed(seed)
+    builds = {"policy": lambda: LlamaForCausalLM(_llama_config(spec, vocab)),
+              "reward": lambda: LlamaForSequenceClassification(_llama_config(spec, vocab, num_labels=1))}
+    for name, build in builds.items():
+        tmp = paths[name].with_name(paths[name].name + ".tmp")
+        build().save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        if paths[name].exists():
+            import shutil
+            shutil.rmtree(paths[name])
+        tmp.rename(paths[name])
+    return paths

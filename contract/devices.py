@@ -1,0 +1,57 @@
+"""The one place that decides device, dtype, collective backend and engine settings.
+
+CPU boxes: gloo, vLLM's CPU build running in-process, DeepSpeed's CPU accelerator.
+GPU clusters: NCCL, the CUDA vLLM build, one engine per GPU (or TP group), one learner rank per GPU.
+Everything else asks a `DeviceProfile` instead of branching on `torch.cuda.is_available()`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+DeviceKind = Literal["cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    kind: DeviceKind
+
+    @property
+    def collective_backend(self) -> str:
+        return "nccl" if self.kind == "cuda" else "gloo"
+
+    def torch_device(self, local_index: int = 0) -> str:
+        # Inside a Ray actor with num_gpus=1, the one visible GPU is always index 0.
+        return f"cuda:{local_index}" if self.kind == "cuda" else "cpu"
+
+    def actor_env(self, threads: int) -> dict[str, str]:
+        """Environment every rollout/learner actor starts with (set before torch/vllm import)."""
+        env = {"TORCHDYNAMO_DISABLE": "1", "OMP_NUM_THREADS": str(max(1, threads)),
+               "TOKENIZERS_PARALLELISM": "false", "VLLM_CONFIGURE_LOGGING": "0"}
+        if self.kind == "cpu":
+            # In-process engine: a vLLM subprocess per actor would fight for the same cores.
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        return env
+
+    def vllm_engine_kwargs(self, kv_cache_bytes: int, gpu_memory_utilization: float) -> dict:
+        if self.kind == "cpu":
+            return {"enforce_eager": True, "kv_cache_memory_bytes": kv_cache_bytes}
+        return {"gpu_memory_utilization": gpu_memory_utilization}
+
+    def ray_resources(self, cpus: float, gpus: float) -> dict:
+        """Ray actor options for one worker/rank; GPUs are only requested on a CUDA profile."""
+        res: dict = {"num_cpus": cpus}
+        if self.kind == "cuda":
+            res["num_gpus"] = gpus
+        return res
+
+
+def resolve_device(name: str = "auto") -> DeviceProfile:
+    """`auto` picks CUDA when this process sees a GPU, else CPU."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device: expected one of auto|cpu|cuda (got {name!r})")
+    if name == "auto":
+        import torch
+
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return DeviceProfile(kind=name)  # type: ignore[arg-type]

@@ -1,0 +1,79 @@
+"""The Arrow experience batch: the one table that flows rollout -> reward -> learner -> Parquet.
+
+One row per sample (a prompt's `sample_idx`-th completion). Rollout workers fill the rollout
+columns; the controller appends the reward columns from the reward service and `step`.
+Keeping it Arrow end to end means the same object is shipped through Ray's object store
+zero-copy, scored, trained on and written as provenance without conversions.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+ROLLOUT_FIELDS = [
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("sample_idx", pa.int32(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("prompt_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("response", pa.string(), nullable=False),
+    pa.field("response_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("logprobs", pa.list_(pa.float32()), nullable=False),
+    pa.field("finish_reason", pa.string(), nullable=False),
+    pa.field("policy_version", pa.int64(), nullable=False),
+    pa.field("worker_id", pa.string(), nullable=False),
+    pa.field("gen_s", pa.float64(), nullable=False),
+]
+ROLLOUT_SCHEMA = pa.schema(ROLLOUT_FIELDS)
+
+REWARD_FIELDS = [
+    pa.field("reward", pa.float32(), nullable=False),
+    pa.field("reward_valid", pa.bool_(), nullable=False),
+    # name -> value of each part that went into `reward` (model, each function, feedback).
+    pa.field("reward_parts", pa.map_(pa.string(), pa.float64()), nullable=False),
+]
+EXPERIENCE_SCHEMA = pa.schema(ROLLOUT_FIELDS + REWARD_FIELDS)
+
+
+class ExperienceError(ValueError):
+    """An experience table that must not be trained on; the message names the column and rows."""
+
+
+def empty_rollout_batch() -> pa.RecordBatch:
+    return pa.RecordBatch.from_pylist([], schema=ROLLOUT_SCHEMA)
+
+
+def rollout_batch(rows: list[dict]) -> pa.RecordBatch:
+    """Build a RecordBatch in ROLLOUT_SCHEMA from row dicts (raises on a missing/mistyped field)."""
+    return pa.RecordBatch.from_pylist(rows, schema=ROLLOUT_SCHEMA)
+
+
+def concat(batches: list[pa.RecordBatch | pa.Table], schema: pa.Schema = ROLLOUT_SCHEMA) -> pa.Table:
+    tables = [b if isinstance(b, pa.Table) else pa.Table.from_batches([b]) for b in batches]
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables])
+
+
+def check_columns(table: pa.Table, schema: pa.Schema) -> None:
+    missing = [n for n in schema.names if n not in table.column_names]
+    if missing:
+        raise ExperienceError(f"experience table is missing column(s) {missing}; expected {schema.names}")
+    for f in schema:
+        have = table.schema.field(f.name).type
+        if have != f.type:
+            raise ExperienceError(f"experience column {f.name!r} has type {have}, expected {f.type}")
+
+
+def check_lengths(table: pa.Table) -> None:
+    """Every sample's logprobs must align one-to-one with its response tokens."""
+    import pyarrow.compute as pc
+
+    n_ids = pc.list_value_length(table.column("response_ids"))
+    n_lp = pc.list_value_length(table.column("logprobs"))
+    bad = pc.indices_nonzero(pc.not_equal(n_ids, n_lp)).to_pylist()
+    if bad:
+        raise ExperienceError(f"experience rows {bad[:5]} have len(logprobs) != len(response_ids)")
+
+
+def sample_keys(table: pa.Table) -> list[tuple[str, int]]:
+    """(prompt_id, sample_idx) per row: the identity used for exactly-once accounting."""
+    return list(zip(table.column("prompt_id").to_pylist(), table.column("sample_idx").to_pylist()))

@@ -1,0 +1,161 @@
+"""The weight-sync protocol between the learner (sender, rank 0) and the rollout workers.
+
+Versions: 0 is the initial checkpoint; the learner increments on each publish; a receiver refuses
+a version older than the one it holds (equal is a no-op re-send, e.g. to a re-joined worker).
+
+Transports:
+  * broadcast: a side process group (gloo on CPU, NCCL on GPU) between learner rank 0 (group
+    rank 0) and every worker (ranks 1..N), formed apart from each side's default group. The
+    sender and receivers agree on a `WeightManifest` (names, shapes, dtypes, bucket plan) first,
+    then tensors travel as a few large flat buckets (flat buckets beat per-tensor sends ~2x).
+    The group is re-formed under a new name whenever the worker set changes.
+  * object store: one `ray.put` of the state dict; each worker fetches it.
+Every rendezvous and collective carries a timeout: a dead peer becomes an error, never a hang.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+class StaleVersionError(ValueError):
+    """A receiver was offered weights older than the version it already serves."""
+
+
+def check_version(current: int, incoming: int) -> bool:
+    """True if `incoming` must be loaded, False if it is the version already held."""
+    if incoming < current:
+        raise StaleVersionError(f"weight version {incoming} is older than the current version {current}")
+    return incoming > current
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # e.g. "float32", "bfloat16"
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.torch_dtype).element_size()
+
+
+@dataclass(frozen=True)
+class WeightManifest:
+    """What the receivers allocate before a broadcast: specs in send order, grouped in buckets."""
+
+    specs: tuple[TensorSpec, ...]
+    buckets: tuple[tuple[int, ...], ...]  # indices into specs; one dtype per bucket
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for s in self.specs)
+
+
+def make_manifest(specs: Iterable[TensorSpec], bucket_bytes: int = 256 << 20) -> WeightManifest:
+    """Greedy buckets of at most `bucket_bytes` (a larger tensor gets a bucket of its own)."""
+    specs = tuple(specs)
+    buckets: list[list[int]] = []
+    open_by_dtype: dict[str, tuple[list[int], int]] = {}
+    for i, s in enumerate(specs):
+        cur, size = open_by_dtype.get(s.dtype, (None, 0))
+        if cur is None or size + s.nbytes > bucket_bytes:
+            cur, size = [], 0
+            buckets.append(cur)
+        cur.append(i)
+        open_by_dtype[s.dtype] = (cur, size + s.nbytes)
+    return WeightManifest(specs=specs, buckets=tuple(tuple(b) for b in buckets))
+
+
+def specs_of(named: Iterable[tuple[str, torch.Tensor]]) -> list[TensorSpec]:
+    return [TensorSpec(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in named]
+
+
+@dataclass(frozen=True)
+class GroupAddress:
+    """Where and how to form one side group. `name` must be unique per formation."""
+
+    host: str
+    port: int
+    world_size: int  # 1 sender + number of receivers
+    name: str
+    backend: str = "gloo"
+    timeout_s: float = 120.0
+
+
+def join_group(addr: GroupAddress, rank: int):
+    """Form (collectively, all ranks call this) a process group that leaves the default one alone."""
+    timeout = _dt.timedelta(seconds=addr.timeout_s)
+    store = dist.TCPStore(addr.host, addr.port, addr.world_size, is_master=(rank == 0), timeout=timeout,
+                          wait_for_workers=False)
+    prefixed = dist.PrefixStore(addr.name, store)
+    if addr.backend == "gloo":
+        pg = dist.ProcessGroupGloo(prefixed, rank, addr.world_size, timeout)
+    elif addr.backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        pg = dist.ProcessGroupNCCL(prefixed, rank, addr.world_size, opts)
+    else:
+        raise ValueError(f"weight sync backend: expected gloo or nccl (got {addr.backend!r})")
+    # A cheap collective proves every member arrived before any large transfer starts.
+    _broadcast(pg, torch.zeros(1, device=_device_for(addr.backend)))
+    return _Group(pg, store)
+
+
+@dataclass
+class _Group:
+    pg: object
+    store: object  # keep the TCPStore alive as long as the group
+
+
+def _device_for(backend: str) -> str:
+    return "cuda" if backend == "nccl" else "cpu"
+
+
+def _broadcast(pg, t: torch.Tensor, src: int = 0) -> None:
+    opts = dist.BroadcastOptions()
+    opts.rootRank = src
+    opts.rootTensor = 0
+    pg.broadcast([t], opts).wait()
+
+
+def leave_group(group) -> None:
+    try:
+        group.pg.shutdown()
+    except Exception:  # noqa: BLE001 - a peer may already be gone; leaving must not raise
+        pass
+
+
+def send_weights(group, manifest: WeightManifest, tensors: dict[str, torch.Tensor]) -> None:
+    """Sender side (group rank 0): one flat broadcast per bucket."""
+    for bucket in manifest.buckets:
+        parts = [tensors[manifest.specs[i].name].detach().reshape(-1) for i in bucket]
+        flat = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+        _broadcast(group.pg, flat)
+
+
+def receive_weights(group, manifest: WeightManifest, device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Receiver side: yields (name, tensor) as buckets arrive, so loading can stream."""
+    for bucket in manifest.buckets:
+        specs = [manifest.specs[i] for i in bucket]
+        flat = torch.empty(sum(s.numel for s in specs), dtype=specs[0].torch_dtype, device=device)
+        _broadcast(group.pg, flat)
+        offset = 0
+        for s in specs:
+            yield s.name, flat[offset:offset + s.numel].view(s.shape)
+            offset += s.numel

@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny models built once per session, and one real local Ray cluster.
+
+The Ray cluster is embedded (`address="local"`) so tests never attach to another cluster on the
+box. Actor processes inherit the project through the editable install.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Before anything imports torch/vllm in this process.
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    from cluster.tiny_models import make_tiny_models
+
+    return make_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster shared by the session (logical CPUs overcommitted on 2 cores)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="rlhf-tests",
+                 log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,40 @@
+"""The tiny models load through the real loaders: transformers and a real vLLM engine."""
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from reward_service.functions import COLOURS
+
+
+def test_tokenizer_has_whole_colour_words(tiny_models):
+    tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
+    for w in COLOURS:
+        assert len(tok(" " + w, add_special_tokens=False).input_ids) == 1, w
+    assert tok.decode(tok(" red blue", add_special_tokens=False).input_ids) == " red blue"
+
+
+def test_transformers_loads_both(tiny_models):
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["policy"])
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_models["reward"])
+    tok = AutoTokenizer.from_pretrained(tiny_models["reward"])
+    ids = tok(["the cat"], return_tensors="pt")
+    assert lm(**ids).logits.shape[-1] == len(tok)
+    assert rm(**ids).logits.shape == (1, 1)
+    assert lm.config.hidden_size // lm.config.num_attention_heads == 32
+
+
+def test_vllm_generates_and_matches_transformers_logprobs(tiny_models):
+    import vllm
+
+    llm = vllm.LLM(model=str(tiny_models["policy"]), dtype="float32", enforce_eager=True, max_model_len=128,
+                   kv_cache_memory_bytes=32 << 20, seed=0)
+    out = llm.generate(["the quick brown fox"], vllm.SamplingParams(temperature=1.0, max_tokens=8, logprobs=0,
+                                                                     ignore_eos=True))[0]
+    sample = out.outputs[0]
+    assert len(sample.token_ids) == 8
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], dtype=torch.float32)
+    ids = torch.tensor([list(out.prompt_token_ids) + list(sample.token_ids)])
+    logp = torch.log_softmax(lm(ids).logits[0, :-1], -1)
+    n = len(out.prompt_token_ids)
+    ref = logp[n - 1:, :].gather(-1, torch.tensor(sample.token_ids)[:, None]).squeeze(-1)
+    got = torch.tensor([lp[t].logprob for lp, t in zip(sample.logprobs, sample.token_ids)])
+    assert torch.allclose(got, ref, atol=1e-4), (got, ref)

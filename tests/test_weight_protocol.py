@@ -1,0 +1,73 @@
+"""The weight-sync protocol: bucket plans, version rule, and a real side gloo group between
+processes that each already own a default torch.distributed group."""
+import multiprocessing as mp
+import socket
+
+import pytest
+import torch
+
+from contract.weights import (GroupAddress, StaleVersionError, TensorSpec, check_version, join_group, leave_group,
+                              make_manifest, receive_weights, send_weights, specs_of)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bucket_plan_respects_size_and_dtype():
+    specs = [TensorSpec("a", (10,), "float32"), TensorSpec("b", (20,), "float32"), TensorSpec("c", (5,), "bfloat16"),
+             TensorSpec("d", (100,), "float32"), TensorSpec("e", (1,), "float32")]
+    m = make_manifest(specs, bucket_bytes=160)
+    assert m.buckets == ((0, 1), (2,), (3,), (4,))
+    assert m.total_bytes == 4 * 131 + 2 * 5
+    for b in m.buckets:
+        assert len({specs[i].dtype for i in b}) == 1
+
+
+def test_version_rule():
+    assert check_version(3, 4) is True
+    assert check_version(3, 3) is False
+    with pytest.raises(StaleVersionError, match="older than the current version 3"):
+        check_version(3, 2)
+
+
+def _member(rank, world, group_port, default_port, q):
+    import torch.distributed as dist
+
+    # Each process has its own default group (world 1), as a DeepSpeed rank or a vLLM engine does.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{default_port + rank}", rank=0, world_size=1)
+    torch.manual_seed(0)
+    tensors = {"w": torch.randn(3, 4), "b": torch.randn(4), "h": torch.randn(2, 2).to(torch.bfloat16)}
+    manifest = make_manifest(specs_of(tensors.items()), bucket_bytes=40)
+    group = join_group(GroupAddress("127.0.0.1", group_port, world, "wsync-test-1", timeout_s=30), rank)
+    if rank == 0:
+        send_weights(group, manifest, tensors)
+        q.put((rank, True))
+    else:
+        got = {n: t.clone() for n, t in receive_weights(group, manifest)}
+        q.put((rank, all(torch.equal(got[n], tensors[n]) for n in tensors) and got.keys() == tensors.keys()))
+    leave_group(group)
+    q.put((rank, dist.get_world_size()))  # default group untouched
+    dist.destroy_process_group()
+
+
+def test_side_group_broadcast_between_processes():
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    world, gport, dport = 3, free_port(), free_port()
+    procs = [ctx.Process(target=_member, args=(r, world, gport, dport + 10 * r, q)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=120) for _ in range(2 * world)]
+    for p in procs:
+        p.join(60)
+    assert all(p.exitcode == 0 for p in procs)
+    assert sorted(r for r in results if r[1] is True) == [(0, True), (1, True), (2, True)]
+    assert sorted(r for r in results if r[1] is not True) == [(0, 1), (1, 1), (2, 1)]
+
+
+def test_rendezvous_with_missing_peer_times_out():
+    with pytest.raises(Exception, match="(?i)timeout|timed out"):
+        join_group(GroupAddress("127.0.0.1", free_port(), 2, "alone", timeout_s=2), 0)
