@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from contract.config_base import Section
 
@@ -41,3 +41,14 @@ class LearnerConfig(Section):
     bucket_mb: int = Field(256, ge=1)
     sync_timeout_s: float = Field(300.0, gt=0)
     max_staleness: int = Field(0, ge=0, description="oldest policy lag accepted in a train step")
+    init_timeout_s: float = Field(600.0, gt=0, description="rank start + DeepSpeed init (first run JIT-compiles)")
+    step_timeout_s: float = Field(1800.0, gt=0, description="one train_step on every rank")
+    dist_timeout_s: float = Field(300.0, gt=0, description="torch.distributed collective timeout")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "LearnerConfig":
+        per_step = self.num_ranks * self.ppo.micro_batch_size
+        if self.ppo.minibatch_size % per_step:
+            raise ValueError(f"ppo.minibatch_size ({self.ppo.minibatch_size}) must be a multiple of "
+                             f"num_ranks x ppo.micro_batch_size ({per_step})")
+        return self

@@ -1,0 +1,117 @@
+"""One PPO-family update, written once over any torch modules: forward passes that return
+response-aligned tensors, advantages for the configured algorithm, and the micro-batch losses.
+
+The DeepSpeed ranks (rank.py) and the single-process baseline (benchmarks/learner.py) both run
+exactly these functions; only who owns the optimizer differs.
+
+Loss scale: every sample weighs `w_i = 1 / (real samples in its minibatch)`, so a minibatch's loss
+is the mean over its samples of each sample's token-mean loss, whatever the cut into ranks and
+micro-batches (this is what lets 2 ranks reproduce 1 rank).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from learner import ppo_math as pm
+from learner.batch import Batch
+from learner.config import PPOConfig
+
+
+def response_hidden_index(mb: Batch) -> torch.Tensor:
+    """[b, T] sequence positions whose outputs score the response tokens (position p predicts p+1)."""
+    T = mb.response_ids.shape[1]
+    idx = mb.prompt_lens.unsqueeze(1) - 1 + torch.arange(T).unsqueeze(0)
+    return idx.clamp(max=mb.input_ids.shape[1] - 1)
+
+
+def policy_logits(model, mb: Batch) -> torch.Tensor:
+    """Response-aligned logits [b, T, V]."""
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
+    idx = response_hidden_index(mb).to(logits.device)
+    return logits.gather(1, idx.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+
+
+def critic_values(critic, mb: Batch) -> torch.Tensor:
+    """Response-aligned values [b, T]: V(s_t) read at the position that generates token t."""
+    out = critic(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits[..., 0]
+    return out.gather(1, response_hidden_index(mb).to(out.device)).float()
+
+
+@torch.no_grad()
+def response_logprobs(model, mb: Batch) -> torch.Tensor:
+    return pm.token_logprobs(policy_logits(model, mb), mb.response_ids)
+
+
+@dataclass
+class Targets:
+    """Per-token tensors fixed for the whole update (all [B, T])."""
+
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor | None
+    old_values: torch.Tensor | None
+    advantages: torch.Tensor
+    returns: torch.Tensor | None
+
+    def rows(self, idx) -> "Targets":
+        return Targets(*(None if t is None else t[idx] for t in
+                         (self.old_logprobs, self.ref_logprobs, self.old_values, self.advantages, self.returns)))
+
+
+def kl_as_reward(cfg: PPOConfig) -> bool:
+    """Token-reward algorithms (PPO, REINFORCE++) fold the KL into the reward when asked; GRPO and
+    RLOO (sequence advantages) always use it as a loss term, as the GRPO paper does."""
+    return cfg.kl_in_reward and cfg.algorithm in ("ppo", "reinforce_pp")
+
+
+def compute_targets(cfg: PPOConfig, b: Batch, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+                    values: torch.Tensor | None) -> Targets:
+    mask = b.mask
+    kl = torch.zeros_like(old_logp) if ref_logp is None else pm.kl_estimate(old_logp, ref_logp, cfg.kl_estimator)
+    kl_coef = cfg.kl_coef if kl_as_reward(cfg) else 0.0
+    returns = None
+    if cfg.algorithm == "ppo":
+        rewards = pm.kl_shaped_rewards(b.score, kl, mask, kl_coef)
+        adv, returns = pm.gae(rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            adv = pm.masked_whiten(adv, mask)
+    elif cfg.algorithm == "reinforce_pp":
+        adv = pm.reinforce_pp_advantages(pm.kl_shaped_rewards(b.score, kl, mask, kl_coef), mask, cfg.gamma)
+    elif cfg.algorithm == "grpo":
+        adv = pm.grpo_advantages(b.score, b.group).unsqueeze(1) * mask
+    else:
+        adv = pm.rloo_advantages(b.score, b.group).unsqueeze(1) * mask
+    return Targets(old_logp, ref_logp, values, adv, returns)
+
+
+def sample_weights(mb: Batch, minibatch_real: float) -> torch.Tensor:
+    return mb.real / max(minibatch_real, 1.0)
+
+
+def actor_loss(cfg: PPOConfig, logits: torch.Tensor, mb: Batch, tg: Targets, w: torch.Tensor
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """sum_i w_i * token-mean(policy loss - c_ent * entropy + beta * KL-loss term); returns the loss and
+    per-sample metrics (already weighted by `real`, to be summed)."""
+    logp = pm.token_logprobs(logits, mb.response_ids)
+    pl, clipped, approx_kl = pm.policy_loss(logp, tg.old_logprobs, tg.advantages, cfg.clip, cfg.dual_clip)
+    ent = pm.entropy_from_logits(logits if cfg.entropy_coef > 0 else logits.detach())
+    per_token = pl - cfg.entropy_coef * ent
+    if tg.ref_logprobs is not None and not kl_as_reward(cfg) and cfg.kl_coef > 0:
+        per_token = per_token + cfg.kl_coef * pm.kl_estimate(logp, tg.ref_logprobs, cfg.kl_estimator)
+    per_sample = pm.seq_mean_token_mean(per_token, mb.mask)
+    m = {name: pm.seq_mean_token_mean(x.detach(), mb.mask) * mb.real
+         for name, x in (("policy_loss", pl), ("clip_frac", clipped), ("approx_kl", approx_kl), ("entropy", ent))}
+    return (w * per_sample).sum(), m
+
+
+def critic_loss(cfg: PPOConfig, values: torch.Tensor, mb: Batch, tg: Targets, w: torch.Tensor
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    vl = pm.seq_mean_token_mean(pm.value_loss(values, tg.old_values, tg.returns, cfg.value_clip), mb.mask)
+    return cfg.vf_coef * (w * vl).sum(), {"value_loss": vl.detach() * mb.real}
+
+
+def minibatches(n_real: int, n_total: int, size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's row order: the real rows shuffled, the padding rows last, cut in `size` chunks."""
+    order = torch.cat([torch.randperm(n_real, generator=generator), torch.arange(n_real, n_total)])
+    return list(order.split(size))

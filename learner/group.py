@@ -1,0 +1,163 @@
+"""LearnerGroup: the controller-side handle on M learner ranks (Ray actors "learner-rank-{r}").
+
+The group reserves a placement group (one bundle per rank), starts the ranks, lets rank 0 pick the
+rendezvous address, and initialises DeepSpeed on all ranks at once. Every call waits with a
+timeout and watches all ranks together: a rank that dies or raises becomes a RuntimeError that
+names the operation, never a hang on the survivors.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from contract.devices import DeviceProfile
+from contract.weights import GroupAddress, WeightManifest
+from learner.batch import prepare
+from learner.config import LearnerConfig
+from learner.rank import LearnerRank
+
+
+@ray.remote(num_cpus=0)
+def _first_of(*results):
+    """Resolves once every rank's part of a collective is done; the value is rank 0's."""
+    return results[0]
+
+
+def wait_all(refs: list, timeout_s: float, what: str) -> list:
+    """ray.get on every ref, failing fast on the first error instead of waiting on a blocked peer."""
+    deadline = time.monotonic() + timeout_s
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise RuntimeError(f"learner {what}: {len(pending)} rank(s) did not answer within {timeout_s:.0f}s")
+        try:
+            ray.get(ready[0], timeout=0)
+        except RayActorError as e:
+            raise RuntimeError(f"learner {what}: a learner rank died ({type(e).__name__}); the group must be "
+                               f"restarted") from e
+        except RayTaskError as e:
+            raise RuntimeError(f"learner {what} failed on a rank: {type(e.cause).__name__}: "
+                               f"{str(e.cause).splitlines()[0] if str(e.cause) else ''}") from e
+        except GetTimeoutError as e:  # pragma: no cover - ready refs do not time out
+            raise RuntimeError(f"learner {what}: timed out") from e
+    return ray.get(refs, timeout=0)
+
+
+class LearnerGroup:
+    def __init__(self, cfg: LearnerConfig, policy_dir: str, device: DeviceProfile, critic_dir: str | None = None,
+                 seed: int = 0, namespace: str | None = None):
+        self.cfg, self.version = cfg, 0
+        self._namespace = namespace
+        self._joined = False
+        res = device.ray_resources(cfg.cpus_per_rank, cfg.gpus_per_rank)
+        bundle = {"CPU": res["num_cpus"], **({"GPU": res["num_gpus"]} if "num_gpus" in res else {})}
+        self._pg = placement_group([bundle] * cfg.num_ranks, strategy="PACK")
+        try:
+            ray.get(self._pg.ready(), timeout=cfg.init_timeout_s)
+        except GetTimeoutError as e:
+            remove_placement_group(self._pg)
+            raise RuntimeError(f"learner: {cfg.num_ranks} x {bundle} could not be reserved within "
+                               f"{cfg.init_timeout_s:.0f}s") from e
+        env = device.actor_env(max(1, int(cfg.cpus_per_rank)))
+        rank_cls = ray.remote(LearnerRank)
+        self._ranks = [
+            rank_cls.options(name=f"learner-rank-{r}", namespace=namespace, max_restarts=0, **res,
+                             scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, r),
+                             runtime_env={"env_vars": env})
+            .remote(r, cfg.model_dump_json(), policy_dir, critic_dir or cfg.critic_model, device.kind, seed)
+            for r in range(cfg.num_ranks)]
+        try:
+            host, port = wait_all([self._ranks[0].master_address.remote()], cfg.init_timeout_s, "start")[0]
+            self._all("setup", host, port, timeout_s=cfg.init_timeout_s, what="DeepSpeed init")
+            self._manifest: WeightManifest = self._one("manifest", timeout_s=cfg.init_timeout_s)
+        except Exception:
+            self.shutdown()
+            raise
+
+    def _all(self, method: str, *args, timeout_s: float, what: str) -> list:
+        return wait_all([getattr(a, method).remote(*args) for a in self._ranks], timeout_s, what)
+
+    def _one(self, method: str, *args, timeout_s: float):
+        return wait_all([getattr(self._ranks[0], method).remote(*args)], timeout_s, method)[0]
+
+    # ---- training -------------------------------------------------------------------------------
+
+    def train_step(self, experience: pa.Table) -> dict:
+        """Validate, then one PPO-family update on every rank. Raises ExperienceError on a bad table."""
+        p = self.cfg.ppo
+        prep = prepare(experience, self.version, self.cfg.max_staleness, multiple_of=p.minibatch_size)
+        batch_ref = ray.put(prep.batch)
+        metrics = self._all("train_step", batch_ref, prep.num_samples, self.version,
+                            timeout_s=self.cfg.step_timeout_s, what="train_step")[0]
+        self.version += 1
+        return {**metrics, "policy_version": self.version, "num_samples": prep.num_samples,
+                "num_dropped": prep.num_dropped, "staleness": self.version - 1 - prep.min_policy_version}
+
+    # ---- weight publishing ----------------------------------------------------------------------
+
+    def weight_manifest(self) -> WeightManifest:
+        return self._manifest
+
+    def join_weight_group(self, addr: GroupAddress) -> ray.ObjectRef:
+        """Rank 0 joins as group rank 0; the caller awaits this together with the workers' joins."""
+        self._joined = True
+        return self._ranks[0].join_weight_group.remote(addr)
+
+    def broadcast_weights(self) -> ray.ObjectRef:
+        """All ranks gather, rank 0 sends; resolves to the version sent."""
+        if not self._joined:
+            raise RuntimeError("learner broadcast_weights: call join_weight_group first")
+        return _first_of.remote(*[a.broadcast_weights.remote(self.version) for a in self._ranks])
+
+    def leave_weight_group(self) -> None:
+        self._joined = False
+        wait_all([self._ranks[0].leave_weight_group.remote()], self.cfg.sync_timeout_s, "leave_weight_group")
+
+    def publish_object_store(self) -> tuple[int, ray.ObjectRef]:
+        """(version, ref to the full HF-named state dict), one ray.put on rank 0."""
+        wrapped = self._all("put_state_dict", timeout_s=self.cfg.sync_timeout_s, what="publish_object_store")[0]
+        return self.version, wrapped[0]
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str) -> None:
+        """All engines' DeepSpeed state plus HF exports, written to a temp dir renamed into place
+        (the path must be on storage every rank can reach)."""
+        final = Path(path)
+        tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir(parents=True)
+        try:
+            self._all("save_checkpoint", str(tmp), self.version, timeout_s=self.cfg.sync_timeout_s,
+                      what="save_checkpoint")
+            if final.exists():
+                old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
+                final.rename(old)
+                shutil.rmtree(old)
+            tmp.rename(final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def load_checkpoint(self, path: str) -> None:
+        state = Path(path) / "learner_state.json"
+        if not state.is_file():
+            raise FileNotFoundError(f"learner checkpoint {path}: missing learner_state.json")
+        versions = self._all("load_checkpoint", str(path), timeout_s=self.cfg.sync_timeout_s, what="load_checkpoint")
+        self.version = versions[0]
+
+    def shutdown(self) -> None:
+        for a in getattr(self, "_ranks", []):
+            ray.kill(a, no_restart=True)
+        self._ranks = []
+        if getattr(self, "_pg", None) is not None:
+            remove_placement_group(self._pg)
+            self._pg = None

@@ -1,0 +1,157 @@
+"""LearnerGroup on real DeepSpeed ranks (Ray actors, gloo) with the tiny model: input checks,
+ZeRO-2/3 on 2 ranks vs ZeRO-0 on 1 rank, checkpoint resume, a dead rank, and PPO learning a toy task."""
+import math
+import uuid
+
+import pyarrow as pa
+import pytest
+import torch
+
+from contract.devices import DeviceProfile
+from contract.experience import EXPERIENCE_SCHEMA, ExperienceError
+from learner.batch import prepare
+from learner.config import LearnerConfig
+from learner.group import LearnerGroup
+
+CPU = DeviceProfile("cpu")
+
+
+def experience_table(n: int = 16, version: int = 0, seed: int = 0, group_size: int = 4, **columns) -> pa.Table:
+    """Random prompts/responses of varied lengths, directly in EXPERIENCE_SCHEMA; `columns`
+    overrides whole columns (name -> list of values)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        prompt, response = torch.randint(4, 400, (3 + i % 3,), generator=g), torch.randint(4, 400, (2 + i % 5,), generator=g)
+        rows.append(dict(prompt_id=f"p{i // group_size}", sample_idx=i % group_size, prompt="p",
+                         prompt_ids=prompt.tolist(), response="r", response_ids=response.tolist(),
+                         logprobs=[-6.0] * len(response), finish_reason="length", policy_version=version,
+                         worker_id="w0", gen_s=0.1, reward=float(i % 3), reward_valid=True, reward_parts={"fn": 1.0}))
+    for name, values in columns.items():
+        for row, v in zip(rows, values):
+            row[name] = v
+    return pa.Table.from_pylist(rows, schema=EXPERIENCE_SCHEMA)
+
+
+def learner_cfg(**kw) -> LearnerConfig:
+    cfg = LearnerConfig(lr=1e-3, critic_lr=1e-3, **kw)
+    cfg.ppo.minibatch_size, cfg.ppo.micro_batch_size = 8, 8 // cfg.num_ranks // 2
+    return cfg
+
+
+def make_group(tiny_models, **kw) -> LearnerGroup:
+    return LearnerGroup(learner_cfg(**kw), str(tiny_models["policy"]), CPU, namespace=f"learner-{uuid.uuid4().hex[:6]}")
+
+
+def params(group: LearnerGroup) -> dict[str, torch.Tensor]:
+    import ray
+
+    return ray.get(group.publish_object_store()[1], timeout=60)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda t: t.drop_columns(["logprobs"]), r"missing column\(s\) \['logprobs'\]"),
+    (lambda t: t.set_column(t.schema.get_field_index("logprobs"), "logprobs",
+                            pa.array([[-1.0]] * t.num_rows, pa.list_(pa.float32()))), r"len\(logprobs\) != len\(response_ids\)"),
+    (lambda t: t.set_column(t.schema.get_field_index("reward"), "reward",
+                            pa.array([math.nan] + [1.0] * (t.num_rows - 1), pa.float32())), r"'reward' is NaN"),
+    (lambda t: t.set_column(t.schema.get_field_index("policy_version"), "policy_version",
+                            pa.array([3] * t.num_rows, pa.int64())), r"'policy_version' has 3, older than allowed"),
+    (lambda t: t.set_column(t.schema.get_field_index("reward_valid"), "reward_valid",
+                            pa.array([False] * t.num_rows)), r"no row with reward_valid=True"),
+])
+def test_bad_experience_is_rejected_with_the_column_named(bad, message):
+    with pytest.raises(ExperienceError, match=message):
+        prepare(bad(experience_table(version=5)), version=6, max_staleness=1, multiple_of=8)
+
+
+def test_invalid_rewards_are_dropped_and_batch_padded_weightless():
+    valid = [i % 5 != 0 for i in range(16)]  # 4 invalid rows
+    prep = prepare(experience_table(reward_valid=valid), version=0, max_staleness=0, multiple_of=8)
+    assert (prep.num_samples, prep.num_dropped, len(prep.batch)) == (12, 4, 16)
+    assert prep.batch.real.tolist() == [1.0] * 12 + [0.0] * 4
+    assert prep.batch.mask[12:].sum() == 0 and prep.batch.mask[:12].sum() > 0
+    # prompt + response are concatenated; the response tokens sit right after the prompt
+    b = prep.batch
+    for i in range(12):
+        p = int(b.prompt_lens[i])
+        n = int(b.mask[i].sum())
+        assert torch.equal(b.input_ids[i, p:p + n], b.response_ids[i, :n])
+
+
+# ---- DeepSpeed ranks --------------------------------------------------------------------------
+
+
+def test_two_ranks_zero2_and_zero3_match_one_rank_zero0(tiny_models, ray_local):
+    """Same global batch, one PPO step (policy + critic + KL to the reference), fp32.
+    Tolerance 2e-5 absolute on every parameter (measured ~1e-6: reduction order only)."""
+    table = experience_table(n=14)  # 14 real rows -> 2 padding rows: exercises the sample weights
+    results = {}
+    for ranks, stage in [(1, 0), (2, 2), (2, 3)]:
+        group = make_group(tiny_models, num_ranks=ranks, zero_stage=stage)
+        try:
+            before = params(group)
+            metrics = group.train_step(table)
+            results[(ranks, stage)] = (params(group), metrics)
+        finally:
+            group.shutdown()
+    ref_params, ref_metrics = results[(1, 0)]
+    assert ref_metrics["num_samples"] == 14 and ref_metrics["policy_version"] == 1
+    assert max((ref_params[n] - before[n]).abs().max().item() for n in before) > 1e-4  # it did train
+    for key in [(2, 2), (2, 3)]:
+        got, metrics = results[key]
+        assert got.keys() == ref_params.keys()
+        worst = max((got[n] - ref_params[n]).abs().max().item() for n in got)
+        assert worst < 2e-5, f"{key}: max abs diff {worst}"
+        for m in ("policy_loss", "value_loss", "kl", "entropy", "logprob_gap"):
+            assert metrics[m] == pytest.approx(ref_metrics[m], abs=1e-5), m
+
+
+def test_checkpoint_save_load_step_equals_uninterrupted(tiny_models, ray_local, tmp_path):
+    t1, t2 = experience_table(seed=1), experience_table(seed=2, version=1)
+    group = make_group(tiny_models, num_ranks=2, zero_stage=2)
+    try:
+        group.train_step(t1)
+        group.save_checkpoint(str(tmp_path / "ckpt"))
+        group.save_checkpoint(str(tmp_path / "ckpt"))  # overwriting an existing checkpoint is atomic too
+        straight = group.train_step(t2)
+        want = params(group)
+    finally:
+        group.shutdown()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dirs left behind
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt" / "policy")
+    assert (tmp_path / "ckpt" / "critic" / "model.safetensors").is_file()
+    resumed = make_group(tiny_models, num_ranks=2, zero_stage=2)
+    try:
+        assert params(resumed)["lm_head.weight"].sub(exported.lm_head.weight.detach()).abs().max() > 0
+        resumed.load_checkpoint(str(tmp_path / "ckpt"))
+        assert resumed.version == 1
+        torch.testing.assert_close(params(resumed)["lm_head.weight"], exported.lm_head.weight.detach())
+        again = resumed.train_step(t2)
+        got = params(resumed)
+    finally:
+        resumed.shutdown()
+    assert again["policy_version"] == straight["policy_version"] == 2
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], atol=1e-7, rtol=0)
+    assert again["value_loss"] == pytest.approx(straight["value_loss"], abs=1e-7)  # critic + its Adam resumed
+
+
+def test_a_dead_rank_is_a_clear_error_not_a_hang(tiny_models, ray_local):
+    import ray
+
+    group = make_group(tiny_models, num_ranks=2, zero_stage=2)
+    try:
+        with pytest.raises(ExperienceError):  # validated in the controller: the ranks never see it
+            group.train_step(experience_table(version=1))
+        ray.kill(ray.get_actor("learner-rank-1", namespace=group._namespace))
+        with pytest.raises(RuntimeError, match="learner train_step: a learner rank died"):
+            group.train_step(experience_table())
+        assert group.version == 0
+    finally:
+        group.shutdown()

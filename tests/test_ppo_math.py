@@ -1,0 +1,115 @@
+"""learner/ppo_math.py against values worked out by hand (each expected number is written as the
+scalar arithmetic of the paper's formula, independent of the vectorised code). Tolerance 1e-6."""
+import math
+
+import pytest
+import torch
+
+from learner import ppo_math as pm
+
+
+def T(*rows):
+    """T(a, b) -> 1-D; T([..], [..]) -> 2-D; T([..]) -> the one list as given."""
+    return torch.tensor(rows[0] if len(rows) == 1 else rows, dtype=torch.float64)
+
+
+
+def close(got, want):
+    torch.testing.assert_close(got.double(), torch.as_tensor(want, dtype=torch.float64), atol=1e-6, rtol=0)
+
+
+def test_gae_on_hand_worked_trajectory_with_padding():
+    gamma, lam = 0.9, 0.8
+    rewards = T([0.0, 0.0, 1.0], [0.5, 2.0, 7.0])  # row 1: one real token, the rest is padding (ignored)
+    values = T([0.5, 0.6, 0.7], [0.2, 9.0, 9.0])
+    mask = T([1, 1, 1], [1, 0, 0])
+    adv, ret = pm.gae(rewards, values, mask, gamma, lam)
+    a2 = 1.0 + gamma * 0.0 - 0.7                   # last token: V(s_T) = 0
+    a1 = (0.0 + gamma * 0.7 - 0.6) + gamma * lam * a2
+    a0 = (0.0 + gamma * 0.6 - 0.5) + gamma * lam * a1
+    b0 = 0.5 + gamma * 0.0 - 0.2                   # padding value 9.0 must not leak in
+    close(adv, [[a0, a1, a2], [b0, 0, 0]])
+    close(ret, [[a0 + 0.5, a1 + 0.6, a2 + 0.7], [b0 + 0.2, 0, 0]])
+    assert (a0, a1, a2) == pytest.approx((0.21712, 0.246, 0.3))
+
+
+def test_kl_estimators():
+    logp, ref = T([math.log(0.5), math.log(0.2)]), T([math.log(0.25), math.log(0.4)])
+    r = [0.25 / 0.5, 0.4 / 0.2]
+    close(pm.kl_estimate(logp, ref, "k1"), [-math.log(r[0]), -math.log(r[1])])
+    close(pm.kl_estimate(logp, ref, "k3"), [(r[0] - 1) - math.log(r[0]), (r[1] - 1) - math.log(r[1])])
+    assert (pm.kl_estimate(logp, ref, "k3") >= 0).all()
+    with pytest.raises(ValueError, match="kl_estimator"):
+        pm.kl_estimate(logp, ref, "k2")
+
+
+def test_kl_shaped_rewards_put_score_on_last_real_token():
+    kl, mask = T([0.1, 0.2, 0.3], [0.4, 0.5, 0.6]), T([1, 1, 1], [1, 1, 0])
+    got = pm.kl_shaped_rewards(T(2.0, -1.0), kl, mask, kl_coef=0.5)
+    close(got, [[-0.05, -0.1, -0.15 + 2.0], [-0.2, -0.25 - 1.0, 0.0]])
+
+
+def test_clipped_policy_loss_and_clip_fraction():
+    ratios = [1.5, 0.5, 1.5, 0.5, 1.1]
+    adv = T(1.0, 1.0, -1.0, -1.0, 1.0)
+    old = torch.zeros(5, dtype=torch.float64)
+    logp = torch.log(T(*ratios))
+    loss, clipped, approx_kl = pm.policy_loss(logp, old, adv, clip=0.2)
+    close(loss, [max(-1.5, -1.2), max(-0.5, -0.8), max(1.5, 1.2), max(0.5, 0.8), max(-1.1, -1.1)])
+    close(loss, [-1.2, -0.5, 1.5, 0.8, -1.1])
+    close(clipped, [1, 1, 1, 1, 0])
+    assert clipped.mean().item() == pytest.approx(0.8)
+    close(approx_kl, [(r - 1) - math.log(r) for r in ratios])
+
+
+def test_dual_clip_caps_negative_advantage_loss():
+    logp, old, adv = torch.log(T(5.0, 5.0)), T(0.0, 0.0), T(-1.0, 1.0)
+    plain, _, _ = pm.policy_loss(logp, old, adv, clip=0.2)
+    dual, _, _ = pm.policy_loss(logp, old, adv, clip=0.2, dual_clip=3.0)
+    close(plain, [5.0, -1.2])
+    close(dual, [min(5.0, 3.0 * 1.0), -1.2])  # positive advantages are untouched
+
+
+def test_clipped_value_loss():
+    got = pm.value_loss(T(1.0, 0.6), T(0.5, 0.5), T(2.0, 0.0), clip=0.2)
+    close(got, [0.5 * max((1.0 - 2.0) ** 2, (0.7 - 2.0) ** 2), 0.5 * (0.6 - 0.0) ** 2])
+
+
+def test_entropy_logprobs_and_masked_reductions():
+    logits = T([[[0.0, math.log(3.0)]]])  # [B=1, T=1, V=2]
+    close(pm.entropy_from_logits(logits), [[-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]])
+    close(pm.token_logprobs(logits, torch.tensor([[1]])), [[math.log(0.75)]])
+    x, mask = T([1.0, 2.0, 100.0], [3.0, 5.0, 7.0]), T([1, 1, 0], [1, 1, 1])
+    close(pm.masked_mean(x, mask), (1 + 2 + 3 + 5 + 7) / 5)
+    close(pm.seq_mean_token_mean(x, mask), [1.5, 5.0])
+    w = pm.masked_whiten(x, mask)
+    mean, var = 18 / 5, sum((v - 18 / 5) ** 2 for v in (1, 2, 3, 5, 7)) / 5
+    close(w, [[(v - mean) / math.sqrt(var + 1e-8) for v in (1, 2)] + [0.0],
+              [(v - mean) / math.sqrt(var + 1e-8) for v in (3, 5, 7)]])
+
+
+SCORES, GROUPS = T(1.0, 2.0, 3.0, 0.0, 4.0, 5.0), torch.tensor([0, 0, 0, 1, 1, 2])
+
+
+def test_grpo_group_normalised_advantages():
+    std_a = math.sqrt(((1 - 2) ** 2 + 0 + (3 - 2) ** 2) / 2)  # Bessel-corrected
+    std_b = math.sqrt(((0 - 2) ** 2 + (4 - 2) ** 2) / 1)
+    want = [(1 - 2) / (std_a + 1e-6), 0.0, (3 - 2) / (std_a + 1e-6), (0 - 2) / (std_b + 1e-6),
+            (4 - 2) / (std_b + 1e-6), 0.0]  # a group of one has no baseline
+    close(pm.grpo_advantages(SCORES, GROUPS), want)
+
+
+def test_rloo_leave_one_out_advantages():
+    want = [1 - (2 + 3) / 2, 2 - (1 + 3) / 2, 3 - (1 + 2) / 2, 0 - 4 / 1, 4 - 0 / 1, 0.0]
+    close(pm.rloo_advantages(SCORES, GROUPS), want)
+
+
+def test_reinforce_pp_returns_then_global_whitening():
+    mask = T([1, 1], [1, 0])
+    rewards = pm.kl_shaped_rewards(T(1.0, 0.0), T([0.1, 0.2], [0.3, 0.9]), mask, kl_coef=0.5)
+    g = [-0.05 + (-0.1 + 1.0), -0.1 + 1.0, -0.15]  # returns-to-go, gamma = 1
+    mean = sum(g) / 3
+    std = math.sqrt(sum((v - mean) ** 2 for v in g) / 3 + 1e-8)
+    close(pm.reinforce_pp_advantages(rewards, mask, gamma=1.0), [[(g[0] - mean) / std, (g[1] - mean) / std],
+                                                                 [(g[2] - mean) / std, 0.0]])
+    close(pm.discounted_returns(T([[1.0, 1.0, 1.0]]), T([[1, 1, 1]]), 0.5), [[1 + 0.5 + 0.25, 1 + 0.5, 1.0]])
