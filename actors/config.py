@@ -9,11 +9,12 @@ from contract.config_base import Section
 class SamplingConfig(Section):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)  # -1: disabled
+    top_k: int = Field(-1, ge=-1)  # -1 (or 0): disabled
     max_new_tokens: int = Field(32, ge=1)
     n: int = Field(1, ge=1, description="samples per prompt (the group size for GRPO/RLOO)")
     stop: list[str] = Field(default_factory=list)
-    seed: int | None = None
+    seed: int | None = Field(None, description="per-prompt seeds are derived from it and the prompt_id, so a "
+                                               "sample does not depend on which worker or chunk served it")
 
 
 class EngineConfig(Section):
@@ -32,5 +33,9 @@ class RolloutConfig(Section):
     threads_per_worker: int = Field(1, ge=1)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    request_timeout_s: float = Field(600.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0, description="limit of every remote call (generate chunk, "
+                                                               "worker start, weight load)")
     max_retries: int = Field(3, ge=0, description="re-dispatches of a prompt whose worker died")
+    chunks_per_worker: int = Field(1, ge=1, description="a generate call is cut into num_workers * this many "
+                                                        "token-balanced chunks handed out as workers free up; "
+                                                        "1 = largest vLLM batches, more = finer re-dispatch")

@@ -1,0 +1,78 @@
+"""One vLLM engine turned into an Arrow-in, Arrow-out sampler (no Ray here).
+
+`RolloutWorker` wraps it in an actor; the benchmark calls it directly in one process, so the
+pool-vs-direct comparison measures exactly the Ray/pool overhead and nothing else.
+"""
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Iterable
+
+import pyarrow as pa
+import torch
+
+from actors.config import EngineConfig, SamplingConfig
+from actors.prompts import check_prompt_table, check_prompt_lengths
+from contract.devices import DeviceProfile
+from contract.experience import rollout_batch
+
+
+def prompt_seed(seed: int | None, prompt_id: str) -> int | None:
+    """A stable per-prompt seed: the same prompt draws the same samples on any worker, in any chunk."""
+    return None if seed is None else zlib.crc32(f"{seed}:{prompt_id}".encode()) & 0x7FFFFFFF
+
+
+def sampling_params(s: SamplingConfig, seed: int | None):
+    from vllm import SamplingParams
+
+    # logprobs=0: vLLM returns the logprob of the sampled token only (raw model logprobs).
+    return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=max(s.top_k, 0),
+                          max_tokens=s.max_new_tokens, stop=list(s.stop) or None, seed=seed, logprobs=0)
+
+
+class RolloutEngine:
+    """An in-process `vllm.LLM` plus the tokenizer, with weights replaceable in place."""
+
+    def __init__(self, model_dir: str, cfg: EngineConfig, device: DeviceProfile):
+        import vllm
+
+        self.cfg = cfg
+        self.llm = vllm.LLM(model=str(model_dir), dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
+                            tensor_parallel_size=cfg.tensor_parallel_size,
+                            **device.vllm_engine_kwargs(cfg.kv_cache_bytes, cfg.gpu_memory_utilization))
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def tokenize(self, prompts: list[str]) -> list[list[int]]:
+        return self.tokenizer(prompts)["input_ids"]
+
+    def generate(self, prompts: pa.Table, sampling: SamplingConfig, version: int, worker_id: str) -> pa.RecordBatch:
+        """One row per (prompt, sample) in ROLLOUT_SCHEMA. Uses a `prompt_ids` column when the caller
+        already tokenized (the pool does), else tokenizes here. `gen_s` is this call's wall time."""
+        from vllm.inputs import TokensPrompt
+
+        check_prompt_table(prompts)
+        ids_col = prompts.column("prompt_id").to_pylist()
+        texts = prompts.column("prompt").to_pylist()
+        token_ids = (prompts.column("prompt_ids").to_pylist() if "prompt_ids" in prompts.column_names
+                     else self.tokenize(texts))
+        check_prompt_lengths(ids_col, token_ids, self.cfg.max_model_len)
+        params = [sampling_params(sampling, prompt_seed(sampling.seed, pid)) for pid in ids_col]
+        t0 = time.perf_counter()
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=t) for t in token_ids], params, use_tqdm=False)
+        gen_s = time.perf_counter() - t0
+        rows = []
+        for pid, text, toks, out in zip(ids_col, texts, token_ids, outs):
+            for c in out.outputs:
+                resp = list(c.token_ids)
+                rows.append({"prompt_id": pid, "sample_idx": c.index, "prompt": text, "prompt_ids": list(toks),
+                             "response": c.text, "response_ids": resp,
+                             "logprobs": [lp[t].logprob for t, lp in zip(resp, c.logprobs or [])],
+                             "finish_reason": c.finish_reason or "length", "policy_version": version,
+                             "worker_id": worker_id, "gen_s": gen_s})
+        return rollout_batch(rows)
+
+    def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """HF-named tensors into the live engine; the prefix cache would otherwise serve stale KV."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
+        self.llm.reset_prefix_cache()

@@ -1,0 +1,100 @@
+"""`RolloutWorker`: a Ray actor owning one vLLM engine, its policy version and its counters.
+
+Weights arrive by either transport the learner offers: a state dict (Ray derefs an ObjectRef
+argument) or a broadcast over a side process group the worker joins as rank >= 1. Either way the
+tensors stream into `reload_weights`; the engine is never restarted.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+import pyarrow as pa
+import ray
+
+from actors.config import RolloutConfig, SamplingConfig
+from contract.devices import DeviceProfile
+from contract.weights import (GroupAddress, StaleVersionError, WeightManifest, check_version, join_group,
+                              leave_group, receive_weights)
+
+
+def worker_env(device: DeviceProfile, threads: int) -> dict[str, str]:
+    """The device's actor env, plus: on CPU, keep vLLM from pinning every engine's OpenMP threads to
+    all cores ("auto" binding overrides OMP_NUM_THREADS, so N engines on one box would each spin
+    as many threads as there are cores)."""
+    env = device.actor_env(threads)
+    if device.kind == "cpu":
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+    return env
+
+
+class WorkerState:
+    """The actor's logic as a plain class, so one process can also host it (benchmarks)."""
+
+    def __init__(self, worker_id: str, model_dir: str, cfg: RolloutConfig, device_kind: str = "cpu"):
+        device = DeviceProfile(kind=device_kind)  # type: ignore[arg-type]
+        for k, v in worker_env(device, cfg.threads_per_worker).items():
+            os.environ.setdefault(k, v)  # direct construction (no runtime_env): still before vllm import
+        from actors.engine import RolloutEngine
+
+        self.worker_id, self.cfg = worker_id, cfg
+        self.engine = RolloutEngine(model_dir, cfg.engine, device)
+        self.version = 0
+        self._group = None
+        self._samples = self._tokens = 0
+        self._gen_s = 0.0
+
+    def ping(self) -> dict:
+        return {"worker_id": self.worker_id, "version": self.version, "alive": True}
+
+    def generate(self, prompts: pa.Table, sampling: SamplingConfig | None = None) -> pa.RecordBatch:
+        t0 = time.perf_counter()
+        batch = self.engine.generate(prompts, sampling or self.cfg.sampling, self.version, self.worker_id)
+        self._gen_s += time.perf_counter() - t0
+        self._samples += batch.num_rows
+        self._tokens += sum(len(r) for r in batch.column("response_ids").to_pylist())
+        return batch
+
+    def update_weights(self, version: int, weights) -> int:
+        """Object-store transport: `weights` is a dict name -> tensor (HF names)."""
+        if check_version(self.version, version):
+            self.engine.load_weights(iter(weights.items()))
+            self.version = version
+        return self.version
+
+    def join_weight_group(self, addr: GroupAddress, rank: int) -> None:
+        self.leave_weight_group()
+        self._group = join_group(addr, rank)
+
+    def receive_weights(self, version: int, manifest: WeightManifest) -> int:
+        """Broadcast transport. A stale version still drains the broadcast (so the sender and the other
+        receivers finish the collective), then raises."""
+        if self._group is None:
+            raise RuntimeError(f"worker {self.worker_id}: receive_weights before join_weight_group")
+        stream = receive_weights(self._group, manifest)
+        try:
+            load = check_version(self.version, version)
+        except StaleVersionError:
+            for _ in stream:
+                pass
+            raise
+        if load:
+            self.engine.load_weights(stream)
+            self.version = version
+        else:
+            for _ in stream:
+                pass
+        return self.version
+
+    def leave_weight_group(self) -> None:
+        if self._group is not None:
+            leave_group(self._group)
+            self._group = None
+
+    def metrics(self) -> dict:
+        return {"worker_id": self.worker_id, "version": self.version, "samples": self._samples,
+                "tokens": self._tokens, "gen_s": self._gen_s,
+                "tokens_per_s": self._tokens / self._gen_s if self._gen_s else 0.0}
+
+
+RolloutWorker = ray.remote(max_restarts=0, max_task_retries=0)(WorkerState)
