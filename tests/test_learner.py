@@ -155,3 +155,45 @@ def test_a_dead_rank_is_a_clear_error_not_a_hang(tiny_models, ray_local):
         assert group.version == 0
     finally:
         group.shutdown()
+
+
+# ---- learning ---------------------------------------------------------------------------------
+
+
+def sample(model, prompts: list[list[int]], n: int, new_tokens: int, seed: int) -> tuple[list, list]:
+    """n samples per prompt from an HF policy (temperature 1), with their token log-probs."""
+    torch.manual_seed(seed)
+    ids = torch.tensor([p for p in prompts for _ in range(n)])
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=3)
+        logp = torch.log_softmax(model(out).logits[:, ids.shape[1] - 1:-1].float(), -1)
+    resp = out[:, ids.shape[1]:]
+    return resp.tolist(), logp.gather(-1, resp.unsqueeze(-1)).squeeze(-1).tolist()
+
+
+@pytest.mark.slow
+def test_ppo_improves_reward_on_a_toy_task(tiny_models, ray_local):
+    """Reward = fraction of response tokens with an even id (~0.5 at random init). 12 PPO steps
+    (critic, GAE, KL penalty) must raise it: mean of the last 3 steps > first 3 + 0.25 (measured 0.52 -> 0.98)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], dtype=torch.float32)
+    cfg = learner_cfg(num_ranks=2, zero_stage=2)
+    cfg.lr, cfg.critic_lr, cfg.ppo.epochs, cfg.ppo.kl_coef = 1e-2, 1e-2, 2, 0.01
+    group = LearnerGroup(cfg, str(tiny_models["policy"]), CPU, namespace=f"learner-{uuid.uuid4().hex[:6]}")
+    prompts = [[5 + i, 40 + 3 * i, 77 + i] for i in range(8)]
+    rewards = []
+    try:
+        for step in range(12):
+            model.load_state_dict(params(group))
+            responses, logprobs = sample(model, prompts, n=4, new_tokens=6, seed=step)
+            scores = [sum(t % 2 == 0 for t in r) / len(r) for r in responses]
+            rewards.append(sum(scores) / len(scores))
+            table = experience_table(n=32, version=group.version, prompt_ids=[p for p in prompts for _ in range(4)],
+                                     response_ids=responses, logprobs=logprobs, reward=scores)
+            metrics = group.train_step(table)
+            assert metrics["logprob_gap"] < 1e-4  # the learner and the sampler hold the same weights
+    finally:
+        group.shutdown()
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.25, rewards

@@ -1,0 +1,128 @@
+"""Weights from a 2-rank ZeRO-3 learner into a live vLLM engine, by both transports: afterwards the
+engine's log-probs of a fixed sequence equal the learner's own (HF forward of its published weights).
+
+The engine here is a minimal Ray actor of this module (the project's rollout worker lives in
+actors/, which the learner must not import); it receives exactly as a worker does: join the side
+group, `contract.weights.receive_weights`, then vLLM `reload_weights` + `reset_prefix_cache`.
+"""
+import socket
+import uuid
+
+import pytest
+import ray
+import torch
+
+from contract.devices import DeviceProfile
+from contract.weights import GroupAddress
+from test_learner import experience_table, make_group
+
+PROMPT, RESPONSE = [5, 17, 42, 99, 7], [300, 12, 250, 8, 77, 131]
+# fp32 on both sides; vLLM's CPU attention/matmul order differs from transformers' (measured below 1e-5).
+TOLERANCE = 2e-5
+
+
+@ray.remote(num_cpus=1)
+class Engine:
+    def __init__(self, model_dir: str):
+        import vllm
+
+        self.llm = vllm.LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=128,
+                            kv_cache_memory_bytes=64 << 20, seed=0)
+        self.version, self.group = 0, None
+
+    def join(self, addr: GroupAddress, rank: int) -> None:
+        from contract.weights import join_group
+
+        self.group = join_group(addr, rank)
+
+    def leave(self) -> None:
+        from contract.weights import leave_group
+
+        leave_group(self.group)
+
+    def _reload(self, named, version: int) -> int:
+        from contract.weights import check_version
+
+        if check_version(self.version, version):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
+            self.llm.reset_prefix_cache()
+            self.version = version
+        return self.version
+
+    def receive(self, manifest, version: int) -> int:
+        from contract.weights import receive_weights
+
+        return self._reload([(n, t.clone()) for n, t in receive_weights(self.group, manifest)], version)
+
+    def load_state_dict(self, wrapped: list, version: int) -> int:
+        return self._reload(list(ray.get(wrapped[0], timeout=60).items()), version)
+
+    def logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
+        from vllm import SamplingParams, TokensPrompt
+
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=prompt + response)],
+                                SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
+        plp = out[0].prompt_logprobs
+        return [plp[len(prompt) + i][tok].logprob for i, tok in enumerate(response)]
+
+
+def hf_logprobs(policy_dir, state_dict) -> list[float]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
+    model.load_state_dict(state_dict)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([PROMPT + RESPONSE])).logits[0]
+    lp = torch.log_softmax(logits.float(), -1)
+    return [lp[len(PROMPT) - 1 + i, t].item() for i, t in enumerate(RESPONSE)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models, ray_local):
+    env = DeviceProfile("cpu").actor_env(threads=1)
+    actor = Engine.options(runtime_env={"env_vars": env}).remote(str(tiny_models["policy"]))
+    yield actor
+    ray.kill(actor)
+
+
+def test_published_weights_give_the_engine_the_learners_logprobs(tiny_models, engine):
+    policy = str(tiny_models["policy"])
+    group = make_group(tiny_models, num_ranks=2, zero_stage=3)
+    try:
+        before = ray.get(engine.logprobs.remote(PROMPT, RESPONSE), timeout=120)
+        v0, ref0 = group.publish_object_store()
+        assert v0 == 0
+        assert before == pytest.approx(hf_logprobs(policy, ray.get(ref0, timeout=60)), abs=TOLERANCE)
+
+        # (a) broadcast over a side gloo group: learner rank 0 = group rank 0, the engine = rank 1
+        group.train_step(experience_table(seed=3))
+        addr = GroupAddress("127.0.0.1", free_port(), 2, f"learner-test-{uuid.uuid4().hex[:6]}", timeout_s=60)
+        ray.get([group.join_weight_group(addr), engine.join.remote(addr, 1)], timeout=120)
+        manifest = group.weight_manifest()
+        assert {s.name for s in manifest.specs} == set(ray.get(ref0, timeout=60))
+        sent, got_version = ray.get([group.broadcast_weights(), engine.receive.remote(manifest, group.version)],
+                                    timeout=120)
+        assert sent == got_version == group.version == 1
+        after_bcast = ray.get(engine.logprobs.remote(PROMPT, RESPONSE), timeout=120)
+        v1, ref1 = group.publish_object_store()
+        assert after_bcast == pytest.approx(hf_logprobs(policy, ray.get(ref1, timeout=60)), abs=TOLERANCE)
+        assert max(abs(a - b) for a, b in zip(after_bcast, before)) > 10 * TOLERANCE  # the weights did change
+        group.leave_weight_group()
+        ray.get(engine.leave.remote(), timeout=60)
+
+        # (b) the Ray object store: one ray.put on rank 0, the engine fetches it
+        group.train_step(experience_table(seed=4, version=1))
+        v2, ref2 = group.publish_object_store()
+        assert v2 == 2
+        assert ray.get(engine.load_state_dict.remote([ref2], v2), timeout=120) == 2
+        after_put = ray.get(engine.logprobs.remote(PROMPT, RESPONSE), timeout=120)
+        assert after_put == pytest.approx(hf_logprobs(policy, ray.get(ref2, timeout=60)), abs=TOLERANCE)
+        assert max(abs(a - b) for a, b in zip(after_put, after_bcast)) > 10 * TOLERANCE
+    finally:
+        group.shutdown()
