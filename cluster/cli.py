@@ -9,11 +9,7 @@ import sys
 
 from contract.config_base import ConfigError
 from contract.datasets import DatasetError
-
-
-class UsageError(RuntimeError):
-    """A problem the user can fix, phrased as one line."""
-
+from cluster.errors import JobFailed, UsageError
 
 USER_ERRORS = (ConfigError, DatasetError, UsageError)
 
@@ -110,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except JobFailed as e:
+        print(f"rlhf {args.command}: failed: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"rlhf {args.command}: interrupted", file=sys.stderr)
         return 130

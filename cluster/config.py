@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from actors.config import RolloutConfig
 from contract.config_base import ConfigError, Section, describe_validation_error
@@ -25,7 +25,6 @@ class ModelConfig(Section):
 class DataConfig(Section):
     prompts: str = Field(..., description="Parquet or JSONL file with a `prompt` column")
     prompts_per_step: int = Field(8, ge=1)
-    eval_prompts: str | None = None
 
 
 class LoopConfig(Section):
@@ -33,7 +32,9 @@ class LoopConfig(Section):
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = Field(1, ge=0, description="async: drop samples more than k versions old")
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
-    eval_every: int = Field(0, ge=0)
+    gold_function: str | None = Field(None, pattern=r"^[\w.]+:\w+$",
+                                      description="module:function of a known gold score, logged beside the reward")
+    timeout_s: float = Field(1800.0, gt=0, description="limit of one whole step before the job is declared stuck")
 
 
 class RayConfig(Section):
@@ -57,6 +58,14 @@ class JobConfig(Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _loop_owns_staleness(self) -> "JobConfig":
+        """The learner accepts exactly the lag the loop lets through (0 when synchronous)."""
+        lag = self.loop.max_staleness if self.loop.mode == "async" else 0
+        if self.learner.max_staleness != lag:
+            self.learner.max_staleness = lag
+        return self
 
 
 def apply_override(tree: dict, override: str) -> None:

@@ -1,27 +1,95 @@
-"""The built-in demo: tiny local models, a synthetic task with a known gold score."""
+"""The built-in demo (`rlhf train` with no config): a whole RLHF pipeline on tiny local models.
+
+The task has a known gold score, `colour_fraction` (share of a response's words that are colour
+names), standing in for what human labellers want. The pipeline is the real one:
+  1. tiny random-init policy + reward model and a tokenizer, built locally;
+  2. synthetic preference pairs ranked by the gold score: the "human labels";
+  3. a reward model trained on them (Bradley-Terry, what `rlhf train-rm` runs);
+  4. PPO against that reward model, served by the reward service, with a KL to the reference.
+The responses in the pairs look like what the random-init policy emits (random tokens of the tiny
+tokenizer) with colour words mixed in at every rate, so the reward model generalises to the
+policy's own samples from the first step to the last.
+"""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from cluster.tiny_models import make_tiny_models, synthetic_corpus
+from reward_service.functions import COLOURS, colour_fraction
+
+GOLD = "reward_service.functions:colour_fraction"
 
 
-def write_demo_prompts(path: Path, n: int = 64, seed: int = 0) -> Path:
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = synthetic_corpus(n_lines=n, seed=seed + 1)
-    with open(path, "w", encoding="utf-8") as f:
-        for i, line in enumerate(lines):
-            f.write(json.dumps({"id": f"p{i}", "prompt": " ".join(line.split()[:4])}) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
     return path
 
 
-def demo_config(work: Path) -> dict:
+def demo_prompts(n: int = 64, seed: int = 0) -> list[dict]:
+    return [{"id": f"p{i}", "prompt": " ".join(line.split()[:4])}
+            for i, line in enumerate(synthetic_corpus(n_lines=n, seed=seed + 1))]
+
+
+def policy_like_response(rng: random.Random, tokenizer, colour_share: float, length: int) -> str:
+    """Random tokens of the policy's vocabulary, each replaced by a colour word with `colour_share`."""
+    first_regular = len(tokenizer.all_special_ids)
+    pieces = [" " + rng.choice(COLOURS) if rng.random() < colour_share
+              else tokenizer.decode([rng.randrange(first_regular, len(tokenizer))]) for _ in range(length)]
+    return "".join(pieces)
+
+
+def preference_pairs(tokenizer, prompts: list[str], n_pairs: int, max_tokens: int, seed: int = 0) -> list[dict]:
+    """Pairs whose `chosen` has the higher gold score: the labels a human would have given."""
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    while len(rows) < n_pairs:
+        prompt = rng.choice(prompts)
+        a, b = (policy_like_response(rng, tokenizer, rng.random() ** rng.choice([0.5, 1, 2]),
+                                     rng.randint(max_tokens // 2, max_tokens)) for _ in range(2))
+        ga, gb = colour_fraction([prompt, prompt], [a, b])
+        if abs(ga - gb) < 0.05:
+            continue
+        chosen, rejected = (a, b) if ga > gb else (b, a)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def train_demo_reward_model(models: dict[str, Path], pairs: Path, out: Path) -> float:
+    from reward_service.config import RewardModelTrainConfig
+    from reward_service.train_rm import train_reward_model
+
+    cfg = RewardModelTrainConfig(base_model=str(models["reward"]), data=str(pairs), output_dir=str(out),
+                                 epochs=2, batch_size=32, lr=3e-3, max_length=64)
+    return float(train_reward_model(cfg)["eval_accuracy"])
+
+
+def build_demo(work: Path, max_new_tokens: int = 16, steps: int = 40) -> dict:
+    """Build the demo's models, data and reward model under `work`; return the job config tree."""
+    from transformers import AutoTokenizer
+
     models = make_tiny_models(work / "models")
-    prompts = write_demo_prompts(work / "data" / "prompts.jsonl")
+    prompts = demo_prompts()
+    prompts_file = write_jsonl(work / "data" / "prompts.jsonl", prompts)
+    rm_dir = work / "reward_model"
+    if not (rm_dir / "config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(models["policy"])
+        pairs = write_jsonl(work / "data" / "preferences.jsonl",
+                            preference_pairs(tok, [p["prompt"] for p in prompts], 4000, max_new_tokens))
+        print(f"demo: training the reward model on {pairs} (labels = gold-score ranking)", flush=True)
+        acc = train_demo_reward_model(models, pairs, rm_dir)
+        print(f"demo: reward model held-out pairwise accuracy {acc:.3f}", flush=True)
     return {
         "name": "demo",
         "model": {"policy": str(models["policy"])},
-        "data": {"prompts": str(prompts), "prompts_per_step": 8},
-        "reward": {"model_dir": str(models["reward"])},
+        "data": {"prompts": str(prompts_file), "prompts_per_step": 16},
+        "rollout": {"num_workers": 1, "sampling": {"n": 4, "max_new_tokens": max_new_tokens, "temperature": 1.0}},
+        "reward": {"model_dir": str(rm_dir), "max_batch_size": 64},
+        "learner": {"num_ranks": 1, "lr": 3e-3, "critic_lr": 3e-3,
+                    "ppo": {"algorithm": "ppo", "minibatch_size": 64, "micro_batch_size": 64, "kl_coef": 0.01}},
+        "loop": {"steps": steps, "gold_function": GOLD, "checkpoint_every": 10},
     }

@@ -1,19 +1,137 @@
-"""`rlhf train`: load the config (or the demo's) and run the job."""
+"""`rlhf train`: check the inputs, reach a Ray cluster, start the named controller, follow it.
+
+Everything a user can get wrong (config keys, model dirs, an empty dataset, a taken port, an
+unreachable address) is checked here before any actor starts, and comes back as one line.
+The loop itself runs inside the controller actor; this process shows progress and the outcome.
+"""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-from cluster.config import dump_config, load_config
+from cluster.config import JobConfig, dump_config, load_config
+from cluster.errors import JobFailed, UsageError, one_line
+from cluster.run_dir import RunDir
+
+
+def resolve_job(config: str | None, overrides: list[str], resume: str | None,
+                run_dir: str | None) -> tuple[JobConfig, Path]:
+    """(validated config, run directory) for a new run, a resumed one or the built-in demo."""
+    if resume:
+        root = Path(resume).resolve()
+        if config is not None:  # `rlhf train --resume RUN loop.steps=20`: argparse took the override as CONFIG
+            if "=" not in config:
+                raise UsageError("--resume RUN_DIR reuses RUN_DIR/config.yaml; pass only key=value overrides")
+            overrides = [config, *overrides]
+        if not (root / "config.yaml").is_file():
+            raise UsageError(f"--resume {resume}: not a run directory (no config.yaml)")
+        if RunDir(root).latest_checkpoint() is None:
+            raise UsageError(f"--resume {resume}: the run has no complete checkpoint to resume from")
+        return load_config(root / "config.yaml", overrides), root
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if config is None:
+        from cluster.demo import build_demo
+
+        root = Path(run_dir or f"runs/demo-{stamp}").resolve()
+        return load_config(None, overrides, base=build_demo(root / "demo")), root
+    cfg = load_config(config, overrides)
+    return cfg, Path(run_dir or cfg.run_dir or f"runs/{cfg.name}-{stamp}").resolve()
+
+
+def preflight(cfg: JobConfig) -> None:
+    """Fail in a second, with the key's name, on what would otherwise fail minutes into the job."""
+    from contract.datasets import load_prompts
+
+    dirs = {"model.policy": cfg.model.policy, "reward.model_dir": cfg.reward.model_dir,
+            "learner.critic_model": cfg.learner.critic_model}
+    for key, d in dirs.items():
+        if d is not None and not (Path(d) / "config.json").is_file():
+            why = "does not exist" if not Path(d).exists() else "has no config.json"
+            raise UsageError(f"{key}: model directory {d} {why}; expected a Hugging Face model directory")
+    load_prompts(cfg.data.prompts)
 
 
 def train_command(config: str | None, overrides: list[str], resume: str | None = None,
                   run_dir: str | None = None, address: str | None = None) -> int:
-    if config is None:
-        from cluster.demo import demo_config
+    cfg, root = resolve_job(config, overrides, resume, run_dir)
+    preflight(cfg)
+    run = RunDir(root).create(dump_config(cfg))
+    import ray
 
-        cfg = load_config(None, overrides, base=demo_config(Path(run_dir or "runs/demo")))
-    else:
-        cfg = load_config(config, overrides)
-    print("rlhf train: the training loop is not built yet; the job would run:")
-    print(dump_config(cfg))
+    from cluster.controller import Controller, controller_options
+    from cluster.ray_session import connect
+    from contract.devices import resolve_device
+
+    env = resolve_device(cfg.device).actor_env(threads=1)
+    session = connect(cfg.ray, address, env)
+    resume_cmd = f"rlhf train --resume {root}"
+    print(f"rlhf train: run dir {root}", flush=True)
+    if session.dashboard_url:
+        print(f"rlhf train: Ray dashboard {session.dashboard_url}  metrics http://127.0.0.1:{session.metrics_port}/metrics",
+              flush=True)
+    ctl = None
+    try:
+        try:
+            ctl = ray.remote(Controller).options(**controller_options(cfg, env)).remote(
+                cfg.model_dump(mode="json"), str(root), bool(resume))
+            ray.get(ctl.start.remote(), timeout=120)
+        except ValueError as e:
+            raise UsageError(f"cannot start the controller in namespace {cfg.ray.namespace!r} ({one_line(e)}); "
+                             f"another job may be running there: set ray.namespace=OTHER") from None
+        final = follow(ctl, cfg)
+    finally:
+        if ctl is not None:
+            ray.kill(ctl)
+        if session.started_here:
+            ray.shutdown()
+    if final["phase"] != "done":
+        ckpt = run.latest_checkpoint()
+        hint = f"; last checkpoint {ckpt}; resume with: {resume_cmd}" if ckpt else "; no checkpoint was written"
+        raise JobFailed(f"{final['error']}{hint}")
+    print_summary(final, root)
     return 0
+
+
+def follow(ctl, cfg: JobConfig) -> dict:
+    """Poll the controller into a progress bar until the job ends; a silent or dead controller is an error."""
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.loop.steps, desc=cfg.name, unit="step", dynamic_ncols=True, mininterval=1.0)
+    last_step, last_change = -1, time.monotonic()
+    try:
+        while True:
+            try:
+                st = ray.get(ctl.status.remote(), timeout=60)
+            except (RayActorError, GetTimeoutError) as e:
+                raise JobFailed(f"the controller stopped answering ({one_line(e)})") from None
+            if st["step"] != last_step:
+                bar.n = st["step"]
+                last_step, last_change = st["step"], time.monotonic()
+                m = st["last"]
+                if m:
+                    bar.set_postfix_str(f"v{st['policy_version']} reward {m.get('reward_mean', 0):.3f} "
+                                        f"kl {m.get('kl', 0):.4f} {m.get('rollout_tokens_per_s', 0):.0f} tok/s "
+                                        f"workers {st['num_workers']}", refresh=False)
+                bar.refresh()
+            if st["phase"] in ("done", "failed"):
+                return st
+            if st["phase"] == "running" and time.monotonic() - last_change > cfg.loop.timeout_s:
+                raise JobFailed(f"no step finished in {cfg.loop.timeout_s:.0f}s (loop.timeout_s); the job looks stuck")
+            time.sleep(1.0)
+    finally:
+        bar.close()
+
+
+def print_summary(st: dict, root: Path) -> None:
+    first, last = st.get("first") or {}, st.get("last") or {}
+    print(f"rlhf train: done, {st['step']} steps, policy version {st['policy_version']}; run dir {root}")
+    if "gold_mean" in last:
+        print(f"  gold score (task's true objective): step 0 {first.get('gold_mean', float('nan')):.3f} -> "
+              f"final {last['gold_mean']:.3f}")
+    print(f"  reward model score (proxy):          step 0 {first.get('reward_mean', float('nan')):.3f} -> "
+          f"final {last.get('reward_mean', float('nan')):.3f}")
+    print(f"  report {root / 'report.png'}; resume/extend with: rlhf train --resume {root} loop.steps=N")
+
+

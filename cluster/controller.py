@@ -1,0 +1,155 @@
+"""The named `controller` actor: owns the job's services and runs the loop in a thread.
+
+Living in the cluster (not in the submitting process) is what lets `rlhf scale` and `rlhf status`
+reach a running job from any other process: they look the actor up by name. The actor is threaded,
+so `status()` and `scale()` answer while the loop thread is busy inside a step.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import traceback
+
+import ray
+
+from cluster.config import JobConfig
+from cluster.errors import JobFailed, one_line
+from cluster.loop import LoopState, Parts, Trainer
+from cluster.run_dir import RunDir
+
+CONTROLLER_NAME = "controller"
+
+
+class Controller:
+    def __init__(self, cfg: dict, run_root: str, resume: bool):
+        from cluster.gauges import RLGauges
+
+        self.cfg = JobConfig.model_validate(cfg)
+        self.run = RunDir(run_root)
+        self.resume = resume
+        self.gauges = RLGauges(self.cfg.name)
+        self.phase, self.error = "created", None
+        self.parts: Parts | None = None
+        self.trainer: Trainer | None = None
+        self.first: dict | None = None
+        self.last: dict = {}
+        self.started = time.time()
+        self._pending_workers: int | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- the remote API --------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name="loop", daemon=True)
+        self._thread.start()
+
+    def status(self) -> dict:
+        pool = self.parts.pool if self.parts else None
+        latest = self.run.latest_checkpoint()
+        return {"name": self.cfg.name, "phase": self.phase, "error": self.error, "run_dir": str(self.run.root),
+                "step": self.trainer.state.step if self.trainer else 0, "steps": self.cfg.loop.steps,
+                "mode": self.cfg.loop.mode, "policy_version": self.parts.learner.version if self.parts and self.parts.learner else 0,
+                "num_workers": pool.num_workers if pool else 0,
+                "worker_ids": list(pool.worker_ids()) if pool else [],
+                "samples_per_s": self.last.get("samples", 0) / max(1e-9, self.last.get("wall_s", 0) or 1e-9),
+                "tokens_per_s": self.last.get("rollout_tokens_per_s", 0.0),
+                "first": self.first, "last": self.last,
+                "latest_checkpoint": str(latest) if latest else None, "uptime_s": time.time() - self.started}
+
+    def scale(self, workers: int) -> dict:
+        if workers < 1:
+            raise ValueError(f"--workers: expected >= 1 (got {workers})")
+        if self.phase in ("done", "failed"):
+            raise RuntimeError(f"job {self.cfg.name} is {self.phase}; nothing to scale")
+        if self.trainer is not None:
+            self.trainer.request_workers(workers)
+        else:
+            self._pending_workers = workers
+        return {"requested": workers, "num_workers": self.parts.pool.num_workers if self.parts and self.parts.pool
+                else 0}
+
+    def join(self, timeout_s: float) -> str:
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        return self.phase
+
+    # -- the loop thread -------------------------------------------------------------------------------
+    def _main(self) -> None:
+        from cluster.components import start_parts, stop_parts
+        from cluster.report import write_report
+        from contract.datasets import PromptIterator, load_prompts
+        from contract.devices import resolve_device
+
+        try:
+            self.phase = "starting"
+            prompts = PromptIterator(load_prompts(self.cfg.data.prompts), seed=self.cfg.seed)
+            device = resolve_device(self.cfg.device)
+            self.parts = start_parts(self.cfg, device, str(self.run.root / "reward_store"), log=self._log)
+            state = self._restore(prompts) if self.resume else LoopState()
+            self.trainer = Trainer(self.cfg, self.run, self.parts, prompts, state, on_step=self._on_step)
+            if self._pending_workers is not None:
+                self.trainer.request_workers(self._pending_workers)
+            self.phase = "running"
+            self.trainer.run_loop()
+            write_report(self.run)
+            self.phase = "done"
+        except JobFailed as e:
+            self.error, self.phase = str(e), "failed"
+        except Exception as e:  # noqa: BLE001 - reported to the driver as one line
+            self._log(traceback.format_exc())
+            self.error, self.phase = one_line(e), "failed"
+        finally:
+            if self.parts is not None:
+                stop_parts(self.parts)
+            self.run.close()
+
+    def _restore(self, prompts) -> LoopState:
+        ckpt = self.run.latest_checkpoint()
+        if ckpt is None:
+            return LoopState()
+        saved = json.loads((ckpt / "controller.json").read_text())
+        self.parts.learner.load_checkpoint(str(ckpt / "learner"))
+        prompts.load_state_dict(saved["prompts"])
+        state = LoopState(**saved["loop"])
+        self.run.truncate_metrics(after_step=state.step - 1)
+        history = self.run.read_metrics()
+        self.first = history[0] if history else None
+        if saved.get("num_workers") and saved["num_workers"] != self.parts.pool.num_workers:
+            self.parts.pool.scale_to(saved["num_workers"])
+        self.parts.sync.publish()
+        self._log(f"resumed from {ckpt} at step {state.step}, policy version {self.parts.learner.version}")
+        return state
+
+    def _on_step(self, step: int, m: dict) -> None:
+        if self.first is None:
+            self.first = m
+        self.last = {**m, "step": step}
+        self.gauges.update({**m, "step": step})
+
+    @staticmethod
+    def _log(msg: str) -> None:
+        print(f"[controller] {msg}", flush=True)
+
+
+def controller_options(cfg: JobConfig, env: dict[str, str]) -> dict:
+    """Named, threaded, zero-CPU, and pinned to this node (the run directory lives here)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return dict(name=CONTROLLER_NAME, namespace=cfg.ray.namespace, max_concurrency=8, num_cpus=0,
+                max_restarts=0, runtime_env={"env_vars": env},
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node, soft=False))
+
+
+def find_controller(namespace: str | None = None):
+    """The running job's controller: in `namespace`, else the only one on the cluster."""
+    found = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"] == CONTROLLER_NAME
+             and (namespace is None or a["namespace"] == namespace)]
+    if not found:
+        where = f" in namespace {namespace!r}" if namespace else ""
+        raise LookupError(f"no running rlhf job{where} on this cluster")
+    if len(found) > 1:
+        names = ", ".join(a["namespace"] for a in found)
+        raise LookupError(f"several rlhf jobs are running (namespaces {names}); pick one with --name")
+    return ray.get_actor(CONTROLLER_NAME, namespace=found[0]["namespace"])
+

@@ -1,0 +1,63 @@
+"""Turning a rollout table into the experience the learner trains on and the Parquet provenance.
+
+Rows are never removed from what gets written: a stale or invalid sample stays in the Parquet with
+`trained = false`, so the files account for every sample exactly once.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from contract.experience import EXPERIENCE_SCHEMA, REWARD_FIELDS, check_columns
+
+
+def load_function(path: str) -> Callable[[list[str], list[str]], list[float]]:
+    """`package.module:function` -> the function (batched: prompts, responses -> floats)."""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def with_rewards(rollouts: pa.Table, rewards: pa.Table) -> pa.Table:
+    """Append the reward service's columns to a ROLLOUT_SCHEMA table -> EXPERIENCE_SCHEMA."""
+    if rewards.num_rows != rollouts.num_rows:
+        raise ValueError(f"reward service returned {rewards.num_rows} rows for {rollouts.num_rows} samples")
+    table = rollouts
+    for f in REWARD_FIELDS:
+        table = table.append_column(f, rewards.column(f.name).cast(f.type))
+    check_columns(table, EXPERIENCE_SCHEMA)
+    return table.select(EXPERIENCE_SCHEMA.names)
+
+
+def staleness(table: pa.Table, learner_version: int) -> np.ndarray:
+    return learner_version - table.column("policy_version").to_numpy()
+
+
+def trainable_mask(table: pa.Table, learner_version: int, max_staleness: int | None) -> np.ndarray:
+    """Valid reward and (async) at most `max_staleness` versions behind the learner."""
+    ok = table.column("reward_valid").to_numpy(zero_copy_only=False).astype(bool)
+    if max_staleness is not None:
+        ok &= staleness(table, learner_version) <= max_staleness
+    return ok
+
+
+def provenance(table: pa.Table, step: int, trained: np.ndarray, gold: list[float] | None) -> pa.Table:
+    """The Parquet row set of one step: experience + step, trained flag and the gold score if known."""
+    table = table.append_column("step", pa.array(np.full(table.num_rows, step, dtype=np.int64)))
+    table = table.append_column("trained", pa.array(trained, type=pa.bool_()))
+    if gold is not None:
+        table = table.append_column("gold", pa.array(gold, type=pa.float64()))
+    return table
+
+
+def rollout_stats(table: pa.Table, wall_s: float) -> dict[str, float]:
+    tokens = int(pc.sum(pc.list_value_length(table.column("response_ids"))).as_py() or 0)
+    rewards = table.column("reward").to_numpy(zero_copy_only=False)
+    return {"samples": table.num_rows, "rollout_tokens": tokens,
+            "rollout_tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
+            "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
+            "reward_std": float(rewards.std()) if len(rewards) else 0.0,
+            "response_len": tokens / max(1, table.num_rows)}

@@ -1,0 +1,79 @@
+"""Attach to a Ray cluster or start an embedded one, after checking what would otherwise fail late.
+
+An unreachable address or a port already taken are found here, before anything heavy starts, and
+reported as one `UsageError` line. The embedded cluster uses `address="local"` so it never attaches
+to some other cluster on the box by accident.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from cluster.config import RayConfig
+from cluster.errors import UsageError
+
+
+@dataclass(frozen=True)
+class RaySession:
+    started_here: bool  # True: an embedded cluster this process must shut down
+    dashboard_url: str | None
+    metrics_port: int | None
+    namespace: str
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def check_port(key: str, host: str, port: int) -> None:
+    if not port_free(host, port):
+        raise UsageError(f"{key}: port {port} on {host} is already in use; pick another with {key}=PORT")
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """`host:port` of a GCS must accept a TCP connection (ray.init would otherwise retry for minutes)."""
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise UsageError(f"--address {address!r}: expected HOST:PORT of a Ray cluster (or 'auto')")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise UsageError(f"--address {address}: no Ray cluster reachable there ({e.strerror or e})") from None
+
+
+def connect(cfg: RayConfig, address: str | None, env: dict[str, str]) -> RaySession:
+    """Attach to `address` / RAY_ADDRESS / cfg.address, else start an embedded cluster with the dashboard."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or cfg.address
+    quiet = dict(namespace=cfg.namespace, logging_level="WARNING", runtime_env={"env_vars": env})
+    if address:
+        if address != "auto" and not address.startswith("ray://"):
+            check_reachable(address)
+        try:
+            ray.init(address=address, **quiet)
+        except ConnectionError as e:
+            raise UsageError(f"--address {address}: {str(e).splitlines()[0]}") from None
+        return RaySession(False, None, _metrics_port(ray), cfg.namespace)
+    check_port("ray.dashboard_port", cfg.dashboard_host, cfg.dashboard_port)
+    if cfg.metrics_export_port is not None:
+        check_port("ray.metrics_export_port", "127.0.0.1", cfg.metrics_export_port)
+    extra = {} if cfg.metrics_export_port is None else {"_metrics_export_port": cfg.metrics_export_port}
+    info = ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True,
+                    dashboard_host=cfg.dashboard_host, dashboard_port=cfg.dashboard_port, **extra, **quiet)
+    return RaySession(True, f"http://{info.dashboard_url}", _metrics_port(ray), cfg.namespace)
+
+
+def _metrics_port(ray) -> int | None:
+    """The Prometheus endpoint of the node this process runs on."""
+    me = ray.util.get_node_ip_address()
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    node = next((n for n in alive if n.get("NodeManagerAddress") == me), alive[0] if alive else {})
+    return node.get("MetricsExportPort")

@@ -1,0 +1,42 @@
+"""The end-of-run report: one PNG of the curves that tell whether training worked and where time went."""
+from __future__ import annotations
+
+import os
+
+from cluster.run_dir import RunDir
+
+PANELS = [
+    ("reward", ["reward_mean", "gold_mean"]),
+    ("KL to reference", ["kl"]),
+    ("losses", ["policy_loss", "value_loss"]),
+    ("rollout tokens/s", ["rollout_tokens_per_s"]),
+    ("seconds per step", ["gen_s", "reward_s", "train_s", "sync_s"]),
+    ("weight sync s", ["sync_s"]),
+]
+
+
+def write_report(run: RunDir) -> str | None:
+    rows = run.read_metrics()
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    steps = [r["step"] for r in rows]
+    for ax, (title, keys) in zip(axes.flat, PANELS):
+        for k in keys:
+            if any(k in r for r in rows):
+                ax.plot(steps, [r.get(k, float("nan")) for r in rows], label=k)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = run.root / "report.png"
+    tmp = path.with_name(".report.png.tmp")
+    fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return str(path)

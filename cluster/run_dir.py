@@ -1,0 +1,108 @@
+"""The run directory: everything a run leaves behind, each file written atomically.
+
+    RUN/config.yaml                    the resolved config (what `--resume` reloads)
+    RUN/metrics.jsonl                  one JSON object per step
+    RUN/tb/                            TensorBoard events of the same scalars
+    RUN/rollouts/step=000012.parquet   every sample of step 12 with its provenance
+    RUN/ckpt/step=000010/              learner state + controller.json (step, version, prompt order)
+    RUN/report.png                     curves drawn at the end
+
+A checkpoint directory is built under a temporary name and renamed into place, so `latest_checkpoint`
+only ever sees complete ones: a crash mid-save leaves the previous checkpoint as the resume point.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+CKPT_PREFIX = "step="
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self._tb = None
+
+    def create(self, config_yaml: str) -> "RunDir":
+        for sub in ("rollouts", "ckpt", "tb"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.root / "config.yaml", config_yaml.encode())
+        return self
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    # -- per-step outputs ------------------------------------------------------------------------
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        with open(self.root / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.root / "tb"))
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self._tb.add_scalar(k, v, step)
+        self._tb.flush()
+
+    def read_metrics(self) -> list[dict]:
+        p = self.root / "metrics.jsonl"
+        if not p.is_file():
+            return []
+        return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume: forget steps logged after the checkpoint, which the resumed run redoes."""
+        kept = [m for m in self.read_metrics() if m["step"] <= after_step]
+        atomic_write_bytes(self.root / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept).encode())
+
+    def rollout_path(self, step: int) -> Path:
+        return self.root / "rollouts" / f"step={step:06d}.parquet"
+
+    def write_rollouts(self, step: int, table: pa.Table) -> Path:
+        path = self.rollout_path(step)
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def read_rollouts(self) -> pa.Table:
+        files = sorted((self.root / "rollouts").glob("step=*.parquet"))
+        return pa.concat_tables([pq.read_table(f) for f in files]) if files else pa.table({})
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def checkpoint_staging(self, step: int) -> Path:
+        """An empty directory to save into; `commit_checkpoint` makes it visible."""
+        tmp = self.root / "ckpt" / f".{CKPT_PREFIX}{step:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit_checkpoint(self, staging: Path, step: int, state: dict) -> Path:
+        atomic_write_bytes(staging / "controller.json", json.dumps(state, indent=1).encode())
+        final = self.root / "ckpt" / f"{CKPT_PREFIX}{step:06d}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        return final
+
+    def latest_checkpoint(self) -> Path | None:
+        done = [p for p in (self.root / "ckpt").glob(f"{CKPT_PREFIX}*") if (p / "controller.json").is_file()]
+        return max(done, key=lambda p: int(p.name.removeprefix(CKPT_PREFIX))) if done else None
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None

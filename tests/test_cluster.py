@@ -1,0 +1,165 @@
+"""Fast checks of the controller's pieces: run directory, experience bookkeeping, demo data,
+submission command, and the one-line errors `rlhf train` gives before any actor starts."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from cluster.config import load_config
+from cluster.errors import UsageError
+from cluster.experience import provenance, trainable_mask, with_rewards
+from cluster.ray_session import check_port, check_reachable
+from cluster.run_dir import RunDir
+from contract.experience import EXPERIENCE_SCHEMA, rollout_batch
+
+
+def rollouts(versions: list[int]) -> pa.Table:
+    rows = [{"prompt_id": f"p{i}", "sample_idx": 0, "prompt": "a", "prompt_ids": [5], "response": "b c",
+             "response_ids": [6, 7], "logprobs": [-1.0, -2.0], "finish_reason": "length", "policy_version": v,
+             "worker_id": "rollout-0", "gen_s": 0.1} for i, v in enumerate(versions)]
+    return pa.Table.from_batches([rollout_batch(rows)])
+
+
+def rewards(values: list[float], valid: list[bool]) -> pa.Table:
+    return pa.table({"reward": pa.array(values, pa.float32()), "reward_valid": valid,
+                     "reward_parts": pa.array([[("model", v)] for v in values], pa.map_(pa.string(), pa.float64()))})
+
+
+def test_checkpoint_is_invisible_until_committed_and_latest_wins(tmp_path):
+    run = RunDir(tmp_path / "run").create("name: x\n")
+    staging = run.checkpoint_staging(4)
+    (staging / "learner").mkdir()
+    assert run.latest_checkpoint() is None  # half-written: not a resume point
+    run.commit_checkpoint(staging, 4, {"loop": {"step": 4}})
+    run.commit_checkpoint(run.checkpoint_staging(8), 8, {"loop": {"step": 8}})
+    run.checkpoint_staging(12)  # a crash mid-save leaves only a hidden temp dir
+    assert run.latest_checkpoint().name == "step=000008"
+    assert json.loads((run.latest_checkpoint() / "controller.json").read_text())["loop"]["step"] == 8
+
+
+def test_metrics_truncated_to_the_checkpoint_on_resume(tmp_path):
+    run = RunDir(tmp_path).create("")
+    for step in range(6):
+        run.log_metrics(step, {"reward_mean": float(step)})
+    run.truncate_metrics(after_step=3)
+    assert [m["step"] for m in run.read_metrics()] == [0, 1, 2, 3]
+    assert list((tmp_path / "tb").iterdir())  # TensorBoard events written beside the JSONL
+
+
+def test_stale_and_invalid_samples_are_kept_in_parquet_but_not_trained(tmp_path):
+    exp = with_rewards(rollouts([3, 2, 1, 3]), rewards([0.5, 0.1, 0.2, 0.3], [True, True, True, False]))
+    assert exp.schema.names == EXPERIENCE_SCHEMA.names
+    mask = trainable_mask(exp, learner_version=3, max_staleness=1)
+    assert mask.tolist() == [True, True, False, False]  # version 1 is 2 behind; row 3 invalid
+    assert trainable_mask(exp, 3, None).tolist() == [True, True, True, False]  # sync: validity only
+    run = RunDir(tmp_path).create("")
+    run.write_rollouts(7, provenance(exp, 7, mask, gold=[0.0, 0.25, 0.5, 1.0]))
+    table = run.read_rollouts()
+    assert table.num_rows == 4
+    assert table.column("step").to_pylist() == [7] * 4
+    assert table.column("trained").to_pylist() == mask.tolist()
+    assert table.column("reward_parts").to_pylist()[0] == [("model", 0.5)]
+    assert table.column("policy_version").to_pylist() == [3, 2, 1, 3]
+
+
+def test_reward_row_count_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="returned 1 rows for 2 samples"):
+        with_rewards(rollouts([0, 0]), rewards([1.0], [True]))
+
+
+def test_async_config_lets_the_learner_accept_the_loops_staleness():
+    base = {"model": {"policy": "m"}, "data": {"prompts": "p"}, "reward": {"model_dir": "r"}}
+    assert load_config(None, ["loop.mode=async", "loop.max_staleness=2"], base=base).learner.max_staleness == 2
+    assert load_config(None, ["loop.max_staleness=2"], base=base).learner.max_staleness == 0
+
+
+def test_demo_preferences_are_ranked_by_the_gold_score(tiny_models):
+    from transformers import AutoTokenizer
+
+    from cluster.demo import preference_pairs
+    from reward_service.functions import colour_fraction
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
+    pairs = preference_pairs(tok, ["the cat", "a dog"], 200, max_tokens=16, seed=1)
+    assert len(pairs) == 200
+    for p in pairs:
+        chosen, rejected = colour_fraction([p["prompt"]] * 2, [p["chosen"], p["rejected"]])
+        assert chosen > rejected + 0.04
+    gold = np.array(colour_fraction([""] * 400, [p[k] for p in pairs for k in ("chosen", "rejected")]))
+    assert gold.min() < 0.1 and gold.max() > 0.9  # covers the policy's whole trajectory
+    assert not any("<s>" in p["chosen"] or "<pad>" in p["chosen"] for p in pairs)
+
+
+def test_submit_command_line_ships_the_config_and_quotes_overrides(tmp_path, monkeypatch):
+    from cluster.submit import auth_env, submit_argv
+
+    argv = submit_argv("http://127.0.0.1:8265", ["data.prompts=/a b.jsonl"], str(tmp_path), True, "rlhf-1")
+    tail = argv[argv.index("--") + 1:]
+    assert tail == ["rlhf", "train", "job.yaml", "'data.prompts=/a b.jsonl'"]
+    env = json.loads(argv[argv.index("--runtime-env-json") + 1])
+    assert env["working_dir"] == str(tmp_path)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t")
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert auth_env()["RAY_AUTH_MODE"] == "token"
+
+
+def test_port_and_address_checks_are_one_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(UsageError, match=f"ray.dashboard_port: port {port} on 127.0.0.1 is already in use"):
+            check_port("ray.dashboard_port", "127.0.0.1", port)
+    with pytest.raises(UsageError, match="no Ray cluster reachable"):
+        check_reachable(f"127.0.0.1:{port}", timeout_s=2)
+    with pytest.raises(UsageError, match="expected HOST:PORT"):
+        check_reachable("nonsense")
+
+
+def rlhf(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def job_yaml(tmp_path, tiny_models):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"red cat {i}"}) + "\n" for i in range(4)))
+
+    def write(**changes):
+        tree = {"model": {"policy": str(tiny_models["policy"])}, "data": {"prompts": str(prompts)},
+                "reward": {"model_dir": str(tiny_models["reward"])}}
+        for key, value in changes.items():
+            section, field = key.split("__")
+            tree.setdefault(section, {})[field] = value
+        path = tmp_path / f"job{len(list(tmp_path.glob('job*.yaml')))}.yaml"
+        path.write_text(json.dumps(tree))
+        return str(path)
+    return write
+
+
+def test_bad_inputs_fail_before_ray_with_one_line(job_yaml, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        cases = [
+            ([job_yaml(model__policy=str(tmp_path / "nope"))], "model.policy: model directory"),
+            ([job_yaml(data__prompts=str(empty))], "empty.jsonl: file is empty"),
+            ([job_yaml(), f"ray.dashboard_port={busy}"], f"ray.dashboard_port: port {busy}"),
+            ([job_yaml(), "--address", f"127.0.0.1:{busy + 1 if busy < 65535 else 1}", "--run-dir",
+              str(tmp_path / "r")], "no Ray cluster reachable"),
+        ]
+        for args, message in cases:
+            r = rlhf("train", *args)
+            lines = [line for line in r.stderr.splitlines() if line.strip()]
+            assert r.returncode == 2, r.stderr
+            assert len(lines) == 1 and lines[0].startswith("rlhf train: error: ") and message in lines[0], lines
