@@ -44,6 +44,7 @@ class WorkerState:
         self._samples = self._tokens = 0
         self._gen_s = 0.0
 
+    @ray.method(concurrency_group="health")
     def ping(self) -> dict:
         return {"worker_id": self.worker_id, "version": self.version, "alive": True}
 
@@ -91,10 +92,13 @@ class WorkerState:
             leave_group(self._group)
             self._group = None
 
+    @ray.method(concurrency_group="health")
     def metrics(self) -> dict:
         return {"worker_id": self.worker_id, "version": self.version, "samples": self._samples,
                 "tokens": self._tokens, "gen_s": self._gen_s,
                 "tokens_per_s": self._tokens / self._gen_s if self._gen_s else 0.0}
 
 
-RolloutWorker = ray.remote(max_restarts=0, max_task_retries=0)(WorkerState)
+# ping/metrics run on their own thread so a health check answers while a long generate runs;
+# generate and the weight calls share the default group and never overlap.
+RolloutWorker = ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"health": 1})(WorkerState)

