@@ -22,7 +22,10 @@ class RewardConfig(Section):
     model_dir: str | None = None
     model_weight: float = 1.0
     functions: list[RewardFunctionConfig] = Field(default_factory=list)
+    python_path: list[str] = Field(default_factory=list,
+                                   description="dirs put on the replicas' PYTHONPATH, for functions not installed")
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig)
+    max_length: int = Field(512, ge=8, description="reward model input tokens (cut from the left)")
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
     num_replicas: int = Field(1, ge=1)

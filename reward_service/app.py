@@ -1,0 +1,92 @@
+"""Start and stop the reward Serve app on the current Ray cluster.
+
+`deploy` checks what it can in this process first (model dir, function import paths, store dir),
+so a typo is a one-line error here rather than a replica crash loop in the cluster.
+HTTP lives at http://{http_host}:{http_port}/{name}/score|feedback|healthz.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+from pathlib import Path
+
+import ray
+from ray import serve
+
+from contract.config_base import ConfigError
+from reward_service.client import RewardClient
+from reward_service.combine import load_function
+from reward_service.config import RewardConfig
+from reward_service.replicas import RewardFeedback, RewardScorer
+
+__all__ = ["deploy", "shutdown", "RewardClient"]
+log = logging.getLogger(__name__)
+
+
+def _check(cfg: RewardConfig) -> None:
+    if cfg.model_dir and not (Path(cfg.model_dir) / "config.json").is_file():
+        raise ConfigError(f"reward.model_dir: {cfg.model_dir} is not a model directory (no config.json)")
+    sys.path[:0] = [p for p in cfg.python_path if p not in sys.path]
+    for f in cfg.functions:
+        try:
+            load_function(f.path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _replica_env(cfg: RewardConfig, threads: int) -> dict[str, str]:
+    env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    if cfg.python_path:
+        env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in cfg.python_path)
+    return env
+
+
+def deploy(cfg: RewardConfig, store_dir: str | Path, name: str = "reward") -> RewardClient:
+    """Run app `name` (deployments RewardScorer + RewardFeedback) and return its client."""
+    _check(cfg)
+    store = Path(store_dir).resolve()
+    store.mkdir(parents=True, exist_ok=True)
+    token = os.environ.get(cfg.token_env) if cfg.token_env else None
+    token_sha = hashlib.sha256(token.encode()).hexdigest() if token else None
+    threads = max(1, int(cfg.cpus_per_replica))
+    scaling = ({"autoscaling_config": cfg.autoscaling, "num_replicas": "auto"} if cfg.autoscaling
+               else {"num_replicas": cfg.num_replicas})
+    # The store lives on this node's disk, so its replica must too.
+    here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
+    feedback = RewardFeedback.options(ray_actor_options={"num_cpus": 0, "resources": here}).bind(
+        str(store), cfg.feedback.ngram, cfg.feedback.threshold, cfg.feedback.seed_file)
+    scorer = RewardScorer.options(
+        max_ongoing_requests=2 * cfg.max_batch_size,  # >= the batch size, or Serve caps batches at 5
+        ray_actor_options={"num_cpus": cfg.cpus_per_replica,
+                           "runtime_env": {"env_vars": _replica_env(cfg, threads)}},
+        **scaling,
+    ).bind(cfg.model_dump(), token_sha, feedback)
+    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
+    serve.run(scorer, name=name, route_prefix=f"/{name}", logging_config={"enable_access_log": False})
+    return RewardClient(name, _with_running_http(cfg))
+
+
+def _with_running_http(cfg: RewardConfig) -> RewardConfig:
+    """Serve keeps the HTTP host/port of its first start: report the one really serving."""
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    if (http.host, http.port) != (cfg.http_host, cfg.http_port):
+        log.warning("Serve already listens on %s:%s; reward.http_host/http_port %s:%s not applied",
+                    http.host, http.port, cfg.http_host, cfg.http_port)
+        cfg = cfg.model_copy(update={"http_host": http.host, "http_port": http.port})
+    return cfg
+
+
+def shutdown(name: str = "reward") -> None:
+    """Delete app `name`; stop Serve itself when no other app is left."""
+    if not ray.is_initialized():
+        return
+    try:
+        serve.delete(name)
+        if not serve.status().applications:
+            serve.shutdown()
+    except (RuntimeError, ray.exceptions.RayError):
+        pass  # Serve was never started on this cluster
