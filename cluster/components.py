@@ -46,7 +46,7 @@ def start_parts(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=print
         log(f"learner group up: {cfg.learner.num_ranks} rank(s), ZeRO-{cfg.learner.zero_stage} "
             f"({time.perf_counter() - t0:.1f}s)")
         sync = WeightSync(parts.learner, None, cfg.learner.weight_sync, device.collective_backend,
-                          cfg.learner.sync_timeout_s)
+                          cfg.learner.sync_timeout_s, log=log)
         t0 = time.perf_counter()
         parts.pool = RolloutPool(cfg.rollout, cfg.model.policy, device, weights_source=sync.weights_source,
                                  namespace=ns)

@@ -37,13 +37,15 @@ class Controller:
         self.started = time.time()
         self._pending_workers: int | None = None
         self._thread: threading.Thread | None = None
+        self.messages: list[str] = []
 
     # -- the remote API --------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._main, name="loop", daemon=True)
         self._thread.start()
 
-    def status(self) -> dict:
+    def status(self, messages_from: int = 0) -> dict:
+        """Where the job stands, plus the controller's log lines from index `messages_from` on."""
         pool = self.parts.pool if self.parts else None
         latest = self.run.latest_checkpoint()
         return {"name": self.cfg.name, "phase": self.phase, "error": self.error, "run_dir": str(self.run.root),
@@ -54,7 +56,8 @@ class Controller:
                 "samples_per_s": self.last.get("samples", 0) / max(1e-9, self.last.get("wall_s", 0) or 1e-9),
                 "tokens_per_s": self.last.get("rollout_tokens_per_s", 0.0),
                 "first": self.first, "last": self.last,
-                "latest_checkpoint": str(latest) if latest else None, "uptime_s": time.time() - self.started}
+                "latest_checkpoint": str(latest) if latest else None, "uptime_s": time.time() - self.started,
+                "messages": self.messages[messages_from:], "num_messages": len(self.messages)}
 
     def scale(self, workers: int) -> dict:
         if workers < 1:
@@ -86,7 +89,8 @@ class Controller:
             device = resolve_device(self.cfg.device)
             self.parts = start_parts(self.cfg, device, str(self.run.root / "reward_store"), log=self._log)
             state = self._restore(prompts) if self.resume else LoopState()
-            self.trainer = Trainer(self.cfg, self.run, self.parts, prompts, state, on_step=self._on_step)
+            self.trainer = Trainer(self.cfg, self.run, self.parts, prompts, state, on_step=self._on_step,
+                                   log=self._log)
             if self._pending_workers is not None:
                 self.trainer.request_workers(self._pending_workers)
             self.phase = "running"
@@ -96,7 +100,7 @@ class Controller:
         except JobFailed as e:
             self.error, self.phase = str(e), "failed"
         except Exception as e:  # noqa: BLE001 - reported to the driver as one line
-            self._log(traceback.format_exc())
+            print(traceback.format_exc(), flush=True)
             self.error, self.phase = one_line(e), "failed"
         finally:
             if self.parts is not None:
@@ -126,9 +130,10 @@ class Controller:
         self.last = {**m, "step": step}
         self.gauges.update({**m, "step": step})
 
-    @staticmethod
-    def _log(msg: str) -> None:
+    def _log(self, msg: str) -> None:
+        """To the actor's log (dashboard) and to the driver, which prints it above the progress bar."""
         print(f"[controller] {msg}", flush=True)
+        self.messages.append(msg)
 
 
 def controller_options(cfg: JobConfig, env: dict[str, str]) -> dict:

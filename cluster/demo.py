@@ -60,18 +60,25 @@ def preference_pairs(tokenizer, prompts: list[str], n_pairs: int, max_tokens: in
 
 
 def train_demo_reward_model(models: dict[str, Path], pairs: Path, out: Path) -> float:
+    import torch
+
     from reward_service.config import RewardModelTrainConfig
     from reward_service.train_rm import train_reward_model
 
+    # A tiny model gains nothing from a second thread, and on a busy 2-core box OpenMP threads
+    # waiting on each other made this step ~100x slower.
+    torch.set_num_threads(1)
     cfg = RewardModelTrainConfig(base_model=str(models["reward"]), data=str(pairs), output_dir=str(out),
                                  epochs=2, batch_size=32, lr=3e-3, max_length=64)
     return float(train_reward_model(cfg)["eval_accuracy"])
 
 
-def build_demo(work: Path, max_new_tokens: int = 16, steps: int = 40) -> dict:
+def build_demo(work: Path, max_new_tokens: int = 16, steps: int = 60) -> dict:
     """Build the demo's models, data and reward model under `work`; return the job config tree."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     models = make_tiny_models(work / "models")
     prompts = demo_prompts()
     prompts_file = write_jsonl(work / "data" / "prompts.jsonl", prompts)
@@ -79,7 +86,7 @@ def build_demo(work: Path, max_new_tokens: int = 16, steps: int = 40) -> dict:
     if not (rm_dir / "config.json").is_file():
         tok = AutoTokenizer.from_pretrained(models["policy"])
         pairs = write_jsonl(work / "data" / "preferences.jsonl",
-                            preference_pairs(tok, [p["prompt"] for p in prompts], 4000, max_new_tokens))
+                            preference_pairs(tok, [p["prompt"] for p in prompts], 2000, max_new_tokens))
         print(f"demo: training the reward model on {pairs} (labels = gold-score ranking)", flush=True)
         acc = train_demo_reward_model(models, pairs, rm_dir)
         print(f"demo: reward model held-out pairwise accuracy {acc:.3f}", flush=True)

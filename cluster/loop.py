@@ -10,7 +10,6 @@ Scaling requests from other processes are applied between steps, never inside a 
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import deque
@@ -26,9 +25,6 @@ from cluster.errors import JobFailed, one_line
 from cluster.experience import load_function, provenance, rollout_stats, staleness, trainable_mask, with_rewards
 from cluster.run_dir import RunDir
 from contract.datasets import PromptIterator
-
-log = logging.getLogger("rlhf.loop")
-
 
 @dataclass
 class LoopState:
@@ -61,9 +57,9 @@ class Produced:
 
 class Trainer:
     def __init__(self, cfg: JobConfig, run: RunDir, parts: Parts, prompts: PromptIterator, state: LoopState,
-                 on_step: Callable[[int, dict], None] = lambda step, m: None):
+                 on_step: Callable[[int, dict], None] = lambda step, m: None, log: Callable[[str], None] = print):
         self.cfg, self.run, self.parts, self.prompts, self.state = cfg, run, parts, prompts, state
-        self.on_step = on_step
+        self.on_step, self.log = on_step, log
         self.gold = load_function(cfg.loop.gold_function) if cfg.loop.gold_function else None
         self._target_workers: int | None = None
         self._lock = threading.Lock()
@@ -84,8 +80,7 @@ class Trainer:
             before = pool.num_workers
             t0 = time.perf_counter()
             pool.scale_to(target)
-            print(f"[controller] rollout workers {before} -> {pool.num_workers} "
-                  f"({time.perf_counter() - t0:.1f}s)", flush=True)
+            self.log(f"rollout workers {before} -> {pool.num_workers} ({time.perf_counter() - t0:.1f}s)")
 
     # -- one step's parts ----------------------------------------------------------------------------
     def _draw(self, step: int) -> pa.Table:
@@ -196,5 +191,5 @@ class Trainer:
         state = {"loop": asdict(self.state), "policy_version": self.parts.learner.version,
                  "prompts": self.resume_prompt_state(), "num_workers": self.parts.pool.num_workers}
         path = self.run.commit_checkpoint(staging, self.state.step, state)
-        print(f"[controller] checkpoint {path}", flush=True)
+        self.log(f"checkpoint {path}")
 

@@ -6,6 +6,7 @@ to some other cluster on the box by accident.
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -48,12 +49,21 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise UsageError(f"--address {address}: no Ray cluster reachable there ({e.strerror or e})") from None
 
 
-def connect(cfg: RayConfig, address: str | None, env: dict[str, str]) -> RaySession:
-    """Attach to `address` / RAY_ADDRESS / cfg.address, else start an embedded cluster with the dashboard."""
+def connect(cfg: RayConfig, address: str | None, env: dict[str, str],
+            own_ports: dict[str, tuple[str, int]] | None = None, cpus_needed: float = 0) -> RaySession:
+    """Attach to `address` / RAY_ADDRESS / cfg.address, else start an embedded cluster with the dashboard.
+
+    `own_ports` ({config key: (host, port)}) are ports the job will listen on in an embedded cluster
+    (e.g. the reward service's HTTP port); they are checked before it starts. An embedded cluster
+    gets at least `cpus_needed` logical CPUs plus room to scale, whatever the core count: on a small
+    box the actors mostly wait on each other, and an unsatisfiable reservation would hang the job.
+    """
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or cfg.address
-    quiet = dict(namespace=cfg.namespace, logging_level="WARNING", runtime_env={"env_vars": env})
+    # Actor output stays in Ray's logs and the dashboard; the controller relays its own messages.
+    quiet = dict(namespace=cfg.namespace, logging_level="WARNING", log_to_driver=False,
+                 runtime_env={"env_vars": env})
     if address:
         if address != "auto" and not address.startswith("ray://"):
             check_reachable(address)
@@ -63,10 +73,13 @@ def connect(cfg: RayConfig, address: str | None, env: dict[str, str]) -> RaySess
             raise UsageError(f"--address {address}: {str(e).splitlines()[0]}") from None
         return RaySession(False, None, _metrics_port(ray), cfg.namespace)
     check_port("ray.dashboard_port", cfg.dashboard_host, cfg.dashboard_port)
+    for key, (host, port) in (own_ports or {}).items():
+        check_port(key, host, port)
     if cfg.metrics_export_port is not None:
         check_port("ray.metrics_export_port", "127.0.0.1", cfg.metrics_export_port)
     extra = {} if cfg.metrics_export_port is None else {"_metrics_export_port": cfg.metrics_export_port}
-    info = ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True,
+    num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(cpus_needed) + 4)
+    info = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
                     dashboard_host=cfg.dashboard_host, dashboard_port=cfg.dashboard_port, **extra, **quiet)
     return RaySession(True, f"http://{info.dashboard_url}", _metrics_port(ray), cfg.namespace)
 

@@ -51,6 +51,11 @@ def preflight(cfg: JobConfig) -> None:
     load_prompts(cfg.data.prompts)
 
 
+def cpus_needed(cfg: JobConfig) -> float:
+    return (cfg.learner.num_ranks * cfg.learner.cpus_per_rank + cfg.rollout.num_workers * cfg.rollout.cpus_per_worker
+            + cfg.reward.num_replicas * cfg.reward.cpus_per_replica)
+
+
 def train_command(config: str | None, overrides: list[str], resume: str | None = None,
                   run_dir: str | None = None, address: str | None = None) -> int:
     cfg, root = resolve_job(config, overrides, resume, run_dir)
@@ -63,7 +68,8 @@ def train_command(config: str | None, overrides: list[str], resume: str | None =
     from contract.devices import resolve_device
 
     env = resolve_device(cfg.device).actor_env(threads=1)
-    session = connect(cfg.ray, address, env)
+    session = connect(cfg.ray, address, env, {"reward.http_port": (cfg.reward.http_host, cfg.reward.http_port)},
+                      cpus_needed=cpus_needed(cfg))
     resume_cmd = f"rlhf train --resume {root}"
     print(f"rlhf train: run dir {root}", flush=True)
     if session.dashboard_url:
@@ -98,15 +104,21 @@ def follow(ctl, cfg: JobConfig) -> dict:
     from ray.exceptions import GetTimeoutError, RayActorError
     from tqdm import tqdm
 
-    bar = tqdm(total=cfg.loop.steps, desc=cfg.name, unit="step", dynamic_ncols=True, mininterval=1.0)
-    last_step, last_change = -1, time.monotonic()
+    bar = None  # opened when the loop starts, so startup time does not skew the rate
+    last_step, last_change, seen = -1, time.monotonic(), 0
     try:
         while True:
             try:
-                st = ray.get(ctl.status.remote(), timeout=60)
+                st = ray.get(ctl.status.remote(seen), timeout=60)
             except (RayActorError, GetTimeoutError) as e:
                 raise JobFailed(f"the controller stopped answering ({one_line(e)})") from None
-            if st["step"] != last_step:
+            for msg in st["messages"]:
+                tqdm.write(f"[controller] {msg}")
+            seen = st["num_messages"]
+            if bar is None and st["phase"] not in ("created", "starting"):
+                bar = tqdm(total=cfg.loop.steps, initial=st["step"], desc=cfg.name, unit="step", dynamic_ncols=True,
+                           mininterval=1.0)
+            if bar is not None and st["step"] != last_step:
                 bar.n = st["step"]
                 last_step, last_change = st["step"], time.monotonic()
                 m = st["last"]
@@ -121,7 +133,8 @@ def follow(ctl, cfg: JobConfig) -> dict:
                 raise JobFailed(f"no step finished in {cfg.loop.timeout_s:.0f}s (loop.timeout_s); the job looks stuck")
             time.sleep(1.0)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
 
 def print_summary(st: dict, root: Path) -> None:

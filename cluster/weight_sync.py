@@ -14,7 +14,6 @@ the learner's current object-store publish, cached per version.
 """
 from __future__ import annotations
 
-import logging
 import threading
 import time
 import uuid
@@ -22,10 +21,8 @@ import uuid
 import ray
 
 from contract.weights import GroupAddress
+from cluster.errors import one_line
 from cluster.ray_session import port_free
-
-log = logging.getLogger("rlhf.weights")
-
 
 def free_port(host: str = "127.0.0.1") -> int:
     import socket
@@ -39,7 +36,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class WeightSync:
-    def __init__(self, learner, pool, transport: str, backend: str, timeout_s: float):
+    def __init__(self, learner, pool, transport: str, backend: str, timeout_s: float, log=print):
         self.learner, self.pool = learner, pool
         self.transport, self.backend, self.timeout_s = transport, backend, timeout_s
         self._epoch: int | None = None  # membership epoch the current group was formed for
@@ -47,6 +44,7 @@ class WeightSync:
         self._published: tuple[int, object] | None = None
         self._lock = threading.Lock()
         self.fallbacks = 0
+        self.log = log
 
     # -- what new workers load --------------------------------------------------------------------
     def weights_source(self):
@@ -73,8 +71,7 @@ class WeightSync:
         try:
             self._broadcast(version)
         except Exception as e:  # noqa: BLE001 - a worker died mid-sync: deliver by object store
-            log.warning("weight broadcast of version %d failed (%s); using the object store", version,
-                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self.log(f"weight broadcast of version {version} failed ({one_line(e)}); using the object store")
             self.fallbacks += 1
             self.leave()
             self.pool.update_weights(*self._object_store_publish())
