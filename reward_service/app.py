@@ -28,6 +28,13 @@ log = logging.getLogger(__name__)
 def _check(cfg: RewardConfig) -> None:
     if cfg.model_dir and not (Path(cfg.model_dir) / "config.json").is_file():
         raise ConfigError(f"reward.model_dir: {cfg.model_dir} is not a model directory (no config.json)")
+    if cfg.autoscaling:
+        from ray.serve.config import AutoscalingConfig
+
+        try:
+            AutoscalingConfig(**cfg.autoscaling)
+        except Exception as e:  # pydantic or Ray's own validation, whichever this Ray version uses
+            raise ConfigError(f"reward.autoscaling: {' '.join(str(e).split()[3:])[:300]}") from None
     sys.path[:0] = [p for p in cfg.python_path if p not in sys.path]
     for f in cfg.functions:
         try:

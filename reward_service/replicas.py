@@ -81,8 +81,7 @@ class RewardScorer:
     async def score(self, prompts: list[str], responses: list[str]) -> dict:
         check_pairs(prompts, responses)
         n = len(prompts)
-        use_feedback = self.cfg.feedback.alpha > 0
-        fb = self.feedback.match.remote(responses) if use_feedback and n else None
+        fb = self.feedback.match.remote(responses) if self.cfg.feedback.alpha > 0 else None
         model = asyncio.gather(*[self._model_item((p, r)) for p, r in zip(prompts, responses)]) if self.model else None
         weighted, errors = {}, []
         for name, fn, weight in self.functions:
@@ -91,7 +90,7 @@ class RewardScorer:
             errors += [err] if err else []
         if model is not None:
             weighted = {"model": (np.asarray(await model, dtype=np.float64), self.cfg.model_weight), **weighted}
-        feedback = (await fb) if fb is not None else (np.zeros(0) if use_feedback else None)
+        feedback = (await fb) if fb is not None else None
         return as_wire(combine(n, weighted, feedback, self.cfg.feedback.alpha, errors))
 
     def stats(self, reset: bool = False) -> dict:

@@ -135,7 +135,7 @@ def test_http_feedback_changes_next_fused_reward(app):
     malformed = {"records": [{"prompt": prompt, "response": liked, "score": 1.0},
                              {"prompt": prompt, "response": other, "score": 7}]}
     r = requests.post(url, json=malformed, headers=auth, timeout=30)
-    assert r.status_code == 400 and "records[1]" not in r.json()["error"] and "'score'" in r.json()["error"]
+    assert r.status_code == 400 and r.json()["error"].startswith("feedback[1]: field 'score'")
     assert requests.post(url, json=malformed, timeout=30).status_code == 401
     store_file = app["store"] / "feedback.jsonl"
     assert not store_file.exists() or store_file.read_text() == ""  # nothing half-stored
@@ -168,18 +168,18 @@ def test_killed_replica_mid_burst_every_row_once(app, ray_local):
     client = app["client"]
     from reward_service.model import RewardModel
 
-    prompts, responses = pairs(1200, seed=7)
+    prompts, responses = pairs(2000, seed=7)  # 250 chunks: still in flight when the kill lands
     expected = RewardModel(app["model_dir"]).score(prompts, responses)
     victim = client.replica_stats()[0]["actor_name"]
     retries_before = client.retries
     result = {}
     burst = threading.Thread(target=lambda: result.update(table=client.score(prompts, responses)))
     burst.start()
-    threading.Event().wait(0.5)
+    threading.Event().wait(0.2)
     ray_local.kill(ray_local.get_actor(victim, namespace="serve"), no_restart=True)
     burst.join(timeout=120)
     table = result["table"]
-    assert table.num_rows == 1200 and all(table.column("reward_valid").to_pylist())
+    assert table.num_rows == 2000 and all(table.column("reward_valid").to_pylist())
     np.testing.assert_allclose(parts_of(table, "model"), expected, atol=1e-5)  # each row once, in order
     assert client.retries > retries_before  # the kill did hit requests in flight
 
