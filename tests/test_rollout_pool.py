@@ -114,3 +114,13 @@ def test_killed_worker_mid_generate_is_replaced_and_rows_stay_exactly_once(pool)
     assert int(replacement.rsplit("-", 1)[1]) > max(int(w.rsplit("-", 1)[1]) for w in before)  # never reused
     assert ray.get(ray.get_actor(replacement, namespace="rlhf-tests").ping.remote(), timeout=60)["version"] == 3
     assert_exactly_once(pool.generate(prompts(8), SamplingConfig(max_new_tokens=4, n=2)), 8, 2)
+
+
+def test_a_pool_scaled_to_zero_refuses_work_instead_of_waiting(pool):
+    """Last in the module: it empties the shared pool."""
+    with pytest.raises(ValueError, match=r"remove_workers: k must be in 0\.\.2"):
+        pool.remove_workers(3)
+    pool.scale_to(0)
+    assert pool.num_workers == 0 and pool.workers() == []
+    with pytest.raises(RuntimeError, match="no live workers left to generate 2 prompt"):
+        pool.generate(prompts(2))
