@@ -116,6 +116,17 @@ def test_killed_worker_mid_generate_is_replaced_and_rows_stay_exactly_once(pool)
     assert_exactly_once(pool.generate(prompts(8), SamplingConfig(max_new_tokens=4, n=2)), 8, 2)
 
 
+def test_a_chunk_past_the_request_timeout_is_a_clear_error(pool):
+    heavy = SamplingConfig(max_new_tokens=100, n=8, seed=0)  # every chunk: thousands of tokens, far over 50 ms
+    pool.cfg.request_timeout_s = 0.05
+    try:
+        with pytest.raises(TimeoutError, match=r"rollout worker rollout-test-\d+: no result within "
+                                               r"rollout.request_timeout_s=0.05"):
+            pool.generate(prompts(64, prefix="t"), heavy)
+    finally:
+        pool.cfg.request_timeout_s = 120.0
+
+
 def test_a_pool_scaled_to_zero_refuses_work_instead_of_waiting(pool):
     """Last in the module: it empties the shared pool."""
     with pytest.raises(ValueError, match=r"remove_workers: k must be in 0\.\.2"):
