@@ -3,7 +3,9 @@ the same reward model called directly in this process, with the same batch size 
 
   .venv/bin/python benchmarks/reward.py [--sizes tiny,m100] [--reps 5] [--out benchmarks/RESULTS_reward.md]
 
-One replica with 2 torch threads against a direct model with 2 torch threads; runs alternate
+One replica with 1 torch thread against a direct model with 1 torch thread (on this shared 2-core
+box, 2 threads per side measured 50-270 pairs/s for the same direct call from one run to the next:
+OpenMP threads fighting other processes; 1 thread was steady); runs alternate
 (A B C A B C ...) so background load hits every side alike; medians after one warm-up.
 Target (issue 5): handle path >= 0.8x direct at batch 32.
 """
@@ -31,7 +33,7 @@ from reward_service.functions import COLOURS, FILLER  # noqa: E402
 from reward_service.model import RewardModel  # noqa: E402
 
 WORK = Path(os.environ.get("BENCH_DIR", "/tmp/bench-reward"))
-BATCH, THREADS, WORDS = 32, 2, 48
+BATCH, THREADS, WORDS = 32, 1, 48
 PAIRS = {"tiny": 1024, "m100": 64}
 
 
@@ -90,13 +92,13 @@ def measure(size: str, reps: int) -> dict[str, float]:
 def report(results: dict, reps: int) -> str:
     lines = ["# Reward benchmark (benchmarks/reward.py)", "",
              f"Box: {os.cpu_count()} cores, CPU only, fp32. Pairs of a short prompt + {WORDS}-word response; "
-             f"batch {BATCH}; one Serve replica with {THREADS} torch threads vs the same model in the benchmark "
-             f"process with {THREADS} threads. Medians of {reps} interleaved runs after one warm-up. Other "
+             f"batch {BATCH}; one Serve replica with {THREADS} torch thread(s) vs the same model in the benchmark "
+             f"process with {THREADS} thread(s). Medians of {reps} interleaved runs after one warm-up. Other "
              "helpers' tests shared the 2 cores, so absolute figures are noisy; ratios are within one process.", ""]
     for size, r in results.items():
         base = r["direct (in process)"]
         lines += [f"## {size} ({PAIRS[size]} pairs per run)", "", "| path | pairs/s | vs direct |", "|---|---|---|"]
-        lines += [f"| {k} | {v:.0f} | {v / base:.2f}x |" for k, v in r.items()]
+        lines += [f"| {k} | {v:.3g} | {v / base:.2f}x |" for k, v in r.items()]
         lines += ["", f"Handle / direct at batch {BATCH}: **{r['Serve handle (RewardClient.score)'] / base:.2f}x** "
                   "(target >= 0.8x).", ""]
     return "\n".join(lines)

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 def _check(cfg: RewardConfig) -> None:
     if cfg.model_dir and not (Path(cfg.model_dir) / "config.json").is_file():
         raise ConfigError(f"reward.model_dir: {cfg.model_dir} is not a model directory (no config.json)")
+    if cfg.feedback.seed_file and not Path(cfg.feedback.seed_file).is_file():
+        raise ConfigError(f"reward.feedback.seed_file: {cfg.feedback.seed_file} not found")
     if cfg.autoscaling:
         from ray.serve.config import AutoscalingConfig
 
@@ -46,7 +48,8 @@ def _check(cfg: RewardConfig) -> None:
 def _replica_env(cfg: RewardConfig, threads: int) -> dict[str, str]:
     env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     if cfg.python_path:
-        env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in cfg.python_path)
+        # Ray expands ${PYTHONPATH} to what the worker would have had, so nothing is dropped.
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(p).resolve()) for p in cfg.python_path] + ["${PYTHONPATH}"])
     return env
 
 
@@ -63,7 +66,8 @@ def deploy(cfg: RewardConfig, store_dir: str | Path, name: str = "reward") -> Re
     # The store lives on this node's disk, so its replica must too.
     here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
     feedback = RewardFeedback.options(ray_actor_options={"num_cpus": 0, "resources": here}).bind(
-        str(store), cfg.feedback.ngram, cfg.feedback.threshold, cfg.feedback.seed_file)
+        str(store), cfg.feedback.ngram, cfg.feedback.threshold,
+        str(Path(cfg.feedback.seed_file).resolve()) if cfg.feedback.seed_file else None)
     scorer = RewardScorer.options(
         max_ongoing_requests=2 * cfg.max_batch_size,  # >= the batch size, or Serve caps batches at 5
         ray_actor_options={"num_cpus": cfg.cpus_per_replica,
