@@ -24,7 +24,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from actors.balance import expected_tokens, split_balanced
 from actors.config import RolloutConfig, SamplingConfig
 from actors.prompts import check_prompt_lengths, check_prompt_table
-from actors.worker import RolloutWorker, worker_env
+from actors.worker import RolloutWorker
 from contract.devices import DeviceProfile
 from contract.experience import concat, sample_keys
 
@@ -273,7 +273,7 @@ class RolloutPool:
                 self._next_index += 1
                 if not _name_taken(wid, self.namespace):
                     break
-        opts = dict(name=wid, runtime_env={"env_vars": worker_env(self.device, self.cfg.threads_per_worker)},
+        opts = dict(name=wid, runtime_env={"env_vars": self.device.actor_env(self.cfg.threads_per_worker)},
                     **self.device.ray_resources(self.cfg.cpus_per_worker, self.cfg.gpus_per_worker))
         if self.namespace is not None:
             opts["namespace"] = self.namespace

@@ -18,24 +18,12 @@ from contract.weights import (GroupAddress, StaleVersionError, WeightManifest, c
                               leave_group, receive_weights)
 
 
-def worker_env(device: DeviceProfile, threads: int) -> dict[str, str]:
-    """The device's actor env, plus two CPU settings measured on a shared 2-core box:
-    - vLLM's "auto" binding pins every engine's OpenMP threads to all cores and overrides
-      OMP_NUM_THREADS, so N engines on one box would each spin as many threads as there are cores;
-    - busy-waiting OpenMP threads collapse when the cores are shared (a 2-thread tiny-model engine
-      under load: 6.5 s per batch spinning vs 0.54 s passive), so idle threads sleep instead."""
-    env = device.actor_env(threads)
-    if device.kind == "cpu":
-        env |= {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_WAIT_POLICY": "PASSIVE"}
-    return env
-
-
 class WorkerState:
     """The actor's logic as a plain class, so one process can also host it (benchmarks)."""
 
     def __init__(self, worker_id: str, model_dir: str, cfg: RolloutConfig, device_kind: str = "cpu"):
         device = DeviceProfile(kind=device_kind)  # type: ignore[arg-type]
-        for k, v in worker_env(device, cfg.threads_per_worker).items():
+        for k, v in device.actor_env(cfg.threads_per_worker).items():
             os.environ.setdefault(k, v)  # direct construction (no runtime_env): still before vllm import
         from actors.engine import RolloutEngine
 

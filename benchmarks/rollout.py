@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 
-# The in-process engine gets exactly what a 1-thread worker gets (actors.worker.worker_env).
-os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
-                  VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false",
-                  VLLM_CONFIGURE_LOGGING="0")
+from contract.devices import DeviceProfile
+
+# The in-process engine gets exactly what a 1-thread worker gets (DeviceProfile.actor_env).
+CPU = DeviceProfile("cpu")
+os.environ.update(CPU.actor_env(1))
 
 import argparse  # noqa: E402
 import socket  # noqa: E402
@@ -31,10 +32,8 @@ from actors.engine import prompt_seed, sampling_params  # noqa: E402
 from actors.pool import RolloutPool  # noqa: E402
 from actors.worker import WorkerState  # noqa: E402
 from cluster.tiny_models import make_tiny_models  # noqa: E402
-from contract.devices import DeviceProfile  # noqa: E402
 from contract.weights import GroupAddress, join_group, leave_group, make_manifest, send_weights, specs_of  # noqa: E402
 
-CPU = DeviceProfile("cpu")
 SAMPLING = SamplingConfig(max_new_tokens=64, n=1, seed=0, temperature=1.0)
 N_PROMPTS = 32
 

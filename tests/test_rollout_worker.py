@@ -6,7 +6,7 @@ import torch
 
 from actors.config import SamplingConfig
 from actors.prompts import PromptError
-from actors.worker import RolloutWorker, worker_env
+from actors.worker import RolloutWorker
 from contract.devices import DeviceProfile
 from contract.experience import ROLLOUT_SCHEMA, check_lengths
 from contract.weights import GroupAddress, StaleVersionError
@@ -18,7 +18,7 @@ TIMEOUT = 120
 @pytest.fixture(scope="module")
 def worker(ray_local, tiny_models):
     cfg = rollout_cfg()
-    w = RolloutWorker.options(num_cpus=1, runtime_env={"env_vars": worker_env(DeviceProfile("cpu"), 1)}).remote(
+    w = RolloutWorker.options(num_cpus=1, runtime_env={"env_vars": DeviceProfile("cpu").actor_env(1)}).remote(
         "w-test", str(tiny_models["policy"]), cfg, "cpu")
     assert ray.get(w.ping.remote(), timeout=TIMEOUT) == {"worker_id": "w-test", "version": 0, "alive": True}
     yield w
