@@ -41,7 +41,9 @@ class LearnerRank:
         self.weight_group = None
 
     def master_address(self) -> tuple[str, int]:
-        host = socket.gethostbyname(socket.gethostname()) if self.world > 1 else "127.0.0.1"
+        import ray
+
+        host = ray.util.get_node_ip_address() if self.world > 1 else "127.0.0.1"
         with socket.socket() as s:
             s.bind(("", 0))
             return host, s.getsockname()[1]
@@ -120,10 +122,10 @@ class LearnerRank:
         totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in names])
         dist.all_reduce(totals)
         metrics = {k: float(v) / (n_real * p.epochs) for k, v in zip(names, totals)}
-        real_tokens = b.mask
-        metrics["kl"] = float((tg.ref_logprobs is not None) and alg.pm.masked_mean(
-            alg.pm.kl_estimate(tg.old_logprobs, tg.ref_logprobs, p.kl_estimator), real_tokens))
-        metrics["logprob_gap"] = float(alg.pm.masked_mean((b.rollout_logprobs - tg.old_logprobs).abs(), real_tokens))
+        metrics["kl"] = 0.0 if tg.ref_logprobs is None else float(
+            alg.pm.masked_mean(alg.pm.kl_estimate(tg.old_logprobs, tg.ref_logprobs, p.kl_estimator), b.mask))
+        # Rollout engine vs learner on the same tokens: a health signal (dtype, kernels, stale weights).
+        metrics["logprob_gap"] = float(alg.pm.masked_mean((b.rollout_logprobs - tg.old_logprobs).abs(), b.mask))
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["step_s"] = time.time() - t0
         metrics.setdefault("value_loss", 0.0)

@@ -85,14 +85,19 @@ def test_invalid_rewards_are_dropped_and_batch_padded_weightless():
 # ---- DeepSpeed ranks --------------------------------------------------------------------------
 
 
-def test_two_ranks_zero2_and_zero3_match_one_rank_zero0(tiny_models, ray_local):
-    """Same global batch, one PPO step (policy + critic + KL to the reference), fp32.
-    Tolerance 2e-5 absolute on every parameter (measured ~1e-6: reduction order only)."""
+@pytest.mark.parametrize("dtype, rtol, atol", [("float32", 0.0, 2e-5), ("bfloat16", 2 ** -7, 2.5e-3)])
+def test_two_ranks_zero2_and_zero3_match_one_rank_zero0(tiny_models, ray_local, dtype, rtol, atol):
+    """Same global batch, one PPO step (policy + critic + KL to the reference), lr 1e-3.
+    fp32: every parameter within 2e-5 absolute (measured ~1e-6: reduction order only).
+    bf16: the forward itself rounds differently with other micro-batch shapes, so where a gradient
+    is ~0 Adam's first step (+-lr) may flip sign: every parameter within 2 lr + 1 bf16 ULP, and
+    in sum the runs differ by < 50% of the update itself (measured 0.29; unrelated sign-updates: ~1)."""
     table = experience_table(n=14)  # 14 real rows -> 2 padding rows: exercises the sample weights
     results = {}
     for ranks, stage in [(1, 0), (2, 2), (2, 3)]:
-        group = make_group(tiny_models, num_ranks=ranks, zero_stage=stage)
+        group = make_group(tiny_models, num_ranks=ranks, zero_stage=stage, dtype=dtype)
         try:
+            assert {s.dtype for s in group.weight_manifest().specs} == {dtype}
             before = params(group)
             metrics = group.train_step(table)
             results[(ranks, stage)] = (params(group), metrics)
@@ -104,10 +109,13 @@ def test_two_ranks_zero2_and_zero3_match_one_rank_zero0(tiny_models, ray_local):
     for key in [(2, 2), (2, 3)]:
         got, metrics = results[key]
         assert got.keys() == ref_params.keys()
-        worst = max((got[n] - ref_params[n]).abs().max().item() for n in got)
-        assert worst < 2e-5, f"{key}: max abs diff {worst}"
+        for n in got:
+            torch.testing.assert_close(got[n], ref_params[n], rtol=rtol, atol=atol, msg=lambda m: f"{key} {n}: {m}")
+        diff = sum((got[n].float() - ref_params[n].float()).abs().sum() for n in got)
+        update = sum((ref_params[n].float() - before[n].float()).abs().sum() for n in got)
+        assert diff < 0.5 * update, f"{key}: runs differ by {diff / update:.2f} of the update"
         for m in ("policy_loss", "value_loss", "kl", "entropy", "logprob_gap"):
-            assert metrics[m] == pytest.approx(ref_metrics[m], abs=1e-5), m
+            assert metrics[m] == pytest.approx(ref_metrics[m], abs=1e-5 if dtype == "float32" else 2e-2), m
 
 
 def test_checkpoint_save_load_step_equals_uninterrupted(tiny_models, ray_local, tmp_path):
