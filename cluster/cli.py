@@ -52,6 +52,12 @@ def _cmd_status(args) -> int:
     return status_command(address=args.address, name=args.name)
 
 
+def _cmd_stop(args) -> int:
+    from cluster.control import stop_command
+
+    return stop_command(address=args.address, name=args.name)
+
+
 def _cmd_submit(args) -> int:
     from cluster.submit import submit_command
 
@@ -78,12 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_submit)
 
     for name, fn, hlp in (("scale", _cmd_scale, "change the number of rollout workers of a running job"),
-                          ("status", _cmd_status, "show step, policy version, workers and throughput of a running job")):
+                          ("status", _cmd_status, "show step, policy version, workers and throughput of a running job"),
+                          ("stop", _cmd_stop, "end a running job after its current step, with a checkpoint")):
         c = sub.add_parser(name, help=hlp)
         if name == "scale":
             c.add_argument("--workers", type=int, required=True, help="target number of rollout workers")
         c.add_argument("--address", help="Ray cluster address (default RAY_ADDRESS)")
-        c.add_argument("--name", default=None, help="job name (default: the only running one)")
+        c.add_argument("--name", default=None, help="the job's ray.namespace (default: the only running job)")
         c.set_defaults(func=fn)
 
     r = sub.add_parser("train-rm", help="train a reward model on preference pairs (Bradley-Terry) or labels (BCE)")
@@ -101,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from cluster.ray_session import use_token_auth
+
+    use_token_auth()  # must precede `import ray`: Ray reads the auth mode once, at import
     try:
         return args.func(args)
     except USER_ERRORS as e:

@@ -42,6 +42,15 @@ def scale_command(workers: int, address: str | None = None, name: str | None = N
     return 0
 
 
+def stop_command(address: str | None = None, name: str | None = None) -> int:
+    import ray
+
+    r = ray.get(_controller(address, name).stop.remote(), timeout=60)
+    print(f"rlhf stop: job {r['name']} stops after step {r['step']} with a checkpoint "
+          f"(continue later with: rlhf train --resume {r['run_dir']})")
+    return 0
+
+
 def status_command(address: str | None = None, name: str | None = None) -> int:
     import ray
 

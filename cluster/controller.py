@@ -36,6 +36,7 @@ class Controller:
         self.last: dict = {}
         self.started = time.time()
         self._pending_workers: int | None = None
+        self._stop_requested = False
         self._thread: threading.Thread | None = None
         self.messages: list[str] = []
 
@@ -71,10 +72,14 @@ class Controller:
         return {"requested": workers, "num_workers": self.parts.pool.num_workers if self.parts and self.parts.pool
                 else 0}
 
-    def join(self, timeout_s: float) -> str:
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-        return self.phase
+    def stop(self) -> dict:
+        """Finish the step in flight, checkpoint, and end the job as done (resumable)."""
+        self._stop_requested = True
+        if self.trainer is not None:
+            self.trainer.stop.set()
+        self._log("stop requested: finishing the current step, then checkpointing")
+        return {"name": self.cfg.name, "step": self.trainer.state.step if self.trainer else 0,
+                "run_dir": str(self.run.root)}
 
     # -- the loop thread -------------------------------------------------------------------------------
     def _main(self) -> None:
@@ -93,6 +98,8 @@ class Controller:
                                    log=self._log)
             if self._pending_workers is not None:
                 self.trainer.request_workers(self._pending_workers)
+            if self._stop_requested:
+                self.trainer.stop.set()
             self.phase = "running"
             self.trainer.run_loop()
             write_report(self.run)

@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -101,6 +102,11 @@ class Trainer:
         except Exception as e:  # noqa: BLE001 - the client already retried
             raise JobFailed(f"reward service failed at step {step}: {one_line(e)}") from None
         t2 = time.perf_counter()
+        if rewards.num_rows and not any(rewards.column("reward_valid").to_pylist()):
+            from reward_service.client import reward_errors
+
+            why = "; ".join(reward_errors(rewards)[:3]) or "no reason given"
+            raise JobFailed(f"reward service returned no valid reward at step {step}: {why}"[:400])
         return Produced(step, with_rewards(rollouts, rewards), t1 - t0, t2 - t1, self.parts.pool.num_workers)
 
     def _train(self, p: Produced, wall_start: float, sync_s: float) -> dict:
@@ -174,7 +180,11 @@ class Trainer:
             pending: Future | None = ex.submit(self._produce, first, self._draw(first))
             for step in range(first, last):
                 t0 = time.perf_counter()
-                produced = pending.result()
+                try:
+                    produced = pending.result(timeout=self.cfg.loop.timeout_s)
+                except FutureTimeout:
+                    raise JobFailed(f"rollouts of step {step} took longer than loop.timeout_s="
+                                    f"{self.cfg.loop.timeout_s:.0f}s") from None
                 if self.stop.is_set():
                     return
                 sync_s = self.parts.sync.publish() if step > first else 0.0
@@ -182,7 +192,6 @@ class Trainer:
                 pending = ex.submit(self._produce, step + 1, self._draw(step + 1)) if step + 1 < last else None
                 m = self._train(produced, t0, sync_s)
                 self._finish_step(step, m)
-            self.parts.sync.publish()
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def checkpoint(self) -> None:

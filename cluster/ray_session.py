@@ -49,6 +49,16 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise UsageError(f"--address {address}: no Ray cluster reachable there ({e.strerror or e})") from None
 
 
+def use_token_auth() -> None:
+    """Ray 2.60 clusters use token auth by default; a driver attaching from outside (or the `ray`
+    CLI) needs RAY_AUTH_MODE=token when this machine holds the token. Call before `import ray`."""
+    from pathlib import Path
+
+    if "RAY_AUTH_MODE" not in os.environ and (os.environ.get("RAY_AUTH_TOKEN")
+                                              or (Path.home() / ".ray" / "auth_token").is_file()):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def connect(cfg: RayConfig, address: str | None, env: dict[str, str],
             own_ports: dict[str, tuple[str, int]] | None = None, cpus_needed: float = 0) -> RaySession:
     """Attach to `address` / RAY_ADDRESS / cfg.address, else start an embedded cluster with the dashboard.
@@ -62,9 +72,8 @@ def connect(cfg: RayConfig, address: str | None, env: dict[str, str],
 
     address = address or os.environ.get("RAY_ADDRESS") or cfg.address
     # Actor output stays in Ray's logs and the dashboard; the controller relays its own messages.
-    quiet = dict(namespace=cfg.namespace, logging_level="WARNING", log_to_driver=False,
-                 runtime_env={"env_vars": env})
-    if address:
+    quiet = dict(namespace=cfg.namespace, logging_level="WARNING", log_to_driver=False)
+    if address:  # no runtime_env here: inside `ray job submit` it would clash with the job's own
         if address != "auto" and not address.startswith("ray://"):
             check_reachable(address)
         try:
@@ -79,7 +88,7 @@ def connect(cfg: RayConfig, address: str | None, env: dict[str, str],
         check_port("ray.metrics_export_port", "127.0.0.1", cfg.metrics_export_port)
     extra = {} if cfg.metrics_export_port is None else {"_metrics_export_port": cfg.metrics_export_port}
     num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(cpus_needed) + 4)
-    info = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
+    info = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, runtime_env={"env_vars": env},
                     dashboard_host=cfg.dashboard_host, dashboard_port=cfg.dashboard_port, **extra, **quiet)
     return RaySession(True, f"http://{info.dashboard_url}", _metrics_port(ray), cfg.namespace)
 

@@ -13,42 +13,67 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 from cluster.config import load_config
 from cluster.errors import UsageError
+from cluster.ray_session import use_token_auth
 
 JOB_CONFIG_NAME = "job.yaml"
 
 
-def submit_argv(address: str, overrides: list[str], working_dir: str, wait: bool, submission_id: str) -> list[str]:
+def ray_cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ray.scripts.scripts", *args]
+
+
+def submit_argv(address: str, overrides: list[str], working_dir: str, submission_id: str) -> list[str]:
     env_vars = {"TORCHDYNAMO_DISABLE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
     runtime_env = {"working_dir": working_dir, "env_vars": env_vars}
-    argv = [sys.executable, "-m", "ray.scripts.scripts", "job", "submit", "--address", address,
-            "--submission-id", submission_id, "--runtime-env-json", json.dumps(runtime_env)]
-    if not wait:
-        argv.append("--no-wait")
-    return argv + ["--", "rlhf", "train", JOB_CONFIG_NAME, *(shlex.quote(o) for o in overrides)]
+    return ray_cli("job", "submit", "--address", address, "--submission-id", submission_id, "--runtime-env-json",
+                   json.dumps(runtime_env), "--no-wait", "--", "rlhf", "train", JOB_CONFIG_NAME,
+                   *(shlex.quote(o) for o in overrides))
 
 
 def auth_env() -> dict[str, str]:
-    env = dict(os.environ)
-    if "RAY_AUTH_MODE" not in env and (env.get("RAY_AUTH_TOKEN") or (Path.home() / ".ray" / "auth_token").is_file()):
-        env["RAY_AUTH_MODE"] = "token"
-    return env
+    use_token_auth()
+    return dict(os.environ)
 
 
-def submit_command(config: str, overrides: list[str], address: str, wait: bool = True) -> int:
+def submit_command(config: str, overrides: list[str], address: str, wait: bool = True,
+                   agent_wait_s: float = 120.0) -> int:
+    """Submit, then (unless --no-wait) follow the job's logs and exit 0 only if it SUCCEEDED.
+
+    A freshly started head answers "No available agent to submit job" for a few seconds: retried."""
     load_config(config, overrides)  # a typo fails here, not minutes later on the cluster
     if not address.startswith(("http://", "https://")):
         raise UsageError(f"--address {address!r}: expected the dashboard URL, e.g. http://HEAD:8265")
+    env = auth_env()
+    submission_id = f"rlhf-{uuid.uuid4().hex[:8]}"
     staging = Path(tempfile.mkdtemp(prefix="rlhf-submit-"))
     try:
         shutil.copyfile(config, staging / JOB_CONFIG_NAME)
-        submission_id = f"rlhf-{uuid.uuid4().hex[:8]}"
-        print(f"rlhf submit: job {submission_id} -> {address}", flush=True)
-        return subprocess.run(submit_argv(address, overrides, str(staging), wait, submission_id),
-                              env=auth_env()).returncode
+        deadline = time.monotonic() + agent_wait_s
+        while True:
+            r = subprocess.run(submit_argv(address, overrides, str(staging), submission_id), env=env,
+                               capture_output=True, text=True)
+            if r.returncode == 0:
+                break
+            out = r.stdout + r.stderr
+            if "No available agent" in out and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            last = [line for line in out.splitlines() if line.strip()][-1:] or ["(no output)"]
+            raise UsageError(f"ray job submit to {address} failed: {last[0].strip()}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    print(f"rlhf submit: job {submission_id} submitted to {address}", flush=True)
+    if not wait:
+        return 0
+    subprocess.run(ray_cli("job", "logs", submission_id, "--address", address, "--follow"), env=env)
+    from ray.job_submission import JobSubmissionClient
+
+    final = str(JobSubmissionClient(address).get_job_status(submission_id).value)
+    print(f"rlhf submit: job {submission_id} {final}", flush=True)
+    return 0 if final == "SUCCEEDED" else 1

@@ -50,7 +50,7 @@ class WeightSync:
     def weights_source(self):
         """(version, ObjectRef) of the learner's current weights, or None while they are version 0
         (the model_dir every worker loads anyway)."""
-        if self.learner.version == 0:
+        if self.learner is None or self.learner.version == 0:
             return None
         return self._object_store_publish()
 

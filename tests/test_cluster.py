@@ -99,7 +99,7 @@ def test_demo_preferences_are_ranked_by_the_gold_score(tiny_models):
 def test_submit_command_line_ships_the_config_and_quotes_overrides(tmp_path, monkeypatch):
     from cluster.submit import auth_env, submit_argv
 
-    argv = submit_argv("http://127.0.0.1:8265", ["data.prompts=/a b.jsonl"], str(tmp_path), True, "rlhf-1")
+    argv = submit_argv("http://127.0.0.1:8265", ["data.prompts=/a b.jsonl"], str(tmp_path), "rlhf-1")
     tail = argv[argv.index("--") + 1:]
     assert tail == ["rlhf", "train", "job.yaml", "'data.prompts=/a b.jsonl'"]
     env = json.loads(argv[argv.index("--runtime-env-json") + 1])

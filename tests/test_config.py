@@ -74,7 +74,7 @@ def test_cli_typo_exits_nonzero_with_one_line(tmp_path):
 
 
 def test_every_subcommand_has_help():
-    for cmd in ["train", "submit", "scale", "status", "train-rm", "make-tiny-models"]:
+    for cmd in ["train", "submit", "scale", "status", "stop", "train-rm", "make-tiny-models"]:
         r = subprocess.run([sys.executable, "-m", "cluster.cli", cmd, "--help"], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         assert "usage: rlhf " + cmd in r.stdout

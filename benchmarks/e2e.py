@@ -1,0 +1,144 @@
+"""End-to-end iteration speed: our loop (sync and one-step-off async) vs TRL's GRPOTrainer.
+
+Same tiny model, prompts, group size, max new tokens and reward function (colour_fraction) on
+this box, measured in one process, TRL first. Ours runs the real stack (local Ray, a vLLM worker,
+the reward Serve app, a DeepSpeed rank) through `cluster.loop.Trainer`, exactly what `rlhf train`
+runs inside its controller. Reports seconds per iteration, samples/s, the ratio to TRL, and the
+share of wall time per stage (rollout, reward, learner, weight sync, learner idle).
+
+    python benchmarks/e2e.py [--steps 20] [--prompts 8] [--group 4] [--max-new-tokens 32] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WARMUP = 3  # first iterations pay for lazy inits (first broadcast group, allocator growth)
+
+
+def trl_grpo(models: dict, prompts: list[str], a) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from reward_service.functions import colour_fraction
+
+    torch.set_num_threads(2)
+    tok = AutoTokenizer.from_pretrained(models["policy"])
+    tok.padding_side = "left"
+
+    def gold(prompts, completions, **_):
+        return colour_fraction(prompts, completions)
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.t = [time.perf_counter()]
+
+        def on_step_end(self, args, state, control, **kw):
+            self.t.append(time.perf_counter())
+
+    batch = a.prompts * a.group
+    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-"), use_cpu=True, bf16=False, use_vllm=False,
+                     num_generations=a.group, max_completion_length=a.max_new_tokens,
+                     per_device_train_batch_size=batch, gradient_accumulation_steps=1, max_steps=a.steps,
+                     learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
+                     gradient_checkpointing=False, dataloader_num_workers=0, temperature=1.0, seed=0)
+    timer = Timer()
+    trainer = GRPOTrainer(model=str(models["policy"]), processing_class=tok, reward_funcs=gold, args=cfg,
+                          train_dataset=Dataset.from_dict({"prompt": prompts}), callbacks=[timer])
+    trainer.train()
+    steps = [b - a_ for a_, b in zip(timer.t, timer.t[1:])][WARMUP:]
+    s = statistics.median(steps)
+    return {"s_per_iter": s, "samples_per_s": batch / s}
+
+
+def ours(models: dict, prompts_file: str, a, mode: str, work: Path) -> dict:
+    import ray
+
+    from cluster.components import start_parts, stop_parts
+    from cluster.config import load_config
+    from cluster.loop import LoopState, Trainer
+    from cluster.run_dir import RunDir
+    from contract.datasets import PromptIterator, load_prompts
+    from contract.devices import resolve_device
+
+    batch = a.prompts * a.group
+    cfg = load_config(None, [], base={
+        "name": f"bench-{mode}", "model": {"policy": str(models["policy"])},
+        "data": {"prompts": prompts_file, "prompts_per_step": a.prompts},
+        "rollout": {"num_workers": 1, "threads_per_worker": 2,
+                    "sampling": {"n": a.group, "max_new_tokens": a.max_new_tokens}},
+        "reward": {"functions": [{"path": "reward_service.functions:colour_fraction"}], "max_batch_size": batch},
+        "learner": {"num_ranks": 1, "lr": 1e-3, "ppo": {"algorithm": "grpo", "kl_coef": 0.0,
+                                                         "minibatch_size": batch, "micro_batch_size": batch}},
+        "loop": {"steps": a.steps, "mode": mode, "max_staleness": 1},
+    })
+    device = resolve_device("cpu")
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
+             runtime_env={"env_vars": device.actor_env(1)})
+    run = RunDir(work / mode).create("")
+    parts = start_parts(cfg, device, str(work / mode / "store"), log=lambda m: None)
+    try:
+        trainer = Trainer(cfg, run, parts, PromptIterator(load_prompts(prompts_file)), LoopState(),
+                          log=lambda m: None)
+        trainer.run_loop()
+    finally:
+        stop_parts(parts)
+        ray.shutdown()
+    rows = run.read_metrics()[WARMUP:]
+    wall = sum(r["wall_s"] for r in rows)
+    share = {k: sum(r[f"{k}_s"] for r in rows) / wall for k in ("gen", "reward", "train", "sync")}
+    share["learner_idle"] = sum(r["wall_s"] - r["train_s"] for r in rows) / wall
+    s = statistics.median(r["wall_s"] for r in rows)
+    return {"s_per_iter": s, "samples_per_s": batch / s, "share": share}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--group", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--skip-trl", action="store_true")
+    p.add_argument("--out", default="benchmarks/RESULTS_e2e.md")
+    a = p.parse_args()
+
+    from cluster.demo import demo_prompts, write_jsonl
+    from cluster.tiny_models import make_tiny_models
+
+    work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    models = make_tiny_models(work / "models")
+    rows = demo_prompts(64)
+    prompts_file = str(write_jsonl(work / "prompts.jsonl", rows))
+    results = {}
+    if not a.skip_trl:
+        results["TRL GRPOTrainer"] = trl_grpo(models, [r["prompt"] for r in rows], a)
+    results["ours sync"] = ours(models, prompts_file, a, "sync", work)
+    results["ours async"] = ours(models, prompts_file, a, "async", work)
+    print(json.dumps(results, indent=1))
+    base = results.get("TRL GRPOTrainer", {}).get("samples_per_s")
+    lines = [f"## e2e: one GRPO iteration, tiny model ({a.prompts} prompts x {a.group} samples, "
+             f"{a.max_new_tokens} new tokens, {a.steps} steps, median after {WARMUP} warm-up)", "",
+             "| run | s/iter | samples/s | vs TRL | rollout | reward | learner | weight sync | learner idle |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        sh = r.get("share", {})
+        ratio = f"{r['samples_per_s'] / base:.2f}x" if base else "-"
+        cells = [f"{100 * sh[k]:.0f}%" if k in sh else "-" for k in ("gen", "reward", "train", "sync", "learner_idle")]
+        lines.append(f"| {name} | {r['s_per_iter']:.3f} | {r['samples_per_s']:.1f} | {ratio} | " + " | ".join(cells) + " |")
+    Path(a.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""End to end through the real stack: local Ray, vLLM workers, the reward Serve app, DeepSpeed ranks
+over gloo. Three runs share the assertions (each start costs ~30 s on a 2-core box):
+
+1. `rlhf submit` (`ray job submit`) of a sync PPO job to a local cluster with the dashboard; while it
+   runs: `rlhf scale` 1 -> 2 -> 1, kill -9 of a rollout worker, `rlhf status`, Prometheus scrape.
+2. an async GRPO run whose driver is killed with SIGKILL, then `rlhf train --resume`.
+3. a reward service that cannot score: one line, non-zero exit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from cluster.run_dir import RunDir
+from contract.datasets import PromptIterator, load_prompts
+
+pytestmark = pytest.mark.slow
+VENV_BIN = str(Path(sys.executable).parent)
+PROMPTS_PER_STEP, N = 4, 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_env(**extra) -> dict:
+    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", RAY_metrics_report_interval_ms="1000", **extra)
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def rlhf(*args, timeout=180, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=cli_env(**env))
+
+
+def write_job(tmp: Path, tiny_models, name: str, run_dir: Path, **sections) -> Path:
+    prompts = tmp / "prompts.jsonl"
+    if not prompts.exists():
+        prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"red cat {i} runs"}) + "\n"
+                                   for i in range(16)))
+    tree = {
+        "name": name, "run_dir": str(run_dir),
+        "model": {"policy": str(tiny_models["policy"])},
+        "data": {"prompts": str(prompts), "prompts_per_step": PROMPTS_PER_STEP},
+        "rollout": {"num_workers": 1, "sampling": {"n": N, "max_new_tokens": 8}},
+        "reward": {"model_dir": str(tiny_models["reward"]), "http_port": free_port(), "max_retries": 1},
+        "learner": {"num_ranks": 2, "lr": 1e-3, "critic_lr": 1e-3, "ppo": {"minibatch_size": 8, "micro_batch_size": 4}},
+        "loop": {"gold_function": "reward_service.functions:colour_fraction"},
+        "ray": {"dashboard_port": free_port(), "namespace": name},
+    }
+    for section, values in sections.items():
+        tree.setdefault(section, {}).update(values)
+    path = tmp / f"{name}.yaml"
+    path.write_text(json.dumps(tree))
+    return path
+
+
+def wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read()[-3000:] if proc.stdout else ""
+            raise AssertionError(f"process ended (rc {proc.returncode}) before {what}: {out}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    return RunDir(run).read_metrics()
+
+
+def check_exactly_once(run: Path, steps: int):
+    """One Parquet file per step, each with exactly prompts x n unique samples."""
+    table = RunDir(run).read_rollouts()
+    assert sorted(set(table.column("step").to_pylist())) == list(range(steps))
+    for step in range(steps):
+        rows = table.filter(pc.equal(table.column("step"), step))
+        keys = list(zip(rows.column("prompt_id").to_pylist(), rows.column("sample_idx").to_pylist()))
+        assert len(keys) == PROMPTS_PER_STEP * N and len(set(keys)) == len(keys), (step, keys)
+    return table
+
+
+@pytest.fixture
+def local_cluster(tmp_path):
+    """A Ray head with the dashboard from `ray start --block`: stopping that process stops only this
+    cluster (never `ray stop`, which would take down every cluster on the box). Every port is picked
+    free, the dashboard agent's included: its default (52365) is taken when another cluster runs here."""
+    import ray
+
+    gcs_port, dash, metrics, agent, client = (free_port() for _ in range(5))
+    proc = subprocess.Popen(
+        [os.path.join(VENV_BIN, "ray"), "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=8",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+         f"--metrics-export-port={metrics}", f"--dashboard-agent-listen-port={agent}",
+         f"--ray-client-server-port={client}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=cli_env(), start_new_session=True)
+    try:
+        wait_for(lambda: _http_ok(f"http://127.0.0.1:{dash}/api/version"), 120, "the dashboard", proc)
+        yield {"gcs": f"{ray.util.get_node_ip_address()}:{gcs_port}", "dashboard": f"http://127.0.0.1:{dash}",
+               "metrics": metrics}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as r:
+            return r.status < 500
+    except OSError as e:
+        return getattr(e, "code", 500) < 500
+
+
+def _prometheus(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+
+def _actor_pid(dashboard: str, name: str) -> int | None:
+    r = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "list", "actors", "--address", dashboard,
+                        "--filter", f"name={name}", "--filter", "state=ALIVE", "--format", "json"],
+                       capture_output=True, text=True, timeout=60, env=cli_env(RAY_AUTH_MODE="token"))
+    rows = json.loads(r.stdout or "[]") if r.returncode == 0 else []
+    return rows[0]["pid"] if rows else None
+
+
+def _workers_from(run: Path, first_step: int) -> set[str]:
+    import pyarrow.parquet as pq
+
+    files = [f for f in (run / "rollouts").glob("step=*.parquet") if int(f.stem.split("=")[1]) >= first_step]
+    return {w for f in files for w in pq.read_table(f, columns=["worker_id"]).column("worker_id").to_pylist()}
+
+
+def test_submitted_sync_job_scales_survives_a_killed_worker_and_exports_metrics(tmp_path, tiny_models, local_cluster):
+    run = tmp_path / "run"
+    # Far more steps than the test lets it run: it ends the job with `rlhf stop` once everything happened.
+    job = write_job(tmp_path, tiny_models, "e2e-sync", run, loop={"steps": 100000})
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "submit", str(job), "--address",
+                             local_cluster["dashboard"]], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=cli_env())
+    gcs = local_cluster["gcs"]
+    try:
+        wait_for(lambda: len(metrics_rows(run)) >= 2, 300, "two steps", proc)
+        r = rlhf("scale", "--workers", "2", "--address", gcs)
+        assert r.returncode == 0, r.stderr
+        up = wait_for(lambda: next((m["step"] for m in metrics_rows(run) if m["num_workers"] == 2), None), 180,
+                      "a step with 2 workers", proc)
+        pid = wait_for(lambda: _actor_pid(local_cluster["dashboard"], "rollout-1"), 60, "rollout-1's pid")
+        os.kill(pid, signal.SIGKILL)
+        killed_at = len(metrics_rows(run))
+        wait_for(lambda: "rollout-2" in _workers_from(run, killed_at), 240, "samples from the replacement", proc)
+        text = wait_for(lambda: (t := _prometheus(local_cluster["metrics"])) and "ray_rlhf_rollout_workers" in t and t,
+                        60, "RL gauges on the Prometheus endpoint")
+        status = rlhf("status", "--address", gcs)
+        assert status.returncode == 0 and "job e2e-sync (sync): running" in status.stdout, status.stderr
+        assert rlhf("scale", "--workers", "1", "--address", gcs).returncode == 0
+        down = len(metrics_rows(run))
+        wait_for(lambda: any(m["num_workers"] == 1 for m in metrics_rows(run)[down:]), 120, "back to 1 worker", proc)
+        assert rlhf("stop", "--address", gcs).returncode == 0
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "SUCCEEDED" in out, out[-3000:]
+    for gauge in ("ray_rlhf_reward_mean", "ray_rlhf_kl", "ray_rlhf_policy_version", "ray_rlhf_weight_sync_seconds",
+                  "ray_rlhf_rollout_tokens_per_s", "ray_rlhf_gold_score", "ray_rlhf_sample_staleness"):
+        assert f"{gauge}{{" in text, gauge
+    steps = len(metrics_rows(run))
+    table = check_exactly_once(run, steps)  # across the scale-up, the kill -9 and the scale-down
+    # sync: every sample was generated by the policy of its own step, replacement worker included
+    assert table.column("policy_version").to_pylist() == table.column("step").to_pylist()
+    assert all(table.column("trained").to_pylist())
+    step_worker = list(zip(table.column("step").to_pylist(), table.column("worker_id").to_pylist()))
+    assert min(s for s, w in step_worker if w == "rollout-1") >= up
+    assert {w for s, w in step_worker if s < up} == {"rollout-0"}
+    counts = [m["num_workers"] for m in metrics_rows(run)]
+    assert counts[0] == 1 and 2 in counts and counts[-1] == 1, counts
+    assert (run / "report.png").stat().st_size > 0 and list((run / "tb").iterdir())
+    assert RunDir(run).latest_checkpoint().name == f"step={steps:06d}"  # the stop checkpointed
+
+
+def test_async_run_resumes_after_its_driver_is_killed(tmp_path, tiny_models):
+    steps, every = 12, 3
+    run = tmp_path / "run"
+    job = write_job(tmp_path, tiny_models, "e2e-async", run,
+                    loop={"steps": steps, "mode": "async", "max_staleness": 1, "checkpoint_every": every},
+                    learner={"ppo": {"algorithm": "grpo", "minibatch_size": 8, "micro_batch_size": 4}})
+    driver = subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", str(job)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=cli_env(), start_new_session=True)
+    try:
+        wait_for(lambda: (ck := RunDir(run).latest_checkpoint()) and ck.name >= f"step={2 * every:06d}", 400,
+                 "the second checkpoint", driver)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+        time.sleep(3)
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # whatever of its cluster outlived it
+        except ProcessLookupError:
+            pass
+    resume_at = int(RunDir(run).latest_checkpoint().name.removeprefix("step="))
+    assert resume_at < steps
+    r = rlhf("train", "--resume", str(run), timeout=500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {resume_at}" in r.stdout
+    assert [m["step"] for m in metrics_rows(run)] == list(range(steps))
+    table = check_exactly_once(run, steps)
+    # same data order as an uninterrupted run
+    it = PromptIterator(load_prompts(tmp_path / "prompts.jsonl"), seed=0)
+    for step in range(steps):
+        want = sorted(it.next_batch(PROMPTS_PER_STEP).column("prompt_id").to_pylist())
+        rows = table.filter(pc.equal(table.column("step"), step))
+        assert sorted(set(rows.column("prompt_id").to_pylist())) == want, step
+    # one step off: a sample is at most one version behind the learner that trained on it
+    for step, version in zip(table.column("step").to_pylist(), table.column("policy_version").to_pylist()):
+        assert version in (max(0, step - 1), step), (step, version)
+    assert all(table.column("trained").to_pylist())
+    assert json.loads((RunDir(run).latest_checkpoint() / "controller.json").read_text())["policy_version"] == steps
+
+
+def test_reward_service_that_cannot_score_fails_in_one_line(tmp_path, tiny_models):
+    job = write_job(tmp_path, tiny_models, "e2e-badreward", tmp_path / "run",
+                    reward={"model_dir": None, "functions": [{"path": "json:loads"}]})
+    r = rlhf("train", str(job), timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.strip() and "WARNING" not in line]
+    assert r.returncode != 0
+    assert lines[-1].startswith("rlhf train: failed: reward service cannot score"), r.stderr[-2000:]
