@@ -6,7 +6,7 @@ the reward Serve app, a DeepSpeed rank) through `cluster.loop.Trainer`, exactly 
 runs inside its controller. Reports seconds per iteration, samples/s, the ratio to TRL, and the
 share of wall time per stage (rollout, reward, learner, weight sync, learner idle).
 
-    python benchmarks/e2e.py [--steps 20] [--prompts 8] [--group 4] [--max-new-tokens 32] [--out FILE]
+    python -m benchmarks.e2e [--steps 20] [--prompts 8] [--group 4] [--max-new-tokens 32] [--out FILE]
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def ours(models: dict, prompts_file: str, a, mode: str, work: Path) -> dict:
     cfg = load_config(None, [], base={
         "name": f"bench-{mode}", "model": {"policy": str(models["policy"])},
         "data": {"prompts": prompts_file, "prompts_per_step": a.prompts},
-        "rollout": {"num_workers": 1, "threads_per_worker": 2,
+        "rollout": {"num_workers": a.workers, "threads_per_worker": 2 if a.workers == 1 else 1,
                     "sampling": {"n": a.group, "max_new_tokens": a.max_new_tokens}},
         "reward": {"functions": [{"path": "reward_service.functions:colour_fraction"}], "max_batch_size": batch},
         "learner": {"num_ranks": 1, "lr": 1e-3, "ppo": {"algorithm": "grpo", "kl_coef": 0.0,
@@ -109,6 +109,7 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--workers", type=int, default=1, help="rollout workers in our runs")
     p.add_argument("--skip-trl", action="store_true")
     p.add_argument("--out", default="benchmarks/RESULTS_e2e.md")
     a = p.parse_args()
@@ -128,7 +129,8 @@ def main() -> None:
     print(json.dumps(results, indent=1))
     base = results.get("TRL GRPOTrainer", {}).get("samples_per_s")
     lines = [f"## e2e: one GRPO iteration, tiny model ({a.prompts} prompts x {a.group} samples, "
-             f"{a.max_new_tokens} new tokens, {a.steps} steps, median after {WARMUP} warm-up)", "",
+             f"{a.max_new_tokens} new tokens, {a.steps} steps, median after {WARMUP} warm-up; "
+             f"ours with {a.workers} rollout worker(s))", "",
              "| run | s/iter | samples/s | vs TRL | rollout | reward | learner | weight sync | learner idle |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
