@@ -32,6 +32,7 @@ class LoopConfig(Section):
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = Field(1, ge=0, description="async: drop samples more than k versions old")
     checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
+    keep_checkpoints: int = Field(2, ge=0, description="newest checkpoints kept on disk; 0 keeps all")
     gold_function: str | None = Field(None, pattern=r"^[\w.]+:\w+$",
                                       description="module:function of a known gold score, logged beside the reward")
     timeout_s: float = Field(1800.0, gt=0, description="limit of one whole step before the job is declared stuck")

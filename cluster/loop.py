@@ -200,5 +200,6 @@ class Trainer:
         state = {"loop": asdict(self.state), "policy_version": self.parts.learner.version,
                  "prompts": self.resume_prompt_state(), "num_workers": self.parts.pool.num_workers}
         path = self.run.commit_checkpoint(staging, self.state.step, state)
+        self.run.prune_checkpoints(self.cfg.loop.keep_checkpoints)
         self.log(f"checkpoint {path}")
 

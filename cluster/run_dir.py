@@ -98,9 +98,20 @@ class RunDir:
         os.replace(staging, final)
         return final
 
-    def latest_checkpoint(self) -> Path | None:
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
         done = [p for p in (self.root / "ckpt").glob(f"{CKPT_PREFIX}*") if (p / "controller.json").is_file()]
-        return max(done, key=lambda p: int(p.name.removeprefix(CKPT_PREFIX))) if done else None
+        return sorted(done, key=lambda p: int(p.name.removeprefix(CKPT_PREFIX)))
+
+    def latest_checkpoint(self) -> Path | None:
+        done = self.checkpoints()
+        return done[-1] if done else None
+
+    def prune_checkpoints(self, keep: int) -> None:
+        """Delete all but the newest `keep` complete checkpoints (0: keep everything)."""
+        if keep > 0:
+            for old in self.checkpoints()[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
 
     def close(self) -> None:
         if self._tb is not None:

@@ -41,6 +41,8 @@ def test_checkpoint_is_invisible_until_committed_and_latest_wins(tmp_path):
     run.checkpoint_staging(12)  # a crash mid-save leaves only a hidden temp dir
     assert run.latest_checkpoint().name == "step=000008"
     assert json.loads((run.latest_checkpoint() / "controller.json").read_text())["loop"]["step"] == 8
+    run.prune_checkpoints(keep=1)
+    assert [p.name for p in run.checkpoints()] == ["step=000008"]
 
 
 def test_metrics_truncated_to_the_checkpoint_on_resume(tmp_path):
