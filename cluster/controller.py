@@ -122,7 +122,7 @@ class Controller:
         self.parts.learner.load_checkpoint(str(ckpt / "learner"))
         prompts.load_state_dict(saved["prompts"])
         state = LoopState(**saved["loop"])
-        self.run.truncate_metrics(after_step=state.step - 1)
+        self.run.truncate(after_step=state.step - 1)
         history = self.run.read_metrics()
         self.first = history[0] if history else None
         if saved.get("num_workers") and saved["num_workers"] != self.parts.pool.num_workers:

@@ -6,14 +6,13 @@ import os
 from cluster.run_dir import RunDir
 
 PANELS = [
-    ("reward", ["reward_mean", "gold_mean"]),
+    ("reward model score (proxy)", ["reward_mean"]),
+    ("gold score (when the task has one)", ["gold_mean"]),
     ("KL to reference", ["kl"]),
     ("losses", ["policy_loss", "value_loss"]),
     ("rollout tokens/s", ["rollout_tokens_per_s"]),
-    ("seconds per step", ["gen_s", "reward_s", "train_s", "sync_s"]),
-    ("weight sync s", ["sync_s"]),
+    ("seconds per step (weight sync = sync_s)", ["gen_s", "reward_s", "train_s", "sync_s"]),
 ]
-
 
 def write_report(run: RunDir) -> str | None:
     rows = run.read_metrics()

@@ -63,10 +63,14 @@ class RunDir:
             return []
         return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
-    def truncate_metrics(self, after_step: int) -> None:
-        """On resume: forget steps logged after the checkpoint, which the resumed run redoes."""
+    def truncate(self, after_step: int) -> None:
+        """On resume: forget the metrics and rollouts of steps after the checkpoint, which the
+        resumed run redoes (or, with a smaller loop.steps, never reaches)."""
         kept = [m for m in self.read_metrics() if m["step"] <= after_step]
         atomic_write_bytes(self.root / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept).encode())
+        for f in (self.root / "rollouts").glob("step=*.parquet"):
+            if int(f.stem.removeprefix("step=")) > after_step:
+                f.unlink()
 
     def rollout_path(self, step: int) -> Path:
         return self.root / "rollouts" / f"step={step:06d}.parquet"

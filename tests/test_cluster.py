@@ -45,12 +45,14 @@ def test_checkpoint_is_invisible_until_committed_and_latest_wins(tmp_path):
     assert [p.name for p in run.checkpoints()] == ["step=000008"]
 
 
-def test_metrics_truncated_to_the_checkpoint_on_resume(tmp_path):
+def test_metrics_and_rollouts_truncated_to_the_checkpoint_on_resume(tmp_path):
     run = RunDir(tmp_path).create("")
     for step in range(6):
         run.log_metrics(step, {"reward_mean": float(step)})
-    run.truncate_metrics(after_step=3)
+        run.write_rollouts(step, pa.table({"step": [step]}))
+    run.truncate(after_step=3)
     assert [m["step"] for m in run.read_metrics()] == [0, 1, 2, 3]
+    assert run.read_rollouts().column("step").to_pylist() == [0, 1, 2, 3]
     assert list((tmp_path / "tb").iterdir())  # TensorBoard events written beside the JSONL
 
 

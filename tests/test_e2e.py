@@ -199,10 +199,11 @@ def test_submitted_sync_job_scales_survives_a_killed_worker_and_exports_metrics(
 
 
 def test_async_run_resumes_after_its_driver_is_killed(tmp_path, tiny_models):
-    steps, every = 12, 3
+    every = 3
     run = tmp_path / "run"
+    # Endless until killed; the resumed run is told where to end (a resume may change loop.steps).
     job = write_job(tmp_path, tiny_models, "e2e-async", run,
-                    loop={"steps": steps, "mode": "async", "max_staleness": 1, "checkpoint_every": every},
+                    loop={"steps": 100000, "mode": "async", "max_staleness": 1, "checkpoint_every": every},
                     learner={"ppo": {"algorithm": "grpo", "minibatch_size": 8, "micro_batch_size": 4}})
     driver = subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", str(job)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=cli_env(), start_new_session=True)
@@ -218,8 +219,8 @@ def test_async_run_resumes_after_its_driver_is_killed(tmp_path, tiny_models):
         except ProcessLookupError:
             pass
     resume_at = int(RunDir(run).latest_checkpoint().name.removeprefix("step="))
-    assert resume_at < steps
-    r = rlhf("train", "--resume", str(run), timeout=500)
+    steps = resume_at + 4
+    r = rlhf("train", "--resume", str(run), f"loop.steps={steps}", timeout=500)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"at step {resume_at}" in r.stdout
     assert [m["step"] for m in metrics_rows(run)] == list(range(steps))
