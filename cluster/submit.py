@@ -22,6 +22,8 @@ from cluster.errors import UsageError
 from cluster.ray_session import use_token_auth
 
 JOB_CONFIG_NAME = "job.yaml"
+# What a head that is up but still starting answers (retried); "connection refused" is not here.
+NOT_READY = ("No available agent", "RemoteDisconnected", "Connection aborted")
 
 
 def ray_cli(*args: str) -> list[str]:
@@ -45,7 +47,8 @@ def submit_command(config: str, overrides: list[str], address: str, wait: bool =
                    agent_wait_s: float = 120.0) -> int:
     """Submit, then (unless --no-wait) follow the job's logs and exit 0 only if it SUCCEEDED.
 
-    A freshly started head answers "No available agent to submit job" for a few seconds: retried."""
+    A freshly started head answers "No available agent" or drops the connection for a few seconds:
+    retried until `agent_wait_s`."""
     load_config(config, overrides)  # a typo fails here, not minutes later on the cluster
     if not address.startswith(("http://", "https://")):
         raise UsageError(f"--address {address!r}: expected the dashboard URL, e.g. http://HEAD:8265")
@@ -61,7 +64,7 @@ def submit_command(config: str, overrides: list[str], address: str, wait: bool =
             if r.returncode == 0:
                 break
             out = r.stdout + r.stderr
-            if "No available agent" in out and time.monotonic() < deadline:
+            if any(m in out for m in NOT_READY) and time.monotonic() < deadline:
                 time.sleep(2)
                 continue
             last = [line for line in out.splitlines() if line.strip()][-1:] or ["(no output)"]
