@@ -15,6 +15,16 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """CLI code run in-process may set process-wide variables (e.g. RAY_AUTH_MODE=token before
+    attaching to a cluster); one test's environment must not leak into the next test's Ray start."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     from cluster.tiny_models import make_tiny_models
