@@ -22,17 +22,6 @@ import ray
 
 from contract.weights import GroupAddress
 from cluster.errors import one_line
-from cluster.ray_session import port_free
-
-def free_port(host: str = "127.0.0.1") -> int:
-    import socket
-
-    while True:
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port_free(host, port):
-            return port
 
 
 class WeightSync:
@@ -89,8 +78,8 @@ class WeightSync:
         ray.get(futures, timeout=self.timeout_s)
 
     def _form_group(self, handles: list) -> None:
-        host = ray.util.get_node_ip_address()
-        addr = GroupAddress(host=host, port=free_port(host), world_size=1 + len(handles),
+        host, port = self.learner.weight_group_endpoint()
+        addr = GroupAddress(host=host, port=port, world_size=1 + len(handles),
                             name=f"wsync-{uuid.uuid4().hex[:12]}", backend=self.backend,
                             timeout_s=self.timeout_s)
         futures = [self.learner.join_weight_group(addr)]

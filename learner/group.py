@@ -76,7 +76,7 @@ class LearnerGroup:
             .remote(r, cfg.model_dump_json(), policy_dir, critic_dir or cfg.critic_model, device.kind, seed)
             for r in range(cfg.num_ranks)]
         try:
-            host, port = wait_all([self._ranks[0].master_address.remote()], cfg.init_timeout_s, "start")[0]
+            host, port = wait_all([self._ranks[0].endpoint.remote(cfg.num_ranks == 1)], cfg.init_timeout_s, "start")[0]
             self._all("setup", host, port, timeout_s=cfg.init_timeout_s, what="DeepSpeed init")
             self._manifest: WeightManifest = self._one("manifest", timeout_s=cfg.init_timeout_s)
         except Exception:
@@ -106,6 +106,11 @@ class LearnerGroup:
 
     def weight_manifest(self) -> WeightManifest:
         return self._manifest
+
+    def weight_group_endpoint(self) -> tuple[str, int]:
+        """Where the weight-sync group meets: rank 0 hosts its store, so rank 0's node address and a
+        port free there (the controller's node would be wrong on a multi-node cluster)."""
+        return self._one("endpoint", False, timeout_s=self.cfg.init_timeout_s)
 
     def join_weight_group(self, addr: GroupAddress) -> ray.ObjectRef:
         """Rank 0 joins as group rank 0; the caller awaits this together with the workers' joins."""

@@ -40,10 +40,13 @@ class LearnerRank:
         self.policy_dir, self.critic_dir, self.device, self.seed = policy_dir, critic_dir, device, seed
         self.weight_group = None
 
-    def master_address(self) -> tuple[str, int]:
+    def endpoint(self, local_only: bool) -> tuple[str, int]:
+        """(address peers reach this rank's node at, a free port there), for a rendezvous store this
+        rank hosts: the DeepSpeed group's, and the weight-sync group's (whose peers may be rollout
+        workers on other nodes)."""
         import ray
 
-        host = ray.util.get_node_ip_address() if self.world > 1 else "127.0.0.1"
+        host = "127.0.0.1" if local_only else ray.util.get_node_ip_address()
         with socket.socket() as s:
             s.bind(("", 0))
             return host, s.getsockname()[1]
