@@ -37,10 +37,6 @@ class ExperienceError(ValueError):
     """An experience table that must not be trained on; the message names the column and rows."""
 
 
-def empty_rollout_batch() -> pa.RecordBatch:
-    return pa.RecordBatch.from_pylist([], schema=ROLLOUT_SCHEMA)
-
-
 def rollout_batch(rows: list[dict]) -> pa.RecordBatch:
     """Build a RecordBatch in ROLLOUT_SCHEMA from row dicts (raises on a missing/mistyped field)."""
     return pa.RecordBatch.from_pylist(rows, schema=ROLLOUT_SCHEMA)
