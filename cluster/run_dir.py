@@ -20,6 +20,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from contract.atomic_dir import replace_dir
+
 CKPT_PREFIX = "step="
 
 
@@ -97,9 +99,7 @@ class RunDir:
     def commit_checkpoint(self, staging: Path, step: int, state: dict) -> Path:
         atomic_write_bytes(staging / "controller.json", json.dumps(state, indent=1).encode())
         final = self.root / "ckpt" / f"{CKPT_PREFIX}{step:06d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
+        replace_dir(staging, final)
         return final
 
     def checkpoints(self) -> list[Path]:

@@ -10,6 +10,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from contract.atomic_dir import replace_dir
 from reward_service.functions import COLOURS, FILLER
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -88,8 +89,5 @@ def make_tiny_models(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> 
         tmp = paths[name].with_name(paths[name].name + ".tmp")
         build().save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if paths[name].exists():
-            import shutil
-            shutil.rmtree(paths[name])
-        tmp.rename(paths[name])
+        replace_dir(tmp, paths[name])
     return paths

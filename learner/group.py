@@ -18,6 +18,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from contract.atomic_dir import replace_dir
 from contract.devices import DeviceProfile
 from contract.weights import GroupAddress, WeightManifest
 from learner.batch import prepare
@@ -143,11 +144,7 @@ class LearnerGroup:
         try:
             self._all("save_checkpoint", str(tmp), self.version, timeout_s=self.cfg.sync_timeout_s,
                       what="save_checkpoint")
-            if final.exists():
-                old = final.with_name(f"{final.name}.old-{uuid.uuid4().hex[:8]}")
-                final.rename(old)
-                shutil.rmtree(old)
-            tmp.rename(final)
+            replace_dir(tmp, final)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from contract.atomic_dir import replace_dir
 from contract.config_base import ConfigError
 from contract.datasets import load_labels, load_preferences
 from reward_service.config import RewardModelTrainConfig
@@ -85,12 +86,7 @@ def _save_atomically(model, tok, output_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    old = output_dir.with_name(output_dir.name + ".old")
-    if output_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        output_dir.rename(old)
-    tmp.rename(output_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, output_dir)
 
 
 def train_reward_model(cfg: RewardModelTrainConfig) -> dict:
