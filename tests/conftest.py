@@ -13,6 +13,13 @@ import pytest
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray reads the auth mode once per process (its cached RayConfig, filled when test modules import
+# ray at collection), while the clusters it spawns read the environment. In-process CLI code
+# (`cluster.cli.main`) sets RAY_AUTH_MODE=token when a token file exists, and a module-scoped
+# fixture's change outlives `_restore_environ`: `ray_local` then started a token-auth GCS that this
+# process, still 'disabled', could not talk to (InvalidAuthToken). Deciding before ray is imported,
+# as the CLI does and as Ray defaults to for new local clusters, keeps the two in agreement.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 @pytest.fixture(autouse=True)
