@@ -14,8 +14,8 @@ import ray
 
 from actors.config import RolloutConfig, SamplingConfig
 from contract.devices import DeviceProfile
-from contract.weights import (GroupAddress, StaleVersionError, WeightManifest, check_version, join_group,
-                              leave_group, receive_weights)
+from contract.weights import (GroupAddress, PackedStateDict, StaleVersionError, WeightManifest, check_version,
+                              join_group, leave_group, receive_weights)
 
 
 class WorkerState:
@@ -46,10 +46,10 @@ class WorkerState:
         self._tokens += sum(len(r) for r in batch.column("response_ids").to_pylist())
         return batch
 
-    def update_weights(self, version: int, weights) -> int:
-        """Object-store transport: `weights` is a dict name -> tensor (HF names)."""
+    def update_weights(self, version: int, weights: PackedStateDict) -> int:
+        """Object-store transport: `weights` (HF names) maps from shared memory without a copy."""
         if check_version(self.version, version):
-            self.engine.load_weights(iter(weights.items()))
+            self.engine.load_weights(weights.tensors())
             self.version = version
         return self.version
 

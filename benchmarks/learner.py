@@ -142,7 +142,7 @@ class Peer:
         return sum(t.numel() * t.element_size() for _, t in receive_weights(self.group, manifest))
 
     def fetch(self, wrapped: list) -> int:
-        return sum(t.numel() * t.element_size() for t in ray.get(wrapped[0], timeout=600).values())
+        return sum(t.numel() * t.element_size() for _, t in ray.get(wrapped[0], timeout=600).tensors())
 
     def raw(self, numel: int, rank: int) -> int:
         """Raw baseline: one flat fp32 buffer, allocated before the clock starts on the caller's side."""
@@ -206,7 +206,7 @@ def bench_publish(size: str, reps: int) -> list[str]:
             f"{gb / raw:.2f} GB/s | 1.00x |",
             f"| | LearnerGroup broadcast (bucketed, incl. ray calls) | {bcast:.2f} s | {gb / bcast:.2f} GB/s | "
             f"{raw / bcast:.2f}x |",
-            f"| | LearnerGroup object store (clone + ray.put + worker ray.get) | {store:.2f} s | "
+            f"| | LearnerGroup object store (ray.put + worker ray.get, zero-copy) | {store:.2f} s | "
             f"{gb / store:.2f} GB/s | {raw / store:.2f}x |"]
 
 

@@ -32,7 +32,7 @@ from actors.engine import prompt_seed, sampling_params  # noqa: E402
 from actors.pool import RolloutPool  # noqa: E402
 from actors.worker import WorkerState  # noqa: E402
 from cluster.tiny_models import make_tiny_models  # noqa: E402
-from contract.weights import GroupAddress, join_group, leave_group, make_manifest, send_weights, specs_of  # noqa: E402
+from contract.weights import GroupAddress, PackedStateDict, join_group, leave_group, make_manifest, send_weights, specs_of  # noqa: E402
 
 SAMPLING = SamplingConfig(max_new_tokens=64, n=1, seed=0, temperature=1.0)
 N_PROMPTS = 32
@@ -132,7 +132,7 @@ class Publisher:
         return make_manifest(specs_of(self.tensors.items()))
 
     def state(self):
-        return self.tensors
+        return PackedStateDict.pack(self.tensors)
 
     def send(self, addr: GroupAddress, manifest) -> float:
         self.group = join_group(addr, 0)

@@ -9,15 +9,17 @@ Transports:
     sender and receivers agree on a `WeightManifest` (names, shapes, dtypes, bucket plan) first,
     then tensors travel as a few large flat buckets (flat buckets beat per-tensor sends ~2x).
     The group is re-formed under a new name whenever the worker set changes.
-  * object store: one `ray.put` of the state dict; each worker fetches it.
+  * object store: one `ray.put` of a `PackedStateDict`; each worker fetches it.
 Every rendezvous and collective carries a timeout: a dead peer becomes an error, never a hang.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -84,6 +86,33 @@ def make_manifest(specs: Iterable[TensorSpec], bucket_bytes: int = 256 << 20) ->
 
 def specs_of(named: Iterable[tuple[str, torch.Tensor]]) -> list[TensorSpec]:
     return [TensorSpec(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in named]
+
+
+@dataclass(frozen=True)
+class PackedStateDict:
+    """A state dict laid out for the Ray object store: one raw byte array per tensor.
+
+    Ray writes numpy arrays straight into shared memory on `ray.put` and maps them without a copy
+    on a same-node `ray.get`, whereas torch tensors are pickled (a clone, a serialise and a
+    deserialise: 0.17-0.27x of a raw broadcast). Bytes rather than typed arrays because numpy has
+    no bfloat16; each tensor's spec travels beside it."""
+
+    specs: tuple[TensorSpec, ...]
+    arrays: tuple[np.ndarray, ...]
+
+    @classmethod
+    def pack(cls, tensors: dict[str, torch.Tensor]) -> PackedStateDict:
+        """Views, not copies (for contiguous CPU tensors): `ray.put` makes the one copy."""
+        items = [(n, t.detach().cpu().contiguous()) for n, t in tensors.items()]
+        return cls(tuple(specs_of(items)), tuple(t.reshape(-1).view(torch.uint8).numpy() for _, t in items))
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) views over the arrays; read-only when fetched from the object store, which is
+        fine for loaders that copy into their own parameters."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            for s, a in zip(self.specs, self.arrays):
+                yield s.name, torch.from_numpy(a).view(s.torch_dtype).view(s.shape)
 
 
 @dataclass(frozen=True)

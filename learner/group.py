@@ -129,7 +129,7 @@ class LearnerGroup:
         wait_all([self._ranks[0].leave_weight_group.remote()], self.cfg.sync_timeout_s, "leave_weight_group")
 
     def publish_object_store(self) -> tuple[int, ray.ObjectRef]:
-        """(version, ref to the full HF-named state dict), one ray.put on rank 0."""
+        """(version, ref to the full HF-named state dict as a `PackedStateDict`), one ray.put on rank 0."""
         wrapped = self._all("put_state_dict", timeout_s=self.cfg.sync_timeout_s, what="publish_object_store")[0]
         return self.version, wrapped[0]
 

@@ -202,12 +202,14 @@ class LearnerRank:
         return version
 
     def put_state_dict(self) -> list | None:
-        """Rank 0: one ray.put of the full state dict, returned wrapped in a list (so the caller gets
-        the ref itself, not its value)."""
+        """Rank 0: one ray.put of the full state dict as a `PackedStateDict` (the put is the only
+        copy), returned wrapped in a list so the caller gets the ref itself, not its value."""
         import ray
 
+        from contract.weights import PackedStateDict
+
         with self._gathered(self.actor) as sd:
-            return None if sd is None else [ray.put({n: t.clone() for n, t in sd.items()})]
+            return None if sd is None else [ray.put(PackedStateDict.pack(sd))]
 
     # ---- checkpoints (collective; `path` is a fresh temp dir the controller renames) ------------
 

@@ -46,7 +46,7 @@ def make_group(tiny_models, **kw) -> LearnerGroup:
 def params(group: LearnerGroup) -> dict[str, torch.Tensor]:
     import ray
 
-    return ray.get(group.publish_object_store()[1], timeout=60)
+    return dict(ray.get(group.publish_object_store()[1], timeout=60).tensors())
 
 
 # ---- bad input --------------------------------------------------------------------------------

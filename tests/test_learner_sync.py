@@ -55,7 +55,7 @@ class Engine:
         return self._reload([(n, t.clone()) for n, t in receive_weights(self.group, manifest)], version)
 
     def load_state_dict(self, wrapped: list, version: int) -> int:
-        return self._reload(list(ray.get(wrapped[0], timeout=60).items()), version)
+        return self._reload(list(ray.get(wrapped[0], timeout=60).tensors()), version)
 
     def logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
         from vllm import SamplingParams, TokensPrompt
@@ -66,11 +66,11 @@ class Engine:
         return [plp[len(prompt) + i][tok].logprob for i, tok in enumerate(response)]
 
 
-def hf_logprobs(policy_dir, state_dict) -> list[float]:
+def hf_logprobs(policy_dir, packed) -> list[float]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
-    model.load_state_dict(state_dict)
+    model.load_state_dict(dict(packed.tensors()))
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([PROMPT + RESPONSE])).logits[0]
     lp = torch.log_softmax(logits.float(), -1)
@@ -105,7 +105,7 @@ def test_published_weights_give_the_engine_the_learners_logprobs(tiny_models, en
         addr = GroupAddress("127.0.0.1", free_port(), 2, f"learner-test-{uuid.uuid4().hex[:6]}", timeout_s=60)
         ray.get([group.join_weight_group(addr), engine.join.remote(addr, 1)], timeout=120)
         manifest = group.weight_manifest()
-        assert {s.name for s in manifest.specs} == set(ray.get(ref0, timeout=60))
+        assert manifest.specs == ray.get(ref0, timeout=60).specs
         sent, got_version = ray.get([group.broadcast_weights(), engine.receive.remote(manifest, group.version)],
                                     timeout=120)
         assert sent == got_version == group.version == 1

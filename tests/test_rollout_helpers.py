@@ -7,7 +7,7 @@ import ray
 import torch
 
 from actors.config import EngineConfig, RolloutConfig, SamplingConfig
-from contract.weights import join_group, leave_group, make_manifest, send_weights, specs_of
+from contract.weights import PackedStateDict, join_group, leave_group, make_manifest, send_weights, specs_of
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12, n=1)
 
@@ -44,6 +44,11 @@ def hf_state(model_dir, perturb_seed: int | None = None) -> dict[str, torch.Tens
         g = torch.Generator().manual_seed(perturb_seed)
         sd = {k: v + 0.5 * torch.randn(v.shape, generator=g) for k, v in sd.items()}
     return {k: v.contiguous() for k, v in sd.items()}
+
+
+def put_state(model_dir, perturb_seed: int | None = None) -> ray.ObjectRef:
+    """What the learner publishes on the object-store transport, for these weights."""
+    return ray.put(PackedStateDict.pack(hf_state(model_dir, perturb_seed)))
 
 
 @ray.remote(num_cpus=0)

@@ -11,7 +11,7 @@ from actors.pool import RolloutPool
 from actors.prompts import PromptError
 from contract.devices import DeviceProfile
 from contract.experience import check_lengths
-from test_rollout_helpers import hf_state, keys, prompts, rollout_cfg
+from test_rollout_helpers import keys, prompts, put_state, rollout_cfg
 
 LONG = SamplingConfig(max_new_tokens=48, n=4, seed=0)  # enough work (~12k tokens) to act mid-run
 
@@ -64,7 +64,7 @@ def test_bad_input_fails_fast_through_the_pool(pool):
 def test_add_and_remove_workers_while_generating(pool, tiny_models, published):
     """Generations keep running in a thread while a third worker joins and one leaves; each table is
     exactly once, and the new worker starts on the current published version."""
-    published["current"] = (3, ray.put(hf_state(tiny_models["policy"])))
+    published["current"] = (3, put_state(tiny_models["policy"]))
     pool.update_weights(3, published["current"][1])
     epoch0 = pool.membership_epoch
     tables, errors, stop = [], [], threading.Event()

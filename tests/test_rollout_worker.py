@@ -10,7 +10,7 @@ from actors.worker import RolloutWorker
 from contract.devices import DeviceProfile
 from contract.experience import ROLLOUT_SCHEMA, check_lengths
 from contract.weights import GroupAddress, StaleVersionError
-from test_rollout_helpers import GREEDY, free_port, hf_state, keys, prompts, rollout_cfg, start_sender
+from test_rollout_helpers import GREEDY, free_port, keys, prompts, put_state, rollout_cfg, start_sender
 
 TIMEOUT = 120
 
@@ -77,14 +77,14 @@ def test_logprobs_match_a_transformers_forward(worker, tiny_models):
 def test_object_store_update_changes_outputs_and_restore_reproduces_them(worker, tiny_models):
     table = prompts(4)
     before = greedy(worker, table)
-    assert ray.get(worker.update_weights.remote(1, ray.put(hf_state(tiny_models["policy"], perturb_seed=1))),
+    assert ray.get(worker.update_weights.remote(1, put_state(tiny_models["policy"], perturb_seed=1)),
                    timeout=TIMEOUT) == 1
     perturbed = gen(worker, table, GREEDY)
     assert perturbed["response_ids"].to_pylist() != before
     assert set(perturbed["policy_version"].to_pylist()) == {1}
     with pytest.raises(StaleVersionError, match="older than the current version 1"):
-        ray.get(worker.update_weights.remote(0, ray.put(hf_state(tiny_models["policy"]))), timeout=TIMEOUT)
-    assert ray.get(worker.update_weights.remote(2, ray.put(hf_state(tiny_models["policy"]))), timeout=TIMEOUT) == 2
+        ray.get(worker.update_weights.remote(0, put_state(tiny_models["policy"])), timeout=TIMEOUT)
+    assert ray.get(worker.update_weights.remote(2, put_state(tiny_models["policy"])), timeout=TIMEOUT) == 2
     assert greedy(worker, table) == before
 
 
@@ -94,9 +94,9 @@ def test_broadcast_from_a_real_sender_matches_the_object_store_path(worker, tiny
     policy = str(tiny_models["policy"])
     table = prompts(4)
     version = ray.get(worker.ping.remote(), timeout=TIMEOUT)["version"]
-    ray.get(worker.update_weights.remote(version + 1, ray.put(hf_state(policy, perturb_seed=5))), timeout=TIMEOUT)
+    ray.get(worker.update_weights.remote(version + 1, put_state(policy, perturb_seed=5)), timeout=TIMEOUT)
     want_perturbed = greedy(worker, table)
-    ray.get(worker.update_weights.remote(version + 2, ray.put(hf_state(policy))), timeout=TIMEOUT)
+    ray.get(worker.update_weights.remote(version + 2, put_state(policy)), timeout=TIMEOUT)
     want_original = greedy(worker, table)
     assert want_perturbed != want_original
 

@@ -6,8 +6,8 @@ import socket
 import pytest
 import torch
 
-from contract.weights import (GroupAddress, StaleVersionError, TensorSpec, check_version, join_group, leave_group,
-                              make_manifest, receive_weights, send_weights, specs_of)
+from contract.weights import (GroupAddress, PackedStateDict, StaleVersionError, TensorSpec, check_version, join_group,
+                              leave_group, make_manifest, receive_weights, send_weights, specs_of)
 
 
 def free_port():
@@ -24,6 +24,21 @@ def test_bucket_plan_respects_size_and_dtype():
     assert m.total_bytes == 4 * 131 + 2 * 5
     for b in m.buckets:
         assert len({specs[i].dtype for i in b}) == 1
+
+
+def test_packed_state_dict_round_trips_through_the_object_store(ray_local):
+    """Every dtype the learner publishes (bf16 has no numpy twin), scalars and transposed views come
+    back bit-exact, and a same-node fetch maps shared memory instead of copying it."""
+    g = torch.Generator().manual_seed(0)
+    sent = {"w": torch.randn(6, 4, generator=g).t(), "b16": torch.randn(7, generator=g).to(torch.bfloat16),
+            "scale": torch.tensor(0.5), "ids": torch.arange(5)}
+    packed = ray_local.get(ray_local.put(PackedStateDict.pack(sent)), timeout=60)
+    got = dict(packed.tensors())
+    assert list(got) == list(sent)
+    for name, t in sent.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape
+        assert torch.equal(got[name], t), name
+    assert not any(a.flags.writeable or a.flags.owndata for a in packed.arrays)  # views of the object store
 
 
 def test_version_rule():
