@@ -71,7 +71,8 @@ def plain_ppo_step(cfg: LearnerConfig, models: dict, opts: dict, b) -> None:
     """The same update as learner/rank.py without DeepSpeed: one process, torch AdamW, clipping."""
     p = cfg.ppo
     micro = [b.rows(slice(s, s + p.micro_batch_size)) for s in range(0, len(b), p.micro_batch_size)]
-    old = torch.cat([alg.response_logprobs(models["policy"], mb) for mb in micro])
+    old = None if alg.old_is_first_forward(p, len(b)) else torch.cat(
+        [alg.response_logprobs(models["policy"], mb) for mb in micro])
     ref = torch.cat([alg.response_logprobs(models["ref"], mb) for mb in micro])
     with torch.no_grad():
         values = torch.cat([alg.critic_values(models["critic"], mb) for mb in micro])

@@ -46,9 +46,10 @@ def response_logprobs(model, mb: Batch) -> torch.Tensor:
 
 @dataclass
 class Targets:
-    """Per-token tensors fixed for the whole update (all [B, T])."""
+    """Per-token tensors fixed for the whole update (all [B, T]). `old_logprobs` None: the update is
+    one optimizer step, whose own forward (detached) gives them (see `old_is_first_forward`)."""
 
-    old_logprobs: torch.Tensor
+    old_logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor | None
     old_values: torch.Tensor | None
     advantages: torch.Tensor
@@ -62,22 +63,31 @@ class Targets:
 def kl_as_reward(cfg: PPOConfig) -> bool:
     """Token-reward algorithms (PPO, REINFORCE++) fold the KL into the reward when asked; GRPO and
     RLOO (sequence advantages) always use it as a loss term, as the GRPO paper does."""
-    return cfg.kl_in_reward and cfg.algorithm in ("ppo", "reinforce_pp")
+    return cfg.kl_in_reward and cfg.algorithm in ("ppo", "reinforce_pp") and cfg.kl_coef > 0
 
 
-def compute_targets(cfg: PPOConfig, b: Batch, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
+def old_is_first_forward(cfg: PPOConfig, batch_rows: int) -> bool:
+    """One epoch of one minibatch is one optimizer step: the "old" policy is the current one, so
+    the old logprobs are the update's own forward, detached, and the separate no-grad pass (a
+    third of the step's compute) is skipped, as TRL does for one iteration. Not when the KL
+    shapes the reward: those advantages need the old logprobs before the update starts."""
+    return cfg.epochs == 1 and batch_rows <= cfg.minibatch_size and not kl_as_reward(cfg)
+
+
+def compute_targets(cfg: PPOConfig, b: Batch, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
                     values: torch.Tensor | None) -> Targets:
     mask = b.mask
-    kl = torch.zeros_like(old_logp) if ref_logp is None else pm.kl_estimate(old_logp, ref_logp, cfg.kl_estimator)
-    kl_coef = cfg.kl_coef if kl_as_reward(cfg) else 0.0
     returns = None
+    if cfg.algorithm in ("ppo", "reinforce_pp"):
+        shaped = kl_as_reward(cfg) and ref_logp is not None
+        kl = pm.kl_estimate(old_logp, ref_logp, cfg.kl_estimator) if shaped else torch.zeros(mask.shape)
+        rewards = pm.kl_shaped_rewards(b.score, kl, mask, cfg.kl_coef if shaped else 0.0)
     if cfg.algorithm == "ppo":
-        rewards = pm.kl_shaped_rewards(b.score, kl, mask, kl_coef)
         adv, returns = pm.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             adv = pm.masked_whiten(adv, mask)
     elif cfg.algorithm == "reinforce_pp":
-        adv = pm.reinforce_pp_advantages(pm.kl_shaped_rewards(b.score, kl, mask, kl_coef), mask, cfg.gamma)
+        adv = pm.reinforce_pp_advantages(rewards, mask, cfg.gamma)
     elif cfg.algorithm == "grpo":
         adv = pm.grpo_advantages(b.score, b.group).unsqueeze(1) * mask
     else:
@@ -92,16 +102,20 @@ def sample_weights(mb: Batch, minibatch_real: float) -> torch.Tensor:
 def actor_loss(cfg: PPOConfig, logits: torch.Tensor, mb: Batch, tg: Targets, w: torch.Tensor
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """sum_i w_i * token-mean(policy loss - c_ent * entropy + beta * KL-loss term); returns the loss and
-    per-sample metrics (already weighted by `real`, to be summed)."""
+    per-sample metrics (already weighted by `real`, to be summed): the KL to the reference and the
+    rollout engine's logprob gap are measured on the old policy."""
     logp = pm.token_logprobs(logits, mb.response_ids)
-    pl, clipped, approx_kl = pm.policy_loss(logp, tg.old_logprobs, tg.advantages, cfg.clip, cfg.dual_clip)
+    old = logp.detach() if tg.old_logprobs is None else tg.old_logprobs
+    pl, clipped, approx_kl = pm.policy_loss(logp, old, tg.advantages, cfg.clip, cfg.dual_clip)
     ent = pm.entropy_from_logits(logits if cfg.entropy_coef > 0 else logits.detach())
     per_token = pl - cfg.entropy_coef * ent
     if tg.ref_logprobs is not None and not kl_as_reward(cfg) and cfg.kl_coef > 0:
         per_token = per_token + cfg.kl_coef * pm.kl_estimate(logp, tg.ref_logprobs, cfg.kl_estimator)
     per_sample = pm.seq_mean_token_mean(per_token, mb.mask)
+    kl = torch.zeros_like(old) if tg.ref_logprobs is None else pm.kl_estimate(old, tg.ref_logprobs, cfg.kl_estimator)
     m = {name: pm.seq_mean_token_mean(x.detach(), mb.mask) * mb.real
-         for name, x in (("policy_loss", pl), ("clip_frac", clipped), ("approx_kl", approx_kl), ("entropy", ent))}
+         for name, x in (("policy_loss", pl), ("clip_frac", clipped), ("approx_kl", approx_kl), ("entropy", ent),
+                         ("kl", kl), ("logprob_gap", (mb.rollout_logprobs - old).abs()))}
     return (w * per_sample).sum(), m
 
 

@@ -90,12 +90,15 @@ class LearnerRank:
 
     @torch.no_grad()
     def _targets(self, b: Batch) -> alg.Targets:
-        """Old logprobs, reference logprobs and values on this rank's shard, gathered to the full batch."""
+        """Old logprobs (unless the update's first forward gives them), reference logprobs and values
+        on this rank's shard, gathered to the full batch."""
         micro, shard = self.cfg.ppo.micro_batch_size, len(b) // self.world
         outs: dict[str, list[torch.Tensor]] = {"old": [], "ref": [], "val": []}
+        need_old = not alg.old_is_first_forward(self.cfg.ppo, len(b))
         for start in range(self.rank * shard, (self.rank + 1) * shard, micro):
             mb = self._to_device(b.rows(slice(start, start + micro)))
-            outs["old"].append(alg.response_logprobs(self.actor, mb))
+            if need_old:
+                outs["old"].append(alg.response_logprobs(self.actor, mb))
             if self.ref is not None:
                 outs["ref"].append(alg.response_logprobs(self.ref, mb))
             if self.critic is not None:
@@ -124,11 +127,9 @@ class LearnerRank:
         names = sorted(sums)
         totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in names])
         dist.all_reduce(totals)
+        # logprob_gap (rollout engine vs learner on the same tokens) is a health signal: dtype,
+        # kernels or stale weights show up there first.
         metrics = {k: float(v) / (n_real * p.epochs) for k, v in zip(names, totals)}
-        metrics["kl"] = 0.0 if tg.ref_logprobs is None else float(
-            alg.pm.masked_mean(alg.pm.kl_estimate(tg.old_logprobs, tg.ref_logprobs, p.kl_estimator), b.mask))
-        # Rollout engine vs learner on the same tokens: a health signal (dtype, kernels, stale weights).
-        metrics["logprob_gap"] = float(alg.pm.masked_mean((b.rollout_logprobs - tg.old_logprobs).abs(), b.mask))
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["step_s"] = time.time() - t0
         metrics.setdefault("value_loss", 0.0)

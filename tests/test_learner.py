@@ -10,7 +10,7 @@ import torch
 from contract.devices import DeviceProfile
 from contract.experience import EXPERIENCE_SCHEMA, ExperienceError
 from learner.batch import prepare
-from learner.config import LearnerConfig
+from learner.config import LearnerConfig, PPOConfig
 from learner.group import LearnerGroup
 
 CPU = DeviceProfile("cpu")
@@ -80,6 +80,40 @@ def test_invalid_rewards_are_dropped_and_batch_padded_weightless():
         p = int(b.prompt_lens[i])
         n = int(b.mask[i].sum())
         assert torch.equal(b.input_ids[i, p:p + n], b.response_ids[i, :n])
+
+
+def test_one_step_update_reuses_its_own_forward_as_the_old_policy(tiny_models):
+    """When an update is one optimizer step (one epoch, one minibatch) and the KL does not shape the
+    reward, the learner skips the no-grad old-logprob pass: the loss, its gradient and the metrics
+    must equal those computed with that pass."""
+    from transformers import AutoModelForCausalLM
+
+    from learner import algorithm as alg
+
+    cfg = PPOConfig(algorithm="grpo", kl_coef=0.05, minibatch_size=16, micro_batch_size=16)
+    assert alg.old_is_first_forward(cfg, 16)
+    assert not alg.old_is_first_forward(cfg, 32)  # two minibatches: the second needs the old policy
+    assert not alg.old_is_first_forward(cfg.model_copy(update={"epochs": 2}), 16)
+    assert not alg.old_is_first_forward(cfg.model_copy(update={"algorithm": "ppo"}), 16)  # KL-shaped reward
+    assert alg.old_is_first_forward(cfg.model_copy(update={"algorithm": "ppo", "kl_coef": 0.0}), 16)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], dtype=torch.float32)
+    b = prepare(experience_table(n=16), 0, 0, 16).batch
+    ref = alg.response_logprobs(model, b) + 0.1 * torch.randn(b.mask.shape, generator=torch.Generator().manual_seed(0))
+    results = []
+    for old in (alg.response_logprobs(model, b), None):
+        model.zero_grad()
+        tg = alg.compute_targets(cfg, b, old, ref, None)
+        loss, metrics = alg.actor_loss(cfg, alg.policy_logits(model, b), b, tg, alg.sample_weights(b, 16.0))
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()], metrics))
+    (loss_a, grads_a, m_a), (loss_b, grads_b, m_b) = results
+    assert loss_b == pytest.approx(loss_a, abs=1e-7)
+    for ga, gb in zip(grads_a, grads_b):
+        torch.testing.assert_close(gb, ga, rtol=0, atol=1e-7)
+    for name in m_a:
+        torch.testing.assert_close(m_b[name], m_a[name], rtol=0, atol=1e-7, msg=name)
+    assert m_b["kl"].sum() > 0 and m_b["logprob_gap"].sum() > 0  # measured, not defaulted
 
 
 # ---- DeepSpeed ranks --------------------------------------------------------------------------
