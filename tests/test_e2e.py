@@ -1,10 +1,12 @@
 """End to end through the real stack: local Ray, vLLM workers, the reward Serve app, DeepSpeed ranks
-over gloo. Three runs share the assertions (each start costs ~30 s on a 2-core box):
+over gloo. Four runs share the assertions (each start costs ~30 s on a 2-core box):
 
 1. `rlhf submit` (`ray job submit`) of a sync PPO job to a local cluster with the dashboard; while it
    runs: `rlhf scale` 1 -> 2 -> 1, kill -9 of a rollout worker, `rlhf status`, Prometheus scrape.
 2. an async GRPO run whose driver is killed with SIGKILL, then `rlhf train --resume`.
-3. a reward service that cannot score: one line, non-zero exit.
+3. a sync GRPO run one of whose learner ranks is killed with SIGKILL: the job stops in one line
+   naming the resume command, then `rlhf train --resume`.
+4. a reward service that cannot score: one line, non-zero exit.
 """
 from __future__ import annotations
 
@@ -94,6 +96,27 @@ def check_exactly_once(run: Path, steps: int):
         keys = list(zip(rows.column("prompt_id").to_pylist(), rows.column("sample_idx").to_pylist()))
         assert len(keys) == PROMPTS_PER_STEP * N and len(set(keys)) == len(keys), (step, keys)
     return table
+
+
+def check_data_order(prompts: Path, table, steps: int) -> None:
+    """Each step's prompts are those an uninterrupted run would have drawn at that step."""
+    it = PromptIterator(load_prompts(prompts), seed=0)
+    for step in range(steps):
+        want = sorted(it.next_batch(PROMPTS_PER_STEP).column("prompt_id").to_pylist())
+        rows = table.filter(pc.equal(table.column("step"), step))
+        assert sorted(set(rows.column("prompt_id").to_pylist())) == want, step
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a driver started with start_new_session=True and whatever of its cluster outlived it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(30)
+    time.sleep(3)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture
@@ -211,13 +234,7 @@ def test_async_run_resumes_after_its_driver_is_killed(tmp_path, tiny_models):
         wait_for(lambda: (ck := RunDir(run).latest_checkpoint()) and ck.name >= f"step={2 * every:06d}", 400,
                  "the second checkpoint", driver)
     finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(30)
-        time.sleep(3)
-        try:
-            os.killpg(driver.pid, signal.SIGKILL)  # whatever of its cluster outlived it
-        except ProcessLookupError:
-            pass
+        kill_session(driver)
     resume_at = int(RunDir(run).latest_checkpoint().name.removeprefix("step="))
     steps = resume_at + 4
     r = rlhf("train", "--resume", str(run), f"loop.steps={steps}", timeout=500)
@@ -225,16 +242,63 @@ def test_async_run_resumes_after_its_driver_is_killed(tmp_path, tiny_models):
     assert f"at step {resume_at}" in r.stdout
     assert [m["step"] for m in metrics_rows(run)] == list(range(steps))
     table = check_exactly_once(run, steps)
-    # same data order as an uninterrupted run
-    it = PromptIterator(load_prompts(tmp_path / "prompts.jsonl"), seed=0)
-    for step in range(steps):
-        want = sorted(it.next_batch(PROMPTS_PER_STEP).column("prompt_id").to_pylist())
-        rows = table.filter(pc.equal(table.column("step"), step))
-        assert sorted(set(rows.column("prompt_id").to_pylist())) == want, step
+    check_data_order(tmp_path / "prompts.jsonl", table, steps)  # same order as an uninterrupted run
     # one step off: a sample is at most one version behind the learner that trained on it
     for step, version in zip(table.column("step").to_pylist(), table.column("policy_version").to_pylist()):
         assert version in (max(0, step - 1), step), (step, version)
     assert all(table.column("trained").to_pylist())
+    assert json.loads((RunDir(run).latest_checkpoint() / "controller.json").read_text())["policy_version"] == steps
+
+
+def test_a_killed_learner_rank_stops_the_job_in_one_line_and_resume_continues(tmp_path, tiny_models):
+    every, dashboard = 2, free_port()
+    run = tmp_path / "run"
+    job = write_job(tmp_path, tiny_models, "e2e-rankkill", run, loop={"steps": 100000, "checkpoint_every": every},
+                    learner={"ppo": {"algorithm": "grpo", "minibatch_size": 8, "micro_batch_size": 4}},
+                    ray={"dashboard_port": dashboard})
+    out, err = tmp_path / "driver.out", tmp_path / "driver.err"
+    with open(out, "w") as o, open(err, "w") as e:
+        driver = subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", str(job)], stdout=o, stderr=e,
+                                  text=True, env=cli_env(), start_new_session=True)
+    try:
+        # the pid first (a lookup takes seconds, steps take less), so the kill lands soon after the checkpoint
+        wait_for(lambda: "learner group up" in out.read_text(), 400, "the learner group", driver)
+        pid = wait_for(lambda: _actor_pid(f"http://127.0.0.1:{dashboard}", "learner-rank-1"), 60,
+                       "learner-rank-1's pid", driver)
+        wait_for(lambda: RunDir(run).latest_checkpoint(), 300, "the first checkpoint", driver)
+        os.kill(pid, signal.SIGKILL)
+        rc = driver.wait(300)  # stops by itself: a dead rank is an error, not a hang
+    finally:
+        kill_session(driver)
+    stderr = err.read_text()
+    failed = [line for line in stderr.splitlines() if line.startswith("rlhf train: failed:")]
+    assert rc == 1 and len(failed) == 1, stderr[-3000:]
+    assert "learner" in failed[0] and "rank" in failed[0], failed[0]
+    assert failed[0].endswith(f"resume with: rlhf train --resume {run.resolve()}"), failed[0]
+    # the last checkpoint is complete; an interrupted save (a .tmp staging dir) is never one
+    ckpts = RunDir(run).checkpoints()
+    assert all(c.name.startswith("step=") and ".tmp" not in c.name for c in ckpts), ckpts
+    last = ckpts[-1]
+    assert str(last) in failed[0]
+    resume_at = int(last.name.removeprefix("step="))
+    saved = json.loads((last / "controller.json").read_text())
+    assert saved["loop"]["step"] == saved["policy_version"] == resume_at >= every
+    learner = last / "learner"
+    assert json.loads((learner / "learner_state.json").read_text())["version"] == resume_at
+    assert (learner / "policy" / "config.json").is_file() and list((learner / "deepspeed" / "policy").iterdir())
+    assert not [p for p in last.rglob("*") if ".tmp" in p.name], "leftover temp files in the checkpoint"
+
+    steps = resume_at + 2
+    r = rlhf("train", "--resume", str(run), f"loop.steps={steps}", timeout=500)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"at step {resume_at}, policy version {resume_at}" in r.stdout, r.stdout[-3000:]
+    metrics = metrics_rows(run)
+    assert [m["step"] for m in metrics] == list(range(steps))  # the failed run's steps past the checkpoint redone
+    assert [m["policy_version"] for m in metrics[resume_at:]] == list(range(resume_at + 1, steps + 1))
+    table = check_exactly_once(run, steps)
+    check_data_order(tmp_path / "prompts.jsonl", table, steps)
+    # sync: every sample, before and after the crash, was generated by the policy of its own step
+    assert table.column("policy_version").to_pylist() == table.column("step").to_pylist()
     assert json.loads((RunDir(run).latest_checkpoint() / "controller.json").read_text())["policy_version"] == steps
 
 
