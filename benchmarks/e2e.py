@@ -1,12 +1,13 @@
 """End-to-end iteration speed: our loop (sync and one-step-off async) vs TRL's GRPOTrainer.
 
-Same tiny model, prompts, group size, max new tokens and reward function (colour_fraction) on
-this box, measured in one process, TRL first. Ours runs the real stack (local Ray, a vLLM worker,
+Same model (tiny: our overhead; m100: ~110M parameters, compute), prompts, group size, max new
+tokens and reward function (colour_fraction) on this box, measured in one process, TRL first. Ours runs the real stack (local Ray, a vLLM worker,
 the reward Serve app, a DeepSpeed rank) through `cluster.loop.Trainer`, exactly what `rlhf train`
 runs inside its controller. Reports seconds per iteration, samples/s, the ratio to TRL, and the
 share of wall time per stage (rollout, reward, learner, weight sync, learner idle).
 
-    python -m benchmarks.e2e [--steps 20] [--prompts 8] [--group 4] [--max-new-tokens 32] [--out FILE]
+    python -m benchmarks.e2e [--size tiny|m100] [--dtype float32|bfloat16] [--trl-dtype float32|bfloat16]
+                             [--steps 20] [--warmup 3] [--prompts 8] [--group 4] [--max-new-tokens 32] [--out FILE]
 """
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ from pathlib import Path
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-WARMUP = 3  # first iterations pay for lazy inits (first broadcast group, allocator growth)
 
 
 def trl_grpo(models: dict, prompts: list[str], a) -> dict:
@@ -48,7 +47,8 @@ def trl_grpo(models: dict, prompts: list[str], a) -> dict:
             self.t.append(time.perf_counter())
 
     batch = a.prompts * a.group
-    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-"), use_cpu=True, bf16=False, use_vllm=False,
+    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-"), use_cpu=True, bf16=a.trl_dtype == "bfloat16",
+                     use_vllm=False,
                      num_generations=a.group, max_completion_length=a.max_new_tokens,
                      per_device_train_batch_size=batch, gradient_accumulation_steps=1, max_steps=a.steps,
                      learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to="none",
@@ -57,7 +57,7 @@ def trl_grpo(models: dict, prompts: list[str], a) -> dict:
     trainer = GRPOTrainer(model=str(models["policy"]), processing_class=tok, reward_funcs=gold, args=cfg,
                           train_dataset=Dataset.from_dict({"prompt": prompts}), callbacks=[timer])
     trainer.train()
-    steps = [b - a_ for a_, b in zip(timer.t, timer.t[1:])][WARMUP:]
+    steps = [b - a_ for a_, b in zip(timer.t, timer.t[1:])][a.warmup:]
     s = statistics.median(steps)
     return {"s_per_iter": s, "samples_per_s": batch / s}
 
@@ -77,10 +77,10 @@ def ours(models: dict, prompts_file: str, a, mode: str, work: Path) -> dict:
         "name": f"bench-{mode}", "model": {"policy": str(models["policy"])},
         "data": {"prompts": prompts_file, "prompts_per_step": a.prompts},
         "rollout": {"num_workers": a.workers, "threads_per_worker": 2 if a.workers == 1 else 1,
-                    "sampling": {"n": a.group, "max_new_tokens": a.max_new_tokens}},
+                    "engine": {"dtype": a.dtype}, "sampling": {"n": a.group, "max_new_tokens": a.max_new_tokens}},
         "reward": {"functions": [{"path": "reward_service.functions:colour_fraction"}], "max_batch_size": batch},
-        "learner": {"num_ranks": 1, "lr": 1e-3, "ppo": {"algorithm": "grpo", "kl_coef": 0.0,
-                                                         "minibatch_size": batch, "micro_batch_size": batch}},
+        "learner": {"num_ranks": 1, "cpus_per_rank": 2, "dtype": a.dtype, "lr": 1e-3,
+                    "ppo": {"algorithm": "grpo", "kl_coef": 0.0, "minibatch_size": batch, "micro_batch_size": batch}},
         "loop": {"steps": a.steps, "mode": mode, "max_staleness": 1},
     })
     device = resolve_device("cpu")
@@ -95,17 +95,21 @@ def ours(models: dict, prompts_file: str, a, mode: str, work: Path) -> dict:
     finally:
         stop_parts(parts)
         ray.shutdown()
-    rows = run.read_metrics()[WARMUP:]
+    rows = run.read_metrics()[a.warmup:]
     wall = sum(r["wall_s"] for r in rows)
     share = {k: sum(r[f"{k}_s"] for r in rows) / wall for k in ("gen", "reward", "train", "sync")}
-    share["learner_idle"] = sum(r["wall_s"] - r["train_s"] for r in rows) / wall
+    share["learner_idle"] = sum(r["learner_idle_frac"] * r["wall_s"] for r in rows) / wall
     s = statistics.median(r["wall_s"] for r in rows)
     return {"s_per_iter": s, "samples_per_s": batch / s, "share": share}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--size", choices=["tiny", "m100"], default="tiny")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="our engine and learner")
+    p.add_argument("--trl-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3, help="first iterations pay for lazy inits; not timed")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -118,7 +122,7 @@ def main() -> None:
     from cluster.tiny_models import make_tiny_models
 
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
-    models = make_tiny_models(work / "models")
+    models = make_tiny_models(work / "models", size=a.size)
     rows = demo_prompts(64)
     prompts_file = str(write_jsonl(work / "prompts.jsonl", rows))
     results = {}
@@ -128,9 +132,9 @@ def main() -> None:
     results["ours async"] = ours(models, prompts_file, a, "async", work)
     print(json.dumps(results, indent=1))
     base = results.get("TRL GRPOTrainer", {}).get("samples_per_s")
-    lines = [f"## e2e: one GRPO iteration, tiny model ({a.prompts} prompts x {a.group} samples, "
-             f"{a.max_new_tokens} new tokens, {a.steps} steps, median after {WARMUP} warm-up; "
-             f"ours with {a.workers} rollout worker(s))", "",
+    lines = [f"## e2e: one GRPO iteration, {a.size} model ({a.prompts} prompts x {a.group} samples, "
+             f"{a.max_new_tokens} new tokens, {a.steps} steps, median after {a.warmup} warm-up; "
+             f"TRL {a.trl_dtype}; ours {a.dtype} with {a.workers} rollout worker(s))", "",
              "| run | s/iter | samples/s | vs TRL | rollout | reward | learner | weight sync | learner idle |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():

@@ -140,12 +140,13 @@ class Trainer:
                   "dropped_stale": n_stale, "invalid_rewards": n_invalid, "trained_samples": int(mask.sum())})
         if gold is not None:
             m["gold_mean"] = float(np.mean(gold))
-        wall = time.perf_counter() - wall_start
-        m["wall_s"] = wall
-        m["learner_idle_frac"] = max(0.0, 1.0 - train_s / wall) if wall > 0 else 0.0
+        m["wall_s"] = time.perf_counter() - wall_start
         return m
 
     def _finish_step(self, step: int, m: dict) -> None:
+        # Idle: the learner neither trains nor sends weights (it waits for rollouts or the controller).
+        busy = m["train_s"] + m["sync_s"]
+        m["learner_idle_frac"] = max(0.0, 1.0 - busy / m["wall_s"]) if m["wall_s"] > 0 else 0.0
         self.state.step = step + 1
         self._drawn.popleft()
         self.run.log_metrics(step, m)
