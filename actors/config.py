@@ -20,7 +20,9 @@ class SamplingConfig(Section):
 class EngineConfig(Section):
     dtype: str = Field("float32", pattern="^(float32|bfloat16|float16|auto)$")
     max_model_len: int = Field(512, ge=16)
-    kv_cache_bytes: int = Field(64 << 20, ge=1 << 20, description="CPU only: KV cache size")
+    kv_cache_bytes: int | None = Field(None, ge=1 << 20, description="CPU only: KV cache size; default: room "
+                                                                     "for kv_cache_seqs sequences of max_model_len")
+    kv_cache_seqs: int = Field(64, ge=1, description="CPU only: full-length sequences the default KV cache holds")
     gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
     tensor_parallel_size: int = Field(1, ge=1)
     seed: int = 0
@@ -34,8 +36,10 @@ class RolloutConfig(Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     request_timeout_s: float = Field(600.0, gt=0, description="limit of every remote call (generate chunk, "
-                                                               "worker start, weight load)")
-    max_retries: int = Field(3, ge=0, description="re-dispatches of a prompt whose worker died")
+                                                               "weight load); a worker whose chunk runs past it "
+                                                               "is treated as dead")
+    start_timeout_s: float = Field(600.0, gt=0, description="limit of a worker's start (engine and model load)")
+    max_retries: int = Field(3, ge=0, description="re-dispatches of a prompt whose worker died or hung")
     chunks_per_worker: int = Field(1, ge=1, description="a generate call is cut into num_workers * this many "
                                                         "token-balanced chunks handed out as workers free up; "
                                                         "1 = largest vLLM batches, more = finer re-dispatch")

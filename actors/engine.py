@@ -31,6 +31,23 @@ def sampling_params(s: SamplingConfig, seed: int | None):
                           max_tokens=s.max_new_tokens, stop=list(s.stop) or None, seed=seed, logprobs=0)
 
 
+def kv_cache_bytes(model_dir: str, cfg: EngineConfig) -> int:
+    """The configured size, else room for `kv_cache_seqs` full-length sequences of this model. A
+    fixed default cannot fit every model: 64 MiB holds 1.8k tokens of a 12-layer, 768-wide model
+    in bf16, so a 32-sample batch is cut into waves and generation takes ~1.8x as long."""
+    if cfg.kv_cache_bytes:
+        return cfg.kv_cache_bytes
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(model_dir)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
+    dtype = (getattr(hf, "dtype", None) or "float32") if cfg.dtype == "auto" else cfg.dtype
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    per_token = 2 * hf.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    return per_token * cfg.max_model_len * cfg.kv_cache_seqs
+
+
 class RolloutEngine:
     """An in-process `vllm.LLM` plus the tokenizer, with weights replaceable in place."""
 
@@ -40,7 +57,7 @@ class RolloutEngine:
         self.cfg = cfg
         self.llm = vllm.LLM(model=str(model_dir), dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
                             tensor_parallel_size=cfg.tensor_parallel_size,
-                            **device.vllm_engine_kwargs(cfg.kv_cache_bytes, cfg.gpu_memory_utilization))
+                            **device.vllm_engine_kwargs(kv_cache_bytes(model_dir, cfg), cfg.gpu_memory_utilization))
         self.tokenizer = self.llm.get_tokenizer()
 
     def tokenize(self, prompts: list[str]) -> list[list[int]]:

@@ -85,7 +85,7 @@ class RolloutPool:
             return []
         started = [self._spawn() for _ in range(k)]
         try:
-            self._get([h.ping.remote() for _, h in started], "start")
+            self._get([h.ping.remote() for _, h in started], "start", "start_timeout_s")
             loaded = None
             while True:
                 with self._lock:
@@ -96,7 +96,8 @@ class RolloutPool:
                         self.membership_epoch += 1
                         return [wid for wid, _ in started]
                 # Outside the lock: a load may take seconds; re-check in case a newer version was published.
-                self._get([h.update_weights.remote(current[0], current[1]) for _, h in started], "initial weights")
+                self._get([h.update_weights.remote(current[0], current[1]) for _, h in started], "initial weights",
+                          "request_timeout_s")
                 loaded = current[0]
         except BaseException:
             for _, h in started:
@@ -162,23 +163,31 @@ class RolloutPool:
                     try:
                         results.append(ray.get(ref, timeout=self.cfg.request_timeout_s))
                     except RayActorError as err:
-                        self._on_death(wid, err)
-                        if chunk.attempts >= self.cfg.max_retries:
-                            raise RuntimeError(f"rollout pool: {len(chunk.rows)} prompt(s) lost their worker "
-                                               f"{chunk.attempts + 1} times (rollout.max_retries="
-                                               f"{self.cfg.max_retries})") from err
-                        queue.append(_Chunk(chunk.rows, chunk.attempts + 1))
+                        self._retry(wid, chunk, err, queue)
                     finally:
                         self._release(wid)
                 now = time.monotonic()
-                late = [wid for wid, _, t in inflight.values() if now - t > self.cfg.request_timeout_s]
-                if late:
-                    raise TimeoutError(f"rollout worker {late[0]}: no result within "
-                                       f"rollout.request_timeout_s={self.cfg.request_timeout_s}")
+                for ref, (wid, chunk, t) in list(inflight.items()):
+                    if now - t > self.cfg.request_timeout_s:  # hung, not dead: treated as dead
+                        del inflight[ref]
+                        self._release(wid)
+                        self._retry(wid, chunk, TimeoutError(
+                            f"rollout worker {wid}: no result within rollout.request_timeout_s="
+                            f"{self.cfg.request_timeout_s}"), queue)
         finally:
             for wid, _, _ in inflight.values():
                 self._release(wid)
         return results
+
+    def _retry(self, wid: str, chunk: _Chunk, err: Exception, queue: deque[_Chunk]) -> None:
+        """The worker failed this chunk (died, or hung past the request timeout): it is killed and
+        replaced, and the chunk goes back in the queue. A late result of the killed worker is never
+        read, so every row is still counted once."""
+        self._on_death(wid, err)
+        if chunk.attempts >= self.cfg.max_retries:
+            raise RuntimeError(f"rollout pool: {len(chunk.rows)} prompt(s) failed on a worker {chunk.attempts + 1} "
+                               f"time(s) (rollout.max_retries={self.cfg.max_retries}); last: {err}") from err
+        queue.append(_Chunk(chunk.rows, chunk.attempts + 1))
 
     def _dispatch(self, table, queue, inflight, sampling) -> None:
         with self._lock:
@@ -199,7 +208,8 @@ class RolloutPool:
                 ray.kill(self._retiring.pop(wid), no_restart=True)
 
     def _on_death(self, wid: str, err: Exception) -> None:
-        """Drop a dead worker; if it was serving (not retiring), start a replacement in the background."""
+        """Drop a dead (or hung) worker; if it was serving (not retiring), kill it and start a
+        replacement in the background."""
         with self._lock:
             m = self._members.pop(wid, None)
             self._retiring.pop(wid, None)
@@ -208,7 +218,7 @@ class RolloutPool:
             ray.kill(m.handle, no_restart=True)
             self.membership_epoch += 1
             self._replacing += 1
-        log.warning("rollout worker %s died (%s); starting a replacement", wid, type(err).__name__)
+        log.warning("rollout worker %s failed (%s); starting a replacement", wid, err)
         threading.Thread(target=self._replace, name=f"replace-{wid}", daemon=True).start()
 
     def _replace(self) -> None:
@@ -279,12 +289,12 @@ class RolloutPool:
             opts["namespace"] = self.namespace
         return wid, RolloutWorker.options(**opts).remote(wid, self.model_dir, self.cfg, self.device.kind)
 
-    def _get(self, refs: list, what: str):
+    def _get(self, refs: list, what: str, limit: str):
+        timeout_s = getattr(self.cfg, limit)
         try:
-            return ray.get(refs, timeout=self.cfg.request_timeout_s)
+            return ray.get(refs, timeout=timeout_s)
         except GetTimeoutError as err:
-            raise TimeoutError(f"rollout pool: worker {what} took longer than "
-                               f"rollout.request_timeout_s={self.cfg.request_timeout_s}") from err
+            raise TimeoutError(f"rollout pool: worker {what} took longer than rollout.{limit}={timeout_s}") from err
 
 
 def _name_taken(name: str, namespace: str | None) -> bool:

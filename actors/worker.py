@@ -36,7 +36,7 @@ class WorkerState:
 
     @ray.method(concurrency_group="health")
     def ping(self) -> dict:
-        return {"worker_id": self.worker_id, "version": self.version, "alive": True}
+        return {"worker_id": self.worker_id, "version": self.version, "alive": True, "pid": os.getpid()}
 
     def generate(self, prompts: pa.Table, sampling: SamplingConfig | None = None) -> pa.RecordBatch:
         t0 = time.perf_counter()

@@ -114,7 +114,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--workers", type=int, default=1, help="rollout workers in our runs")
-    p.add_argument("--skip-trl", action="store_true")
+    p.add_argument("--runs", default="trl,sync,async", help="which of trl, sync, async to run")
     p.add_argument("--out", default="benchmarks/RESULTS_e2e.md")
     a = p.parse_args()
 
@@ -126,10 +126,12 @@ def main() -> None:
     rows = demo_prompts(64)
     prompts_file = str(write_jsonl(work / "prompts.jsonl", rows))
     results = {}
-    if not a.skip_trl:
+    runs = a.runs.split(",")
+    if "trl" in runs:
         results["TRL GRPOTrainer"] = trl_grpo(models, [r["prompt"] for r in rows], a)
-    results["ours sync"] = ours(models, prompts_file, a, "sync", work)
-    results["ours async"] = ours(models, prompts_file, a, "async", work)
+    for mode in ("sync", "async"):
+        if mode in runs:
+            results[f"ours {mode}"] = ours(models, prompts_file, a, mode, work)
     print(json.dumps(results, indent=1))
     base = results.get("TRL GRPOTrainer", {}).get("samples_per_s")
     lines = [f"## e2e: one GRPO iteration, {a.size} model ({a.prompts} prompts x {a.group} samples, "

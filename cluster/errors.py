@@ -1,4 +1,6 @@
 """Errors `rlhf` turns into one line and a non-zero exit."""
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class UsageError(RuntimeError):
@@ -14,3 +16,15 @@ def one_line(e: BaseException) -> str:
     """`Type: last non-empty line of the message`, the part of a remote traceback that says why."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
+@contextmanager
+def failing_as(what: str) -> Iterator[None]:
+    """Any failure inside (a dead learner rank, a reward service that gave up after its retries)
+    ends the job as one JobFailed line that says which stage of which step it hit."""
+    try:
+        yield
+    except JobFailed:
+        raise
+    except Exception as e:  # noqa: BLE001 - the callee already retried what could be retried
+        raise JobFailed(f"{what}: {one_line(e)}") from None

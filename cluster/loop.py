@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from cluster.config import JobConfig
-from cluster.errors import JobFailed, one_line
+from cluster.errors import JobFailed, failing_as
 from cluster.experience import load_function, provenance, rollout_stats, staleness, trainable_mask, with_rewards
 from cluster.run_dir import RunDir
 from contract.datasets import PromptIterator
@@ -96,11 +96,9 @@ class Trainer:
         t0 = time.perf_counter()
         rollouts = self.parts.pool.generate(batch)
         t1 = time.perf_counter()
-        try:
+        with failing_as(f"reward service failed at step {step}"):
             rewards = self.parts.reward.score(rollouts.column("prompt").to_pylist(),
                                               rollouts.column("response").to_pylist())
-        except Exception as e:  # noqa: BLE001 - the client already retried
-            raise JobFailed(f"reward service failed at step {step}: {one_line(e)}") from None
         t2 = time.perf_counter()
         if rewards.num_rows and not any(rewards.column("reward_valid").to_pylist()):
             from reward_service.client import reward_errors
@@ -120,10 +118,8 @@ class Trainer:
         t0 = time.perf_counter()
         train_metrics: dict = {}
         if mask.any():
-            try:
+            with failing_as(f"learner failed at step {p.step}"):
                 train_metrics = learner.train_step(p.table.filter(pa.array(mask)))
-            except Exception as e:  # noqa: BLE001 - a dead or failing rank ends the job
-                raise JobFailed(f"learner failed at step {p.step}: {one_line(e)}") from None
         train_s = time.perf_counter() - t0
         stale = staleness(p.table, version_before)
         gold = self.gold(p.table.column("prompt").to_pylist(), p.table.column("response").to_pylist()) \
@@ -171,7 +167,7 @@ class Trainer:
             t0 = time.perf_counter()
             produced = self._produce(step, self._draw(step))
             m = self._train(produced, t0, sync_s=0.0)
-            m["sync_s"] = self.parts.sync.publish()
+            m["sync_s"] = self._publish(step)
             m["wall_s"] = time.perf_counter() - t0
             self._finish_step(step, m)
 
@@ -188,16 +184,22 @@ class Trainer:
                                     f"{self.cfg.loop.timeout_s:.0f}s") from None
                 if self.stop.is_set():
                     return
-                sync_s = self.parts.sync.publish() if step > first else 0.0
+                sync_s = self._publish(step - 1) if step > first else 0.0
                 self._apply_scaling()
                 pending = ex.submit(self._produce, step + 1, self._draw(step + 1)) if step + 1 < last else None
                 m = self._train(produced, t0, sync_s)
                 self._finish_step(step, m)
 
+    def _publish(self, step: int) -> float:
+        """Send the weights trained at `step` to the rollout workers; seconds it took."""
+        with failing_as(f"weight sync failed after step {step}"):
+            return self.parts.sync.publish()
+
     # -- checkpoints ---------------------------------------------------------------------------------
     def checkpoint(self) -> None:
         staging = self.run.checkpoint_staging(self.state.step)
-        self.parts.learner.save_checkpoint(str(staging / "learner"))
+        with failing_as(f"checkpoint at step {self.state.step} failed"):
+            self.parts.learner.save_checkpoint(str(staging / "learner"))
         state = {"loop": asdict(self.state), "policy_version": self.parts.learner.version,
                  "prompts": self.resume_prompt_state(), "num_workers": self.parts.pool.num_workers}
         path = self.run.commit_checkpoint(staging, self.state.step, state)

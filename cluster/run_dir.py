@@ -67,7 +67,10 @@ class RunDir:
 
     def truncate(self, after_step: int) -> None:
         """On resume: forget the metrics and rollouts of steps after the checkpoint, which the
-        resumed run redoes (or, with a smaller loop.steps, never reaches)."""
+        resumed run redoes (or, with a smaller loop.steps, never reaches), and any half-written
+        checkpoint a crash left behind."""
+        for staging in (self.root / "ckpt").glob(f".{CKPT_PREFIX}*.tmp"):
+            shutil.rmtree(staging, ignore_errors=True)
         kept = [m for m in self.read_metrics() if m["step"] <= after_step]
         atomic_write_bytes(self.root / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept).encode())
         for f in (self.root / "rollouts").glob("step=*.parquet"):

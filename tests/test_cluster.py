@@ -50,7 +50,9 @@ def test_metrics_and_rollouts_truncated_to_the_checkpoint_on_resume(tmp_path):
     for step in range(6):
         run.log_metrics(step, {"reward_mean": float(step)})
         run.write_rollouts(step, pa.table({"step": [step]}))
+    (run.checkpoint_staging(5) / "learner").mkdir()  # a save the crash interrupted
     run.truncate(after_step=3)
+    assert not list((tmp_path / "ckpt").iterdir())
     assert [m["step"] for m in run.read_metrics()] == [0, 1, 2, 3]
     assert run.read_rollouts().column("step").to_pylist() == [0, 1, 2, 3]
     assert list((tmp_path / "tb").iterdir())  # TensorBoard events written beside the JSONL

@@ -1,4 +1,6 @@
 """A real pool of vLLM workers: exactly-once tables under scaling, worker death and weight updates."""
+import os
+import signal
 import threading
 import time
 
@@ -116,15 +118,49 @@ def test_killed_worker_mid_generate_is_replaced_and_rows_stay_exactly_once(pool)
     assert_exactly_once(pool.generate(prompts(8), SamplingConfig(max_new_tokens=4, n=2)), 8, 2)
 
 
-def test_a_chunk_past_the_request_timeout_is_a_clear_error(pool):
-    heavy = SamplingConfig(max_new_tokens=100, n=8, seed=0)  # every chunk: thousands of tokens, far over 50 ms
-    pool.cfg.request_timeout_s = 0.05
+def test_a_hung_worker_is_replaced_and_its_chunk_redone_exactly_once(pool):
+    """SIGSTOP freezes a worker's process mid-generate (alive to Ray, never answering): past
+    rollout.request_timeout_s the pool kills it, re-dispatches its chunk and starts a replacement."""
+    before = set(pool.worker_ids())
+    victim = sorted(before)[0]
+    pid = ray.get(ray.get_actor(victim, namespace="rlhf-tests").ping.remote(), timeout=60)["pid"]
+    out = []
+    pool.cfg.request_timeout_s = 8.0  # a legit chunk here takes well under a second
     try:
-        with pytest.raises(TimeoutError, match=r"rollout worker rollout-test-\d+: no result within "
+        th = threading.Thread(target=lambda: out.append(pool.generate(prompts(64, prefix="h"), LONG)))
+        th.start()
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGSTOP)
+        th.join(300)
+    finally:
+        pool.cfg.request_timeout_s = 120.0
+    assert out, "generate did not return"
+    assert_exactly_once(out[0], 64, 4, prefix="h")
+    wait_for(lambda: pool.num_workers == 2)
+    assert victim not in pool.worker_ids()
+    wait_for(lambda: not running(pid), timeout=60)  # killed, not left frozen
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_chunk_that_keeps_timing_out_is_a_clear_error(pool):
+    heavy = SamplingConfig(max_new_tokens=100, n=8, seed=0)  # every chunk: thousands of tokens, far over 50 ms
+    pool.cfg.request_timeout_s, pool.cfg.max_retries = 0.05, 0
+    try:
+        with pytest.raises(RuntimeError, match=r"failed on a worker 1 time\(s\) \(rollout.max_retries=0\); last: "
+                                               r"rollout worker rollout-test-\d+: no result within "
                                                r"rollout.request_timeout_s=0.05"):
             pool.generate(prompts(64, prefix="t"), heavy)
     finally:
-        pool.cfg.request_timeout_s = 120.0
+        pool.cfg.request_timeout_s, pool.cfg.max_retries = 120.0, 3
+    wait_for(lambda: pool.num_workers == 2)  # the late workers were replaced
 
 
 def test_a_pool_scaled_to_zero_refuses_work_instead_of_waiting(pool):

@@ -4,8 +4,8 @@ import pytest
 from pydantic import ValidationError
 
 from actors.balance import expected_tokens, split_balanced
-from actors.config import RolloutConfig, SamplingConfig
-from actors.engine import prompt_seed
+from actors.config import EngineConfig, RolloutConfig, SamplingConfig
+from actors.engine import kv_cache_bytes, prompt_seed
 from actors.pool import _ordered_exactly_once
 from actors.prompts import PromptError, check_prompt_lengths, check_prompt_table
 from contract.experience import rollout_batch
@@ -77,3 +77,14 @@ def test_exactly_once_orders_by_prompt_then_sample_and_rejects_gaps_and_duplicat
     dup = pa.concat_tables([t, t.slice(0, 1)])
     with pytest.raises(RuntimeError, match="got 5 rows"):
         _ordered_exactly_once(dup, ["b", "a"], 2)
+
+
+def test_default_kv_cache_fits_the_model_not_a_constant(tiny_models):
+    """K and V for every layer, kv head and head dim, per token, times max_model_len x kv_cache_seqs.
+    The tiny model: 2 layers x 2 kv heads x head_dim 32 -> 128 values per token for K and V each."""
+    policy = str(tiny_models["policy"])
+    assert kv_cache_bytes(policy, EngineConfig(dtype="float32")) == 2 * 128 * 4 * 512 * 64
+    assert kv_cache_bytes(policy, EngineConfig(dtype="bfloat16", max_model_len=128, kv_cache_seqs=8)) == \
+        2 * 128 * 2 * 128 * 8
+    assert kv_cache_bytes(policy, EngineConfig(dtype="auto")) == 2 * 128 * 4 * 512 * 64  # saved as float32
+    assert kv_cache_bytes(policy, EngineConfig(kv_cache_bytes=16 << 20)) == 16 << 20  # set by hand: kept
