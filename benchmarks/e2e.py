@@ -76,7 +76,7 @@ def ours(models: dict, prompts_file: str, a, mode: str, work: Path) -> dict:
     cfg = load_config(None, [], base={
         "name": f"bench-{mode}", "model": {"policy": str(models["policy"])},
         "data": {"prompts": prompts_file, "prompts_per_step": a.prompts},
-        "rollout": {"num_workers": a.workers, "threads_per_worker": 2 if a.workers == 1 else 1,
+        "rollout": {"num_workers": a.workers, "threads_per_worker": a.rollout_threads or max(1, 2 // a.workers),
                     "engine": {"dtype": a.dtype}, "sampling": {"n": a.group, "max_new_tokens": a.max_new_tokens}},
         "reward": {"functions": [{"path": "reward_service.functions:colour_fraction"}], "max_batch_size": batch},
         "learner": {"num_ranks": 1, "cpus_per_rank": 2, "dtype": a.dtype, "lr": 1e-3,
@@ -114,6 +114,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--workers", type=int, default=1, help="rollout workers in our runs")
+    p.add_argument("--rollout-threads", type=int, default=0, help="threads per rollout worker (0: 2 cores / workers)")
     p.add_argument("--runs", default="trl,sync,async", help="which of trl, sync, async to run")
     p.add_argument("--out", default="benchmarks/RESULTS_e2e.md")
     a = p.parse_args()

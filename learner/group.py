@@ -32,8 +32,14 @@ def _first_of(*results):
     return results[0]
 
 
+DEATH_GRACE_S = 10.0  # how long a collective error may wait for the rank death that caused it
+
+
 def wait_all(refs: list, timeout_s: float, what: str) -> list:
-    """ray.get on every ref, failing fast on the first error instead of waiting on a blocked peer."""
+    """ray.get on every ref (refs[i] from rank i), failing fast on the first error instead of waiting
+    on a blocked peer. A rank's death usually surfaces first as a broken collective on a surviving
+    rank; the message names the dead rank when its death shows up within DEATH_GRACE_S."""
+    rank_of = {ref: i for i, ref in enumerate(refs)}
     deadline = time.monotonic() + timeout_s
     pending = list(refs)
     while pending:
@@ -43,14 +49,30 @@ def wait_all(refs: list, timeout_s: float, what: str) -> list:
         try:
             ray.get(ready[0], timeout=0)
         except RayActorError as e:
-            raise RuntimeError(f"learner {what}: a learner rank died ({type(e).__name__}); the group must be "
-                               f"restarted") from e
+            raise _rank_died(what, rank_of[ready[0]], e) from e
         except RayTaskError as e:
-            raise RuntimeError(f"learner {what} failed on a rank: {type(e.cause).__name__}: "
+            dead = _first_death(pending, rank_of)
+            if dead is not None:
+                raise _rank_died(what, *dead) from e
+            raise RuntimeError(f"learner {what} failed on rank {rank_of[ready[0]]}: {type(e.cause).__name__}: "
                                f"{str(e.cause).splitlines()[0] if str(e.cause) else ''}") from e
-        except GetTimeoutError as e:  # pragma: no cover - ready refs do not time out
-            raise RuntimeError(f"learner {what}: timed out") from e
     return ray.get(refs, timeout=0)
+
+
+def _first_death(pending: list, rank_of: dict) -> tuple[int, RayActorError] | None:
+    ready, _ = ray.wait(pending, num_returns=len(pending), timeout=DEATH_GRACE_S) if pending else ([], [])
+    for ref in ready:
+        try:
+            ray.get(ref, timeout=0)
+        except RayActorError as e:
+            return rank_of[ref], e
+        except Exception:  # noqa: BLE001 - another rank's collective error: not the cause
+            continue
+    return None
+
+
+def _rank_died(what: str, rank: int, e: RayActorError) -> RuntimeError:
+    return RuntimeError(f"learner {what}: learner rank {rank} died ({type(e).__name__})")
 
 
 class LearnerGroup:
