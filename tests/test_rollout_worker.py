@@ -1,4 +1,6 @@
 """One real RolloutWorker actor (vLLM on CPU, tiny model): rows, logprobs, both weight transports."""
+import os
+
 import pyarrow as pa
 import pytest
 import ray
@@ -20,7 +22,8 @@ def worker(ray_local, tiny_models):
     cfg = rollout_cfg()
     w = RolloutWorker.options(num_cpus=1, runtime_env={"env_vars": DeviceProfile("cpu").actor_env(1)}).remote(
         "w-test", str(tiny_models["policy"]), cfg, "cpu")
-    assert ray.get(w.ping.remote(), timeout=TIMEOUT) == {"worker_id": "w-test", "version": 0, "alive": True}
+    ping = ray.get(w.ping.remote(), timeout=TIMEOUT)
+    assert ping == {"worker_id": "w-test", "version": 0, "alive": True, "pid": ping["pid"]} and ping["pid"] != os.getpid()
     yield w
     ray.kill(w)
 
