@@ -93,8 +93,8 @@ def report(results: dict, reps: int) -> str:
     lines = ["# Reward benchmark (benchmarks/reward.py)", "",
              f"Box: {os.cpu_count()} cores, CPU only, fp32. Pairs of a short prompt + {WORDS}-word response; "
              f"batch {BATCH}; one Serve replica with {THREADS} torch thread(s) vs the same model in the benchmark "
-             f"process with {THREADS} thread(s). Medians of {reps} interleaved runs after one warm-up. Other "
-             "helpers' tests shared the 2 cores, so absolute figures are noisy; ratios are within one process.", ""]
+             f"process with {THREADS} thread(s). Medians of {reps} interleaved runs after one warm-up; "
+             f"load average {os.getloadavg()[0]:.1f} at the end. Ratios are within one process.", ""]
     for size, r in results.items():
         base = r["direct (in process)"]
         lines += [f"## {size} ({PAIRS[size]} pairs per run)", "", "| path | pairs/s | vs direct |", "|---|---|---|"]

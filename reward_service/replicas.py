@@ -71,25 +71,40 @@ class RewardScorer:
         self._model_item.set_max_batch_size(self.cfg.max_batch_size)
         self._model_item.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.batch_sizes: deque[int] = deque(maxlen=10_000)
+        self._forward_lock = asyncio.Lock()
+
+    async def _forward(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        """One model forward at a time (it has the replica's threads to itself), off the event loop."""
+        async with self._forward_lock:
+            self.batch_sizes.append(len(prompts))
+            return await asyncio.to_thread(self.model.score, prompts, responses)
 
     @serve.batch
     async def _model_item(self, pairs: list[tuple[str, str]]) -> list[float]:
-        self.batch_sizes.append(len(pairs))
-        prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
-        return (await asyncio.to_thread(self.model.score, prompts, responses)).tolist()
+        return (await self._forward([p for p, _ in pairs], [r for _, r in pairs])).tolist()
+
+    async def _model_scores(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        """A request's whole batches go straight to the model; only its remainder joins other requests'
+        pairs in `_model_item`. Sending every pair through @serve.batch costs a coroutine and a queue
+        hop each: 0.76x of a direct forward at the tiny size."""
+        b = self.cfg.max_batch_size
+        full = len(prompts) - len(prompts) % b
+        rest = asyncio.gather(*[self._model_item((p, r)) for p, r in zip(prompts[full:], responses[full:])])
+        head = [await self._forward(prompts[i:i + b], responses[i:i + b]) for i in range(0, full, b)]
+        return np.concatenate([*head, np.asarray(await rest, dtype=np.float64)])
 
     async def score(self, prompts: list[str], responses: list[str]) -> dict:
         check_pairs(prompts, responses)
         n = len(prompts)
         fb = self.feedback.match.remote(responses) if self.cfg.feedback.alpha > 0 else None
-        model = asyncio.gather(*[self._model_item((p, r)) for p, r in zip(prompts, responses)]) if self.model else None
+        model = asyncio.ensure_future(self._model_scores(prompts, responses)) if self.model else None
         weighted, errors = {}, []
         for name, fn, weight in self.functions:
             values, err = call_function(name, fn, prompts, responses)
             weighted[name] = (values, weight)
             errors += [err] if err else []
         if model is not None:
-            weighted = {"model": (np.asarray(await model, dtype=np.float64), self.cfg.model_weight), **weighted}
+            weighted = {"model": (await model, self.cfg.model_weight), **weighted}
         feedback = (await fb) if fb is not None else None
         return as_wire(combine(n, weighted, feedback, self.cfg.feedback.alpha, errors))
 
