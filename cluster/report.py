@@ -14,6 +14,7 @@ PANELS = [
     ("seconds per step (weight sync = sync_s)", ["gen_s", "reward_s", "train_s", "sync_s"]),
 ]
 
+
 def write_report(run: RunDir) -> str | None:
     rows = run.read_metrics()
     if not rows:

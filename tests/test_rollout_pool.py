@@ -100,7 +100,7 @@ def test_add_and_remove_workers_while_generating(pool, tiny_models, published):
 def test_killed_worker_mid_generate_is_replaced_and_rows_stay_exactly_once(pool):
     before = set(pool.worker_ids())
     epoch0 = pool.membership_epoch
-    out, errors = [], []
+    out = []
     th = threading.Thread(target=lambda: out.append(pool.generate(prompts(64, prefix="k"), LONG)))
     th.start()
     time.sleep(0.3)  # dispatched (or about to be): either way the pool meets the death inside generate
