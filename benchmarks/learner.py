@@ -84,7 +84,7 @@ def plain_ppo_step(cfg: LearnerConfig, models: dict, opts: dict, b) -> None:
             for idx in rows.split(p.micro_batch_size):
                 mb, mtg = b.rows(idx), tg.rows(idx)
                 w = alg.sample_weights(mb, mb_real)
-                alg.actor_loss(p, alg.policy_logits(models["policy"], mb), mb, mtg, w)[0].backward()
+                alg.actor_loss(p, models["policy"], mb, mtg, w)[0].backward()
                 alg.critic_loss(p, alg.critic_values(models["critic"], mb), mb, mtg, w)[0].backward()
             for name in ("policy", "critic"):
                 torch.nn.utils.clip_grad_norm_(models[name].parameters(), p.max_grad_norm)

@@ -7,6 +7,7 @@ CPU attention supports only head sizes 32, 64, 80, ... .
 from __future__ import annotations
 
 import random
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +25,19 @@ class TinySpec:
     num_attention_heads: int = 2
     max_position_embeddings: int = 512
     tokenizer_vocab: int = 512
+    tie_word_embeddings: bool = False
 
 
 SIZES = {
     "tiny": TinySpec(),
-    # ~100M parameters: the compute-bound size used by the benchmarks.
+    # Tied input/output embeddings, as most small real LMs have: the weight sync must carry the
+    # shared matrix once and the engine must tie it again.
+    "tiny-tied": TinySpec(tie_word_embeddings=True),
+    # The compute-bound size of the benchmarks, shaped like STACK.md's anchor (110M parameters): a
+    # real 32000-token vocabulary with tied embeddings, as small real LMs have, so the LM head and
+    # the log-softmax over the vocabulary cost what they cost in real RLHF.
     "m100": TinySpec(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-                     tokenizer_vocab=32000),
+                     tokenizer_vocab=32000, tie_word_embeddings=True),
 }
 
 
@@ -41,8 +48,18 @@ def synthetic_corpus(n_lines: int = 3000, seed: int = 0) -> list[str]:
                      for _ in range(rng.randint(4, 24))) for _ in range(n_lines)]
 
 
+def random_word_corpus(vocab_size: int, seed: int = 0) -> list[str]:
+    """Lines of random alphanumeric words: enough distinct text for BPE to reach `vocab_size`
+    (the colour corpus runs out of merges near 530 tokens)."""
+    rng = random.Random(seed)
+    alphabet = string.ascii_lowercase + string.digits
+    words = ["".join(rng.choice(alphabet) for _ in range(rng.randint(2, 7))) for _ in range(2 * vocab_size)]
+    return [" ".join(rng.choice(words) for _ in range(30)) for _ in range(vocab_size * 5 // 4)]
+
+
 def train_tokenizer(vocab_size: int, seed: int = 0):
-    """Byte-level BPE trained with `tokenizers` on synthetic text, wrapped for transformers."""
+    """Byte-level BPE trained with `tokenizers` on synthetic text, wrapped for transformers. The
+    colour corpus comes first, so its words stay whole tokens at any vocabulary size."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -51,7 +68,8 @@ def train_tokenizer(vocab_size: int, seed: int = 0):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(synthetic_corpus(seed=seed), trainer)
+    extra = random_word_corpus(vocab_size, seed) if vocab_size > SIZES["tiny"].tokenizer_vocab else []
+    tok.train_from_iterator(synthetic_corpus(seed=seed) + extra, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
 
@@ -63,7 +81,7 @@ def _llama_config(spec: TinySpec, vocab_size: int, **extra):
                        intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_hidden_layers,
                        num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_attention_heads,
                        max_position_embeddings=spec.max_position_embeddings, bos_token_id=1, eos_token_id=2,
-                       pad_token_id=3, tie_word_embeddings=False, **extra)
+                       pad_token_id=3, tie_word_embeddings=spec.tie_word_embeddings, **extra)
 
 
 def make_tiny_models(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> dict[str, Path]:

@@ -26,11 +26,20 @@ def response_hidden_index(mb: Batch) -> torch.Tensor:
     return idx.clamp(max=mb.input_ids.shape[1] - 1)
 
 
-def policy_logits(model, mb: Batch) -> torch.Tensor:
-    """Response-aligned logits [b, T, V]."""
-    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask).logits
-    idx = response_hidden_index(mb).to(logits.device)
-    return logits.gather(1, idx.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+def policy_logprobs_and_entropy(model, mb: Batch, entropy_grad: bool = False
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response-aligned log pi(a_t | s_t) and entropy, [b, T] in fp32. The LM head runs only from the
+    first response position on (`logits_to_keep`), and each kept position is scored against the
+    next input token before the [b, T] alignment: with a real vocabulary every pass over the logits
+    costs like a layer, so none is spent on prompt positions or on re-indexing [b, T, V]."""
+    idx = response_hidden_index(mb)
+    first = int(idx.min())
+    logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
+                   logits_to_keep=mb.input_ids.shape[1] - first).logits
+    next_ids = torch.nn.functional.pad(mb.input_ids[:, first + 1:], (0, 1))  # the last position predicts nothing
+    logp, ent = pm.token_logprobs_and_entropy(logits, next_ids.to(logits.device), entropy_grad)
+    idx = (idx - first).to(logits.device)
+    return logp.gather(1, idx), ent.gather(1, idx)
 
 
 def critic_values(critic, mb: Batch) -> torch.Tensor:
@@ -41,7 +50,7 @@ def critic_values(critic, mb: Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def response_logprobs(model, mb: Batch) -> torch.Tensor:
-    return pm.token_logprobs(policy_logits(model, mb), mb.response_ids)
+    return policy_logprobs_and_entropy(model, mb)[0]
 
 
 @dataclass
@@ -99,15 +108,14 @@ def sample_weights(mb: Batch, minibatch_real: float) -> torch.Tensor:
     return mb.real / max(minibatch_real, 1.0)
 
 
-def actor_loss(cfg: PPOConfig, logits: torch.Tensor, mb: Batch, tg: Targets, w: torch.Tensor
+def actor_loss(cfg: PPOConfig, model, mb: Batch, tg: Targets, w: torch.Tensor
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """sum_i w_i * token-mean(policy loss - c_ent * entropy + beta * KL-loss term); returns the loss and
     per-sample metrics (already weighted by `real`, to be summed): the KL to the reference and the
     rollout engine's logprob gap are measured on the old policy."""
-    logp = pm.token_logprobs(logits, mb.response_ids)
+    logp, ent = policy_logprobs_and_entropy(model, mb, entropy_grad=cfg.entropy_coef > 0)
     old = logp.detach() if tg.old_logprobs is None else tg.old_logprobs
     pl, clipped, approx_kl = pm.policy_loss(logp, old, tg.advantages, cfg.clip, cfg.dual_clip)
-    ent = pm.entropy_from_logits(logits if cfg.entropy_coef > 0 else logits.detach())
     per_token = pl - cfg.entropy_coef * ent
     if tg.ref_logprobs is not None and not kl_as_reward(cfg) and cfg.kl_coef > 0:
         per_token = per_token + cfg.kl_coef * pm.kl_estimate(logp, tg.ref_logprobs, cfg.kl_estimator)

@@ -49,17 +49,16 @@ def seq_mean_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # Log-probabilities and entropy
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log pi(a_t | s_t): logits [B, T, V] (position t predicts tokens[:, t]) -> [B, T], in fp32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """H(pi(. | s_t)) = logsumexp(z) - sum softmax(z) z, [B, T, V] -> [B, T]."""
-    z = logits.float()
-    p = torch.softmax(z, dim=-1)
-    return torch.logsumexp(z, dim=-1) - (p * z).sum(-1)
+def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, entropy_grad: bool = False
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(a_t | s_t) (position t predicts tokens[:, t]) and H(pi(. | s_t)) = -sum_a pi(a) log pi(a), both [B, T] in fp32, from one
+    log-softmax: over a real vocabulary each pass over [B, T, V] costs as much as a layer's matmul.
+    The entropy is a metric unless it is in the loss (`entropy_grad`); then it carries gradients."""
+    logp_all = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, ent
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ class LearnerRank:
         mb = self._to_device(mb)
         tg = alg.Targets(*(None if t is None else t.to(self.device) for t in vars(tg).values()))
         w = alg.sample_weights(mb, mb_real)
-        loss, metrics = alg.actor_loss(self.cfg.ppo, alg.policy_logits(self.actor, mb), mb, tg, w)
+        loss, metrics = alg.actor_loss(self.cfg.ppo, self.actor, mb, tg, w)
         self.actor.backward(loss * self.world, scale_wrt_gas=False)
         if self.actor.is_gradient_accumulation_boundary() and self.cfg.zero_stage == 0:
             self._own_grad_norm = torch.linalg.vector_norm(
@@ -163,21 +163,28 @@ class LearnerRank:
 
     # ---- full state dict (collective) -----------------------------------------------------------
 
+    @staticmethod
+    def _named(engine) -> list[tuple[str, torch.nn.Parameter]]:
+        """Every HF name of every parameter, tied aliases included (`lm_head.weight` beside
+        `model.embed_tokens.weight`): vLLM's `reload_weights` unties a tied output embedding, so an
+        engine sent only the shared matrix's first name keeps sampling from its step-0 LM head."""
+        return list(engine.module.named_parameters(remove_duplicate=False))
+
     @contextmanager
     def _gathered(self, engine):
         """Yield the full HF-named parameters on rank 0 (None elsewhere), gathering ZeRO-3 shards."""
         import deepspeed
 
-        named = list(engine.module.named_parameters())
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None,
-                                               enabled=self.cfg.zero_stage == 3):
+        named = self._named(engine)
+        unique = list({id(p): p for _, p in named}.values())
+        with deepspeed.zero.GatheredParameters(unique, modifier_rank=None, enabled=self.cfg.zero_stage == 3):
             yield {n: p.detach() for n, p in named} if self.rank == 0 else None
 
     def manifest(self):
         from contract.weights import make_manifest, specs_of
 
         named = [(n, p.new_empty(tuple(getattr(p, "ds_shape", p.shape)), device="meta"))
-                 for n, p in self.actor.module.named_parameters()]
+                 for n, p in self._named(self.actor)]
         return make_manifest(specs_of(named), bucket_bytes=self.cfg.bucket_mb << 20)
 
     def join_weight_group(self, addr) -> None:

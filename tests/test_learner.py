@@ -104,7 +104,7 @@ def test_one_step_update_reuses_its_own_forward_as_the_old_policy(tiny_models):
     for old in (alg.response_logprobs(model, b), None):
         model.zero_grad()
         tg = alg.compute_targets(cfg, b, old, ref, None)
-        loss, metrics = alg.actor_loss(cfg, alg.policy_logits(model, b), b, tg, alg.sample_weights(b, 16.0))
+        loss, metrics = alg.actor_loss(cfg, model, b, tg, alg.sample_weights(b, 16.0))
         loss.backward()
         results.append((loss.item(), [p.grad.clone() for p in model.parameters()], metrics))
     (loss_a, grads_a, m_a), (loss_b, grads_b, m_b) = results
@@ -114,6 +114,28 @@ def test_one_step_update_reuses_its_own_forward_as_the_old_policy(tiny_models):
     for name in m_a:
         torch.testing.assert_close(m_b[name], m_a[name], rtol=0, atol=1e-7, msg=name)
     assert m_b["kl"].sum() > 0 and m_b["logprob_gap"].sum() > 0  # measured, not defaulted
+
+
+def test_response_logprobs_and_entropy_are_each_rows_own_next_token_scores(tiny_models):
+    """Prompts and responses of different lengths in one right-padded batch: the LM head runs on a
+    shared tail of positions, so each row's alignment must still land on its own response tokens."""
+    from transformers import AutoModelForCausalLM
+
+    from learner import algorithm as alg
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], dtype=torch.float32)
+    b = prepare(experience_table(n=10), 0, 0, 1).batch
+    assert len(set(b.prompt_lens.tolist())) > 1 and len(set(b.mask.sum(1).tolist())) > 1
+    with torch.no_grad():
+        logp, ent = alg.policy_logprobs_and_entropy(model, b)
+        for i in range(len(b)):
+            p, r = int(b.prompt_lens[i]), int(b.mask[i].sum())
+            ids = b.input_ids[i, :p + r].unsqueeze(0)
+            all_logp = torch.log_softmax(model(input_ids=ids).logits[0, p - 1:p + r - 1], -1)
+            want_logp = all_logp.gather(-1, ids[0, p:].unsqueeze(-1)).squeeze(-1)
+            want_ent = -(all_logp.exp() * all_logp).sum(-1)
+            torch.testing.assert_close(logp[i, :r], want_logp, rtol=0, atol=1e-5)
+            torch.testing.assert_close(ent[i, :r], want_ent, rtol=0, atol=1e-5)
 
 
 # ---- DeepSpeed ranks --------------------------------------------------------------------------
