@@ -6,9 +6,10 @@ CPU attention supports only head sizes 32, 64, 80, ... .
 """
 from __future__ import annotations
 
+import json
 import random
 import string
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from contract.atomic_dir import replace_dir
@@ -84,6 +85,15 @@ def _llama_config(spec: TinySpec, vocab_size: int, **extra):
                        pad_token_id=3, tie_word_embeddings=spec.tie_word_embeddings, **extra)
 
 
+def _built_from(spec: TinySpec, model_dir: Path) -> bool:
+    """A complete directory written from this very spec (a directory left by an older spec is rebuilt,
+    not silently reused)."""
+    if not ((model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file()):
+        return False
+    config = json.loads((model_dir / "config.json").read_text())
+    return all(config.get(k) == v for k, v in asdict(spec).items() if k != "tokenizer_vocab")
+
+
 def make_tiny_models(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> dict[str, Path]:
     """Write `policy/` (causal LM) and `reward/` (1-output sequence classifier) under out_dir.
 
@@ -96,7 +106,7 @@ def make_tiny_models(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> 
     spec = SIZES[size]
     out = Path(out_dir)
     paths = {"policy": out / "policy", "reward": out / "reward"}
-    if all((p / "config.json").is_file() and (p / "tokenizer.json").is_file() for p in paths.values()):
+    if all(_built_from(spec, p) for p in paths.values()):
         return paths
     tok = train_tokenizer(spec.tokenizer_vocab, seed)
     vocab = len(tok)

@@ -11,6 +11,10 @@ Transports:
     The group is re-formed under a new name whenever the worker set changes.
   * object store: one `ray.put` of a `PackedStateDict`; each worker fetches it.
 Every rendezvous and collective carries a timeout: a dead peer becomes an error, never a hang.
+
+Tied parameters (`lm_head.weight` is `model.embed_tokens.weight`) travel once, under their first
+name, and receivers get every alias back (`tied_aliases`): vLLM's `reload_weights` unties a tied
+output embedding, so an engine not sent the alias kept sampling from its step-0 LM head.
 """
 from __future__ import annotations
 
@@ -63,13 +67,15 @@ class WeightManifest:
 
     specs: tuple[TensorSpec, ...]
     buckets: tuple[tuple[int, ...], ...]  # indices into specs; one dtype per bucket
+    aliases: tuple[tuple[str, str], ...] = ()  # (alias, name sent): see `tied_aliases`
 
     @property
     def total_bytes(self) -> int:
         return sum(s.nbytes for s in self.specs)
 
 
-def make_manifest(specs: Iterable[TensorSpec], bucket_bytes: int = 256 << 20) -> WeightManifest:
+def make_manifest(specs: Iterable[TensorSpec], bucket_bytes: int = 256 << 20,
+                  aliases: tuple[tuple[str, str], ...] = ()) -> WeightManifest:
     """Greedy buckets of at most `bucket_bytes` (a larger tensor gets a bucket of its own)."""
     specs = tuple(specs)
     buckets: list[list[int]] = []
@@ -81,7 +87,32 @@ def make_manifest(specs: Iterable[TensorSpec], bucket_bytes: int = 256 << 20) ->
             buckets.append(cur)
         cur.append(i)
         open_by_dtype[s.dtype] = (cur, size + s.nbytes)
-    return WeightManifest(specs=specs, buckets=tuple(tuple(b) for b in buckets))
+    return WeightManifest(specs=specs, buckets=tuple(tuple(b) for b in buckets), aliases=aliases)
+
+
+def tied_aliases(module: torch.nn.Module) -> tuple[tuple[str, str], ...]:
+    """(alias, first name) for every parameter registered under a second name; `named_parameters()`
+    lists the first name only, which is what is sent."""
+    first: dict[int, str] = {}
+    aliases = []
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases.append((name, first[id(p)]))
+        else:
+            first[id(p)] = name
+    return tuple(aliases)
+
+
+def with_aliases(named: Iterable[tuple[str, torch.Tensor]], aliases: tuple[tuple[str, str], ...]
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Each (name, tensor), followed by the same tensor under each of its aliases."""
+    by_source: dict[str, list[str]] = {}
+    for alias, source in aliases:
+        by_source.setdefault(source, []).append(alias)
+    for name, t in named:
+        yield name, t
+        for alias in by_source.get(name, ()):
+            yield alias, t
 
 
 def specs_of(named: Iterable[tuple[str, torch.Tensor]]) -> list[TensorSpec]:
@@ -99,20 +130,21 @@ class PackedStateDict:
 
     specs: tuple[TensorSpec, ...]
     arrays: tuple[np.ndarray, ...]
+    aliases: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def pack(cls, tensors: dict[str, torch.Tensor]) -> PackedStateDict:
+    def pack(cls, tensors: dict[str, torch.Tensor], aliases: tuple[tuple[str, str], ...] = ()) -> PackedStateDict:
         """Views, not copies (for contiguous CPU tensors): `ray.put` makes the one copy."""
         items = [(n, t.detach().cpu().contiguous()) for n, t in tensors.items()]
-        return cls(tuple(specs_of(items)), tuple(t.reshape(-1).view(torch.uint8).numpy() for _, t in items))
+        return cls(tuple(specs_of(items)), tuple(t.reshape(-1).view(torch.uint8).numpy() for _, t in items), aliases)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) views over the arrays; read-only when fetched from the object store, which is
         fine for loaders that copy into their own parameters."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")
-            for s, a in zip(self.specs, self.arrays):
-                yield s.name, torch.from_numpy(a).view(s.torch_dtype).view(s.shape)
+            yield from with_aliases(((s.name, torch.from_numpy(a).view(s.torch_dtype).view(s.shape))
+                                     for s, a in zip(self.specs, self.arrays)), self.aliases)
 
 
 @dataclass(frozen=True)
@@ -180,6 +212,10 @@ def send_weights(group, manifest: WeightManifest, tensors: dict[str, torch.Tenso
 
 def receive_weights(group, manifest: WeightManifest, device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """Receiver side: yields (name, tensor) as buckets arrive, so loading can stream."""
+    yield from with_aliases(_received(group, manifest, device), manifest.aliases)
+
+
+def _received(group, manifest: WeightManifest, device: str) -> Iterator[tuple[str, torch.Tensor]]:
     for bucket in manifest.buckets:
         specs = [manifest.specs[i] for i in bucket]
         flat = torch.empty(sum(s.numel for s in specs), dtype=specs[0].torch_dtype, device=device)

@@ -163,29 +163,24 @@ class LearnerRank:
 
     # ---- full state dict (collective) -----------------------------------------------------------
 
-    @staticmethod
-    def _named(engine) -> list[tuple[str, torch.nn.Parameter]]:
-        """Every HF name of every parameter, tied aliases included (`lm_head.weight` beside
-        `model.embed_tokens.weight`): vLLM's `reload_weights` unties a tied output embedding, so an
-        engine sent only the shared matrix's first name keeps sampling from its step-0 LM head."""
-        return list(engine.module.named_parameters(remove_duplicate=False))
-
     @contextmanager
     def _gathered(self, engine):
-        """Yield the full HF-named parameters on rank 0 (None elsewhere), gathering ZeRO-3 shards."""
+        """Yield the full HF-named parameters on rank 0 (None elsewhere), gathering ZeRO-3 shards.
+        A tied parameter appears once, under its first name (see `contract.weights.tied_aliases`)."""
         import deepspeed
 
-        named = self._named(engine)
-        unique = list({id(p): p for _, p in named}.values())
-        with deepspeed.zero.GatheredParameters(unique, modifier_rank=None, enabled=self.cfg.zero_stage == 3):
+        named = list(engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None,
+                                               enabled=self.cfg.zero_stage == 3):
             yield {n: p.detach() for n, p in named} if self.rank == 0 else None
 
     def manifest(self):
-        from contract.weights import make_manifest, specs_of
+        from contract.weights import make_manifest, specs_of, tied_aliases
 
         named = [(n, p.new_empty(tuple(getattr(p, "ds_shape", p.shape)), device="meta"))
-                 for n, p in self._named(self.actor)]
-        return make_manifest(specs_of(named), bucket_bytes=self.cfg.bucket_mb << 20)
+                 for n, p in self.actor.module.named_parameters()]
+        return make_manifest(specs_of(named), bucket_bytes=self.cfg.bucket_mb << 20,
+                             aliases=tied_aliases(self.actor.module))
 
     def join_weight_group(self, addr) -> None:
         from contract.weights import join_group
@@ -214,10 +209,10 @@ class LearnerRank:
         copy), returned wrapped in a list so the caller gets the ref itself, not its value."""
         import ray
 
-        from contract.weights import PackedStateDict
+        from contract.weights import PackedStateDict, tied_aliases
 
         with self._gathered(self.actor) as sd:
-            return None if sd is None else [ray.put(PackedStateDict.pack(sd))]
+            return None if sd is None else [ray.put(PackedStateDict.pack(sd, tied_aliases(self.actor.module)))]
 
     # ---- checkpoints (collective; `path` is a fresh temp dir the controller renames) ------------
 

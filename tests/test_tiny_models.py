@@ -38,3 +38,15 @@ def test_vllm_generates_and_matches_transformers_logprobs(tiny_models):
     ref = logp[n - 1:, :].gather(-1, torch.tensor(sample.token_ids)[:, None]).squeeze(-1)
     got = torch.tensor([lp[t].logprob for lp, t in zip(sample.logprobs, sample.token_ids)])
     assert torch.allclose(got, ref, atol=1e-4), (got, ref)
+
+
+def test_a_directory_built_from_another_size_is_rebuilt_not_reused(tmp_path):
+    import json
+
+    from cluster.tiny_models import make_tiny_models
+
+    untied = make_tiny_models(tmp_path, size="tiny")
+    assert json.loads((untied["policy"] / "config.json").read_text())["tie_word_embeddings"] is False
+    tied = make_tiny_models(tmp_path, size="tiny-tied")
+    lm = AutoModelForCausalLM.from_pretrained(tied["policy"])
+    assert lm.config.tie_word_embeddings and lm.lm_head.weight.data_ptr() == lm.model.embed_tokens.weight.data_ptr()

@@ -32,13 +32,26 @@ def test_packed_state_dict_round_trips_through_the_object_store(ray_local):
     g = torch.Generator().manual_seed(0)
     sent = {"w": torch.randn(6, 4, generator=g).t(), "b16": torch.randn(7, generator=g).to(torch.bfloat16),
             "scale": torch.tensor(0.5), "ids": torch.arange(5)}
-    packed = ray_local.get(ray_local.put(PackedStateDict.pack(sent)), timeout=60)
+    packed = ray_local.get(ray_local.put(PackedStateDict.pack(sent, aliases=(("w_tied", "w"),))), timeout=60)
     got = dict(packed.tensors())
-    assert list(got) == list(sent)
+    assert list(got) == ["w", "w_tied", "b16", "scale", "ids"]  # an alias follows its source
     for name, t in sent.items():
         assert got[name].dtype == t.dtype and got[name].shape == t.shape
         assert torch.equal(got[name], t), name
+    assert got["w_tied"].data_ptr() == got["w"].data_ptr()  # the tied bytes travelled once
+    assert len(packed.arrays) == len(sent)
     assert not any(a.flags.writeable or a.flags.owndata for a in packed.arrays)  # views of the object store
+
+
+def test_tied_aliases_name_each_second_registration_of_a_parameter():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from contract.weights import tied_aliases
+
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1)
+    tied = LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=True))
+    assert tied_aliases(tied) == (("lm_head.weight", "model.embed_tokens.weight"),)
+    assert tied_aliases(LlamaForCausalLM(LlamaConfig(**cfg, tie_word_embeddings=False))) == ()
 
 
 def test_version_rule():
@@ -55,14 +68,15 @@ def _member(rank, world, group_port, default_port, q):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{default_port + rank}", rank=0, world_size=1)
     torch.manual_seed(0)
     tensors = {"w": torch.randn(3, 4), "b": torch.randn(4), "h": torch.randn(2, 2).to(torch.bfloat16)}
-    manifest = make_manifest(specs_of(tensors.items()), bucket_bytes=40)
+    manifest = make_manifest(specs_of(tensors.items()), bucket_bytes=40, aliases=(("w_tied", "w"),))
     group = join_group(GroupAddress("127.0.0.1", group_port, world, "wsync-test-1", timeout_s=30), rank)
     if rank == 0:
         send_weights(group, manifest, tensors)
         q.put((rank, True))
     else:
         got = {n: t.clone() for n, t in receive_weights(group, manifest)}
-        q.put((rank, all(torch.equal(got[n], tensors[n]) for n in tensors) and got.keys() == tensors.keys()))
+        q.put((rank, all(torch.equal(got[n], tensors[n]) for n in tensors) and torch.equal(got["w_tied"], tensors["w"])
+               and list(got) == ["w", "w_tied", "b", "h"]))
     leave_group(group)
     q.put((rank, dist.get_world_size()))  # default group untouched
     dist.destroy_process_group()
