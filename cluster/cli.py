@@ -10,6 +10,7 @@ import sys
 from contract.config_base import ConfigError
 from contract.datasets import DatasetError
 from cluster.errors import JobFailed, UsageError
+from cluster.tiny_models import SIZES
 
 USER_ERRORS = (ConfigError, DatasetError, UsageError)
 
@@ -100,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("make-tiny-models", help="write tiny random-init policy/reward models and a tokenizer")
     m.add_argument("out", help="output directory")
-    m.add_argument("--size", choices=["tiny", "m100"], default="tiny")
+    m.add_argument("--size", choices=list(SIZES), default="tiny")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=_cmd_make_tiny_models)
     return p
