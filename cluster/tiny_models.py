@@ -59,8 +59,9 @@ def random_word_corpus(vocab_size: int, seed: int = 0) -> list[str]:
 
 
 def train_tokenizer(vocab_size: int, seed: int = 0):
-    """Byte-level BPE trained with `tokenizers` on synthetic text, wrapped for transformers. The
-    colour corpus comes first, so its words stay whole tokens at any vocabulary size."""
+    """Byte-level BPE trained with `tokenizers` on synthetic text, wrapped for transformers. Beyond
+    the tiny vocabulary, random words let BPE reach the size asked for; the colour words, far more
+    frequent, are still merged into whole tokens first."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -51,9 +51,9 @@ def seq_mean_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, entropy_grad: bool = False
                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(a_t | s_t) (position t predicts tokens[:, t]) and H(pi(. | s_t)) = -sum_a pi(a) log pi(a), both [B, T] in fp32, from one
-    log-softmax: over a real vocabulary each pass over [B, T, V] costs as much as a layer's matmul.
-    The entropy is a metric unless it is in the loss (`entropy_grad`); then it carries gradients."""
+    """log pi(a_t | s_t) (position t predicts tokens[:, t]) and H(pi(. | s_t)) = -sum_a pi(a) log pi(a),
+    both [B, T] in fp32, from one log-softmax: over a real vocabulary each pass over [B, T, V] costs
+    like a layer's matmul. The entropy is a metric unless it is in the loss (`entropy_grad`)."""
     logp_all = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
     logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
