@@ -103,7 +103,7 @@ def tied_aliases(module: torch.nn.Module) -> tuple[tuple[str, str], ...]:
     return tuple(aliases)
 
 
-def with_aliases(named: Iterable[tuple[str, torch.Tensor]], aliases: tuple[tuple[str, str], ...]
+def _with_aliases(named: Iterable[tuple[str, torch.Tensor]], aliases: tuple[tuple[str, str], ...]
                  ) -> Iterator[tuple[str, torch.Tensor]]:
     """Each (name, tensor), followed by the same tensor under each of its aliases."""
     by_source: dict[str, list[str]] = {}
@@ -143,7 +143,7 @@ class PackedStateDict:
         fine for loaders that copy into their own parameters."""
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*not writable.*")
-            yield from with_aliases(((s.name, torch.from_numpy(a).view(s.torch_dtype).view(s.shape))
+            yield from _with_aliases(((s.name, torch.from_numpy(a).view(s.torch_dtype).view(s.shape))
                                      for s, a in zip(self.specs, self.arrays)), self.aliases)
 
 
@@ -212,7 +212,7 @@ def send_weights(group, manifest: WeightManifest, tensors: dict[str, torch.Tenso
 
 def receive_weights(group, manifest: WeightManifest, device: str = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """Receiver side: yields (name, tensor) as buckets arrive, so loading can stream."""
-    yield from with_aliases(_received(group, manifest, device), manifest.aliases)
+    yield from _with_aliases(_received(group, manifest, device), manifest.aliases)
 
 
 def _received(group, manifest: WeightManifest, device: str) -> Iterator[tuple[str, torch.Tensor]]:

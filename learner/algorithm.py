@@ -26,20 +26,29 @@ def response_hidden_index(mb: Batch) -> torch.Tensor:
     return idx.clamp(max=mb.input_ids.shape[1] - 1)
 
 
-def policy_logprobs_and_entropy(model, mb: Batch, entropy_grad: bool = False
-                                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Response-aligned log pi(a_t | s_t) and entropy, [b, T] in fp32. The LM head runs only from the
-    first response position on (`logits_to_keep`), and each kept position is scored against the
-    next input token before the [b, T] alignment: with a real vocabulary every pass over the logits
-    costs like a layer, so none is spent on prompt positions or on re-indexing [b, T, V]."""
+def _kept_log_softmax(model, mb: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 log pi(. | s) [b, N, V] at the positions from the first response position on, the next
+    input token at each [b, N], and where each response token's position sits among them [b, T].
+    The LM head runs only on those positions (`logits_to_keep`) and tokens are scored before the
+    [b, T] alignment: with a real vocabulary every pass over the logits costs like a layer, so none
+    is spent on prompt positions or on re-indexing [b, T, V]."""
     idx = response_hidden_index(mb)
     first = int(idx.min())
     logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                    logits_to_keep=mb.input_ids.shape[1] - first).logits
     next_ids = torch.nn.functional.pad(mb.input_ids[:, first + 1:], (0, 1))  # the last position predicts nothing
-    logp, ent = pm.token_logprobs_and_entropy(logits, next_ids.to(logits.device), entropy_grad)
-    idx = (idx - first).to(logits.device)
-    return logp.gather(1, idx), ent.gather(1, idx)
+    return (torch.log_softmax(logits, dim=-1, dtype=torch.float32), next_ids.to(logits.device),
+            (idx - first).to(logits.device))
+
+
+def policy_logprobs_and_entropy(model, mb: Batch, entropy_grad: bool = False
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response-aligned log pi(a_t | s_t) and entropy, [b, T] in fp32, from one log-softmax. The
+    entropy is a metric unless it is in the loss (`entropy_grad`)."""
+    log_probs, next_ids, idx = _kept_log_softmax(model, mb)
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        ent = pm.entropy(log_probs)
+    return pm.token_logprobs(log_probs, next_ids).gather(1, idx), ent.gather(1, idx)
 
 
 def critic_values(critic, mb: Batch) -> torch.Tensor:
@@ -50,7 +59,9 @@ def critic_values(critic, mb: Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def response_logprobs(model, mb: Batch) -> torch.Tensor:
-    return policy_logprobs_and_entropy(model, mb)[0]
+    """Response-aligned log pi(a_t | s_t) for the old-policy and reference passes (no entropy)."""
+    log_probs, next_ids, idx = _kept_log_softmax(model, mb)
+    return pm.token_logprobs(log_probs, next_ids).gather(1, idx)
 
 
 @dataclass

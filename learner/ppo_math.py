@@ -49,16 +49,14 @@ def seq_mean_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 # Log-probabilities and entropy
 
 
-def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor, entropy_grad: bool = False
-                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(a_t | s_t) (position t predicts tokens[:, t]) and H(pi(. | s_t)) = -sum_a pi(a) log pi(a),
-    both [B, T] in fp32, from one log-softmax: over a real vocabulary each pass over [B, T, V] costs
-    like a layer's matmul. The entropy is a metric unless it is in the loss (`entropy_grad`)."""
-    logp_all = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-    logp = logp_all.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-        ent = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, ent
+def token_logprobs(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log pi(a_t | s_t): log-softmax [B, T, V] (position t predicts tokens[:, t]) -> [B, T]."""
+    return log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy(log_probs: torch.Tensor) -> torch.Tensor:
+    """H(pi(. | s_t)) = -sum_a pi(a) log pi(a), from the log-softmax [B, T, V] -> [B, T]."""
+    return -(log_probs.exp() * log_probs).sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,10 +76,9 @@ def test_clipped_value_loss():
 
 
 def test_entropy_logprobs_and_masked_reductions():
-    logits = T([[[0.0, math.log(3.0)]]])  # [B=1, T=1, V=2]
-    logp, ent = pm.token_logprobs_and_entropy(logits, torch.tensor([[1]]))
-    close(ent, [[-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]])
-    close(logp, [[math.log(0.75)]])
+    log_probs = torch.log_softmax(T([[[0.0, math.log(3.0)]]]), -1)  # [B=1, T=1, V=2]
+    close(pm.entropy(log_probs), [[-(0.25 * math.log(0.25) + 0.75 * math.log(0.75))]])
+    close(pm.token_logprobs(log_probs, torch.tensor([[1]])), [[math.log(0.75)]])
     x, mask = T([1.0, 2.0, 100.0], [3.0, 5.0, 7.0]), T([1, 1, 0], [1, 1, 1])
     close(pm.masked_mean(x, mask), (1 + 2 + 3 + 5 + 7) / 5)
     close(pm.seq_mean_token_mean(x, mask), [1.5, 5.0])
