@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
@@ -26,7 +25,7 @@ from actors.config import RolloutConfig, SamplingConfig
 from actors.prompts import check_prompt_lengths, check_prompt_table
 from actors.worker import RolloutWorker
 from contract.devices import DeviceProfile
-from contract.experience import concat, sample_keys
+from contract.experience import concat, ordered_exactly_once
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2  # how often a waiting generate looks for new/freed workers
@@ -59,7 +58,6 @@ class RolloutPool:
         self._retiring: dict[str, Any] = {}  # removed while busy: killed once their chunk returns
         self._next_index = 0
         self._replacing = 0
-        self._published: tuple[int, Any] | None = None
         self.membership_epoch = 0
         self.add_workers(cfg.num_workers)
 
@@ -142,7 +140,7 @@ class RolloutPool:
         costs = expected_tokens([len(t) for t in token_ids], sampling.max_new_tokens, sampling.n)
         chunks = split_balanced(costs, max(1, self.num_workers) * self.cfg.chunks_per_worker)
         batches = self._run(table, deque(_Chunk(c) for c in chunks), sampling)
-        return _ordered_exactly_once(concat(batches), ids, sampling.n)
+        return ordered_exactly_once(concat(batches), ids, sampling.n)
 
     def _run(self, table: pa.Table, queue: deque[_Chunk], sampling: SamplingConfig) -> list[pa.RecordBatch]:
         inflight: dict[Any, tuple[str, _Chunk, float]] = {}
@@ -232,16 +230,42 @@ class RolloutPool:
 
     # ---- weights, health, teardown ----------------------------------------------------------
     def update_weights(self, version: int, ref) -> None:
-        """Object-store transport to every worker; workers started later load the same version."""
-        with self._lock:
-            self._published = (version, ref)
-            members = [(wid, m.handle) for wid, m in self._members.items()]
+        """Object-store transport to every worker. Workers started later load what `weights_source`
+        names (the publisher's latest), so the pool keeps no copy of its own."""
+        members = self.workers()
         refs = [h.update_weights.remote(version, ref) for _, h in members]
         for (wid, _), r in zip(members, refs):
             try:
                 ray.get(r, timeout=self.cfg.request_timeout_s)
             except RayActorError as err:
-                self._on_death(wid, err)  # its replacement loads `version` before serving
+                self._on_death(wid, err)  # its replacement loads the current version before serving
+
+    # ---- the broadcast weight group (formed by the publisher, joined by every current member) ------
+    def weight_group_members(self) -> tuple[int, int]:
+        """(membership epoch, number of workers): a group formed for this epoch has 1 + n ranks."""
+        with self._lock:
+            return self.membership_epoch, len(self._members)
+
+    def join_weight_group(self, addr, epoch: int) -> list:
+        """Every member joins `addr` as ranks 1..n (refs to await beside the sender's join)."""
+        with self._lock:
+            if epoch != self.membership_epoch:
+                raise RuntimeError(f"rollout pool: membership changed (epoch {self.membership_epoch}, group formed "
+                                   f"for {epoch})")
+            handles = [m.handle for m in self._members.values()]
+        return [h.join_weight_group.remote(addr, rank) for rank, h in enumerate(handles, start=1)]
+
+    def receive_weights(self, version: int, manifest) -> list:
+        """Every member receives one broadcast of `version` (refs to await beside the sender's)."""
+        return [h.receive_weights.remote(version, manifest) for _, h in self.workers()]
+
+    def leave_weight_group(self) -> None:
+        """Best effort on every live member (a dead worker has nothing to leave); never raises."""
+        for r in [h.leave_weight_group.remote() for _, h in self.workers()]:
+            try:
+                ray.get(r, timeout=10)
+            except Exception:  # noqa: BLE001
+                pass
 
     def metrics(self) -> dict:
         members = self.workers()
@@ -267,11 +291,7 @@ class RolloutPool:
 
     # ---- helpers ----------------------------------------------------------------------------
     def _current_weights(self) -> tuple[int, Any] | None:
-        src = self.weights_source() if self.weights_source else None
-        pub = self._published
-        if src is None or (pub is not None and pub[0] > src[0]):
-            return pub
-        return src
+        return self.weights_source() if self.weights_source else None
 
     def _index(self, wid: str) -> int:
         return int(wid.rsplit("-", 1)[1])
@@ -303,16 +323,3 @@ def _name_taken(name: str, namespace: str | None) -> bool:
         return True
     except ValueError:
         return False
-
-
-def _ordered_exactly_once(table: pa.Table, prompt_ids: list[str], n: int) -> pa.Table:
-    keys = sample_keys(table)
-    want = {(p, s) for p in prompt_ids for s in range(n)}
-    if len(keys) != len(want) or set(keys) != want:
-        missing = sorted(want - set(keys))[:3]
-        raise RuntimeError(f"rollout pool: expected each of {len(want)} (prompt_id, sample_idx) once, got "
-                           f"{len(keys)} rows ({len(set(keys))} distinct); missing e.g. {missing}")
-    pos = pc.index_in(table.column("prompt_id"), value_set=pa.array(prompt_ids, pa.string()))
-    order = pc.sort_indices(pa.table({"p": pos, "s": table.column("sample_idx")}),
-                            sort_keys=[("p", "ascending"), ("s", "ascending")])
-    return table.take(order)

@@ -2,7 +2,7 @@
 
 Same model (tiny: our overhead; m100: ~110M parameters, compute), prompts, group size, max new
 tokens and reward function (colour_fraction) on this box, measured in one process, TRL first. Ours runs the real stack (local Ray, a vLLM worker,
-the reward Serve app, a DeepSpeed rank) through `cluster.loop.Trainer`, exactly what `rlhf train`
+the reward Serve app, a DeepSpeed rank) through `cluster.job.loop.TrainingLoop`, exactly what `rlhf train`
 runs inside its controller. Reports seconds per iteration, samples/s, the ratio to TRL, and the
 share of wall time per stage (rollout, reward, learner, weight sync, learner idle).
 
@@ -65,10 +65,10 @@ def trl_grpo(models: dict, prompts: list[str], a) -> dict:
 def ours(models: dict, prompts_file: str, a, mode: str, work: Path) -> dict:
     import ray
 
-    from cluster.components import start_parts, stop_parts
+    from cluster.job.services import start_services, stop_services
     from cluster.config import load_config
-    from cluster.loop import LoopState, Trainer
-    from cluster.run_dir import RunDir
+    from cluster.job.loop import LoopState, TrainingLoop
+    from cluster.outputs.run_dir import RunDir
     from contract.datasets import PromptIterator, load_prompts
     from contract.devices import resolve_device
 
@@ -87,13 +87,13 @@ def ours(models: dict, prompts_file: str, a, mode: str, work: Path) -> dict:
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              runtime_env={"env_vars": device.actor_env(1)})
     run = RunDir(work / mode).create("")
-    parts = start_parts(cfg, device, str(work / mode / "store"), log=lambda m: None)
+    services = start_services(cfg, device, str(work / mode / "store"), log=lambda m: None)
     try:
-        trainer = Trainer(cfg, run, parts, PromptIterator(load_prompts(prompts_file)), LoopState(),
+        trainer = TrainingLoop(cfg, run, services, PromptIterator(load_prompts(prompts_file)), LoopState(),
                           log=lambda m: None)
         trainer.run_loop()
     finally:
-        stop_parts(parts)
+        stop_services(services)
         ray.shutdown()
     # The last async iteration has no next rollout to overlap, so it is not steady state; dropped
     # in both modes alike.
@@ -121,8 +121,8 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/RESULTS_e2e.md")
     a = p.parse_args()
 
-    from cluster.demo import demo_prompts, write_jsonl
-    from cluster.tiny_models import make_tiny_models
+    from cluster.demo.task import demo_prompts, write_jsonl
+    from cluster.demo.tiny_models import make_tiny_models
 
     work = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
     models = make_tiny_models(work / "models", size=a.size)

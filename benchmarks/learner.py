@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 import uuid
@@ -28,6 +27,7 @@ import torch  # noqa: E402
 from contract.devices import DeviceProfile  # noqa: E402
 from contract.experience import EXPERIENCE_SCHEMA  # noqa: E402
 from contract.weights import GroupAddress  # noqa: E402
+from contract.net import free_port  # noqa: E402
 from learner import algorithm as alg  # noqa: E402
 from learner.batch import prepare  # noqa: E402
 from learner.config import LearnerConfig  # noqa: E402
@@ -95,7 +95,7 @@ def plain_ppo_step(cfg: LearnerConfig, models: dict, opts: dict, b) -> None:
 def bench_step(size: str, reps: int) -> list[str]:
     from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
-    from cluster.tiny_models import make_tiny_models
+    from cluster.demo.tiny_models import make_tiny_models
 
     policy_dir = make_tiny_models(WORK / size, size=size)["policy"]
     vocab = AutoModelForCausalLM.from_pretrained(policy_dir).config.vocab_size
@@ -157,12 +157,6 @@ class Peer:
         return time.perf_counter() - t0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def m500_dir() -> Path:
     """~494M parameters, Llama (hidden 1536, 14 layers, head_dim 128, vocab 32000, untied)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -177,7 +171,7 @@ def m500_dir() -> Path:
 
 
 def bench_publish(size: str, reps: int) -> list[str]:
-    from cluster.tiny_models import make_tiny_models
+    from cluster.demo.tiny_models import make_tiny_models
 
     policy_dir = m500_dir() if size == "m500" else make_tiny_models(WORK / size, size=size)["policy"]
     cfg = LearnerConfig(num_ranks=1, zero_stage=0, cpus_per_rank=1)

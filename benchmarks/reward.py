@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,9 +23,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
+from contract.net import free_port  # noqa: E402
 import requests  # noqa: E402
 
-from cluster.tiny_models import make_tiny_models  # noqa: E402
+from cluster.demo.tiny_models import make_tiny_models  # noqa: E402
 from reward_service.app import deploy, shutdown  # noqa: E402
 from reward_service.config import RewardConfig  # noqa: E402
 from reward_service.functions import COLOURS, FILLER  # noqa: E402
@@ -42,12 +42,6 @@ def bench_pairs(n: int) -> tuple[list[str], list[str]]:
     words = list(COLOURS + FILLER)
     return ([f"question {i}: describe the sky." for i in range(n)],
             [" " + " ".join(rng.choice(words, size=WORDS)) for _ in range(n)])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def alternate(runs: dict, reps: int, n: int) -> dict[str, float]:

@@ -31,8 +31,9 @@ from actors.config import EngineConfig, RolloutConfig, SamplingConfig  # noqa: E
 from actors.engine import prompt_seed, sampling_params  # noqa: E402
 from actors.pool import RolloutPool  # noqa: E402
 from actors.worker import WorkerState  # noqa: E402
-from cluster.tiny_models import make_tiny_models  # noqa: E402
+from cluster.demo.tiny_models import make_tiny_models  # noqa: E402
 from contract.weights import GroupAddress, PackedStateDict, join_group, leave_group, make_manifest, send_weights, specs_of  # noqa: E402
+from contract.net import free_port  # noqa: E402
 
 SAMPLING = SamplingConfig(max_new_tokens=64, n=1, seed=0, temperature=1.0)
 N_PROMPTS = 32
@@ -142,12 +143,6 @@ class Publisher:
 
     def leave(self):
         leave_group(self.group)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def weight_updates(model_dir: str, reps: int) -> dict:

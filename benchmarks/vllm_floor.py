@@ -33,7 +33,7 @@ def main() -> None:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from cluster.tiny_models import make_tiny_models
+    from cluster.demo.tiny_models import make_tiny_models
 
     model = make_tiny_models(Path(tempfile.mkdtemp(prefix="vllm-floor-")))["policy"]
     llm = vllm.LLM(model=str(model), dtype="float32", enforce_eager=True, max_model_len=512,

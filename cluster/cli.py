@@ -10,20 +10,20 @@ import sys
 from contract.config_base import ConfigError
 from contract.datasets import DatasetError
 from cluster.errors import JobFailed, UsageError
-from cluster.tiny_models import SIZES
+from cluster.demo.tiny_models import SIZES
 
 USER_ERRORS = (ConfigError, DatasetError, UsageError)
 
 
 def _cmd_train(args) -> int:
-    from cluster.train import train_command
+    from cluster.launch.train import train_command
 
     return train_command(args.config, args.overrides, resume=args.resume, run_dir=args.run_dir,
                          address=args.address)
 
 
 def _cmd_make_tiny_models(args) -> int:
-    from cluster.tiny_models import make_tiny_models
+    from cluster.demo.tiny_models import make_tiny_models
 
     for role, path in make_tiny_models(args.out, size=args.size, seed=args.seed).items():
         print(f"{role}: {path}")
@@ -42,25 +42,25 @@ def _cmd_train_rm(args) -> int:
 
 
 def _cmd_scale(args) -> int:
-    from cluster.control import scale_command
+    from cluster.launch.control import scale_command
 
     return scale_command(args.workers, address=args.address, name=args.name)
 
 
 def _cmd_status(args) -> int:
-    from cluster.control import status_command
+    from cluster.launch.control import status_command
 
     return status_command(address=args.address, name=args.name)
 
 
 def _cmd_stop(args) -> int:
-    from cluster.control import stop_command
+    from cluster.launch.control import stop_command
 
     return stop_command(address=args.address, name=args.name)
 
 
 def _cmd_submit(args) -> int:
-    from cluster.submit import submit_command
+    from cluster.launch.submit import submit_command
 
     return submit_command(args.config, args.overrides, address=args.address, wait=not args.no_wait)
 
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from cluster.ray_session import use_token_auth
+    from cluster.launch.ray_session import use_token_auth
 
     use_token_auth()  # must precede `import ray`: Ray reads the auth mode once, at import
     try:

@@ -2,8 +2,9 @@
 
 One row per sample (a prompt's `sample_idx`-th completion). Rollout workers fill the rollout
 columns; the controller appends the reward columns from the reward service and `step`.
-Keeping it Arrow end to end means the same object is shipped through Ray's object store
-zero-copy, scored, trained on and written as provenance without conversions.
+Arrow end to end: the rollout batches travel through Ray's object store and are written to
+Parquet as they are; the learner converts them to padded tensors once (learner/batch.py), the
+reward client reads the text columns as Python lists.
 """
 from __future__ import annotations
 
@@ -73,3 +74,20 @@ def check_lengths(table: pa.Table) -> None:
 def sample_keys(table: pa.Table) -> list[tuple[str, int]]:
     """(prompt_id, sample_idx) per row: the identity used for exactly-once accounting."""
     return list(zip(table.column("prompt_id").to_pylist(), table.column("sample_idx").to_pylist()))
+
+
+def ordered_exactly_once(table: pa.Table, prompt_ids: list[str], n: int) -> pa.Table:
+    """The rows ordered by prompt (in `prompt_ids` order) then sample_idx, after checking that each
+    of the len(prompt_ids) x n (prompt_id, sample_idx) keys appears exactly once (ValueError if not)."""
+    import pyarrow.compute as pc
+
+    keys = sample_keys(table)
+    want = {(p, s) for p in prompt_ids for s in range(n)}
+    if len(keys) != len(want) or set(keys) != want:
+        missing = sorted(want - set(keys))[:3]
+        raise ExperienceError(f"expected each of {len(want)} (prompt_id, sample_idx) once, got {len(keys)} rows "
+                              f"({len(set(keys))} distinct); missing e.g. {missing}")
+    pos = pc.index_in(table.column("prompt_id"), value_set=pa.array(prompt_ids, pa.string()))
+    order = pc.sort_indices(pa.table({"p": pos, "s": table.column("sample_idx")}),
+                            sort_keys=[("p", "ascending"), ("s", "ascending")])
+    return table.take(order)

@@ -7,9 +7,7 @@ names the operation, never a hang on the survivors.
 """
 from __future__ import annotations
 
-import shutil
 import time
-import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,7 +16,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from contract.atomic_dir import replace_dir
+from contract.atomic import staged_dir
 from contract.devices import DeviceProfile
 from contract.weights import GroupAddress, WeightManifest
 from learner.batch import prepare
@@ -160,16 +158,9 @@ class LearnerGroup:
     def save_checkpoint(self, path: str) -> None:
         """All engines' DeepSpeed state plus HF exports, written to a temp dir renamed into place
         (the path must be on storage every rank can reach)."""
-        final = Path(path)
-        tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir(parents=True)
-        try:
+        with staged_dir(path) as tmp:
             self._all("save_checkpoint", str(tmp), self.version, timeout_s=self.cfg.sync_timeout_s,
                       what="save_checkpoint")
-            replace_dir(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
 
     def load_checkpoint(self, path: str) -> None:
         state = Path(path) / "learner_state.json"

@@ -10,7 +10,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,10 +45,10 @@ class LearnerRank:
         workers on other nodes)."""
         import ray
 
+        from contract.net import free_port
+
         host = "127.0.0.1" if local_only else ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return host, s.getsockname()[1]
+        return host, free_port("")
 
     def setup(self, master_addr: str, master_port: int) -> None:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),

@@ -16,8 +16,9 @@ import ray
 from ray import serve
 
 from contract.config_base import ConfigError
+from contract.devices import DeviceProfile
+from contract.functions import load_function
 from reward_service.client import RewardClient
-from reward_service.combine import load_function
 from reward_service.config import RewardConfig
 from reward_service.replicas import RewardFeedback, RewardScorer
 
@@ -40,21 +41,23 @@ def _check(cfg: RewardConfig) -> None:
     sys.path[:0] = [p for p in cfg.python_path if p not in sys.path]
     for f in cfg.functions:
         try:
-            load_function(f.path)
+            load_function(f.path, "reward.functions")
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
 
-def _replica_env(cfg: RewardConfig, threads: int) -> dict[str, str]:
-    env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+def _replica_env(cfg: RewardConfig, device: DeviceProfile, threads: int) -> dict[str, str]:
+    env = device.actor_env(threads)
     if cfg.python_path:
         # Ray expands ${PYTHONPATH} to what the worker would have had, so nothing is dropped.
         env["PYTHONPATH"] = os.pathsep.join([str(Path(p).resolve()) for p in cfg.python_path] + ["${PYTHONPATH}"])
     return env
 
 
-def deploy(cfg: RewardConfig, store_dir: str | Path, name: str = "reward") -> RewardClient:
-    """Run app `name` (deployments RewardScorer + RewardFeedback) and return its client."""
+def deploy(cfg: RewardConfig, store_dir: str | Path, name: str = "reward",
+           device: DeviceProfile = DeviceProfile("cpu")) -> RewardClient:
+    """Run app `name` (deployments RewardScorer + RewardFeedback) and return its client. Replicas
+    start with the device profile's actor environment."""
     _check(cfg)
     store = Path(store_dir).resolve()
     store.mkdir(parents=True, exist_ok=True)
@@ -71,7 +74,7 @@ def deploy(cfg: RewardConfig, store_dir: str | Path, name: str = "reward") -> Re
     scorer = RewardScorer.options(
         max_ongoing_requests=2 * cfg.max_batch_size,  # >= the batch size, or Serve caps batches at 5
         ray_actor_options={"num_cpus": cfg.cpus_per_replica,
-                           "runtime_env": {"env_vars": _replica_env(cfg, threads)}},
+                           "runtime_env": {"env_vars": _replica_env(cfg, device, threads)}},
         **scaling,
     ).bind(cfg.model_dump(), token_sha, feedback)
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})

@@ -8,26 +8,11 @@ Parts keep the raw values (NaN included) so the controller can log what went wro
 """
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-RewardFn = Callable[[list[str], list[str]], list[float]]
-
-
-def load_function(path: str) -> RewardFn:
-    """`package.module:function` -> the callable, or a ValueError naming what is missing."""
-    module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"reward.functions: cannot import module {module_name!r} for {path!r} ({e})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"reward.functions: {path!r} is not a callable in module {module_name!r}")
-    return fn
+from contract.functions import ScoreFn as RewardFn
 
 
 @dataclass

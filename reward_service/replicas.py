@@ -26,7 +26,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from contract.datasets import DatasetError
-from reward_service.combine import Scored, call_function, combine, load_function
+from contract.functions import load_function
+from reward_service.combine import Scored, call_function, combine
 from reward_service.config import RewardConfig
 from reward_service.feedback import FeedbackStore, validate_batch
 
@@ -67,7 +68,7 @@ class RewardScorer:
             from reward_service.model import RewardModel
 
             self.model = RewardModel(self.cfg.model_dir, self.cfg.max_length, threads=int(self.cfg.cpus_per_replica))
-        self.functions = [(f"fn:{f.path.split(':')[1]}", load_function(f.path), f.weight) for f in self.cfg.functions]
+        self.functions = [(f"fn:{f.path.split(':')[1]}", load_function(f.path, "reward.functions"), f.weight) for f in self.cfg.functions]
         self._model_item.set_max_batch_size(self.cfg.max_batch_size)
         self._model_item.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.batch_sizes: deque[int] = deque(maxlen=10_000)

@@ -9,14 +9,13 @@ uses, so the model is trained on exactly what it will be asked to score.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from contract.atomic_dir import replace_dir
+from contract.atomic import staged_dir
 from contract.config_base import ConfigError
 from contract.datasets import load_labels, load_preferences
 from reward_service.config import RewardModelTrainConfig
@@ -82,11 +81,9 @@ def _evaluate(score: Scorer, ex: dict, idx: np.ndarray, objective: str, batch: i
 
 
 def _save_atomically(model, tok, output_dir: Path) -> None:
-    tmp = output_dir.with_name(output_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    replace_dir(tmp, output_dir)
+    with staged_dir(output_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
 
 
 def train_reward_model(cfg: RewardModelTrainConfig) -> dict:

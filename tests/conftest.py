@@ -34,7 +34,7 @@ def _restore_environ():
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    from cluster.tiny_models import make_tiny_models
+    from cluster.demo.tiny_models import make_tiny_models
 
     return make_tiny_models(tmp_path_factory.mktemp("models"))
 

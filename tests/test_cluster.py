@@ -13,9 +13,9 @@ import pytest
 
 from cluster.config import load_config
 from cluster.errors import UsageError
-from cluster.experience import provenance, trainable_mask, with_rewards
-from cluster.ray_session import check_port, check_reachable
-from cluster.run_dir import RunDir
+from cluster.job.rollout_table import provenance, trainable_mask, with_rewards
+from cluster.launch.ray_session import check_port, check_reachable
+from cluster.outputs.run_dir import RunDir
 from contract.experience import EXPERIENCE_SCHEMA, rollout_batch
 
 
@@ -88,7 +88,7 @@ def test_async_config_lets_the_learner_accept_the_loops_staleness():
 def test_demo_preferences_are_ranked_by_the_gold_score(tiny_models):
     from transformers import AutoTokenizer
 
-    from cluster.demo import preference_pairs
+    from cluster.demo.task import preference_pairs
     from reward_service.functions import colour_fraction
 
     tok = AutoTokenizer.from_pretrained(tiny_models["policy"])
@@ -103,13 +103,13 @@ def test_demo_preferences_are_ranked_by_the_gold_score(tiny_models):
 
 
 def test_submit_command_line_ships_the_config_and_quotes_overrides(tmp_path, monkeypatch):
-    from cluster.submit import auth_env, submit_argv
+    from cluster.launch.submit import auth_env, submit_argv
 
     argv = submit_argv("http://127.0.0.1:8265", ["data.prompts=/a b.jsonl"], str(tmp_path), "rlhf-1")
     tail = argv[argv.index("--") + 1:]
     assert tail == ["rlhf", "train", "job.yaml", "'data.prompts=/a b.jsonl'"]
     env = json.loads(argv[argv.index("--runtime-env-json") + 1])
-    assert env["working_dir"] == str(tmp_path)
+    assert env == {"working_dir": str(tmp_path)}  # no CPU-only variables: the job's device profile sets them
     monkeypatch.setenv("RAY_AUTH_TOKEN", "t")
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     assert auth_env()["RAY_AUTH_MODE"] == "token"

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,13 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from cluster.run_dir import RunDir
+from cluster.outputs.run_dir import RunDir
 from contract.datasets import PromptIterator, load_prompts
+from contract.net import free_port
 
 pytestmark = pytest.mark.slow
 VENV_BIN = str(Path(sys.executable).parent)
 PROMPTS_PER_STEP, N = 4, 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli_env(**extra) -> dict:

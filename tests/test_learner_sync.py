@@ -5,7 +5,6 @@ The engine here is a minimal Ray actor of this module (the project's rollout wor
 actors/, which the learner must not import); it receives exactly as a worker does: join the side
 group, `contract.weights.receive_weights`, then vLLM `reload_weights` + `reset_prefix_cache`.
 """
-import socket
 import uuid
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 
 from contract.devices import DeviceProfile
 from contract.weights import GroupAddress
+from contract.net import free_port
 from test_learner import experience_table, make_group
 
 PROMPT, RESPONSE = [5, 17, 42, 99, 7], [300, 12, 250, 8, 77, 131]
@@ -77,19 +77,13 @@ def hf_logprobs(policy_dir, packed) -> list[float]:
     return [lp[len(PROMPT) - 1 + i, t].item() for i, t in enumerate(RESPONSE)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=["tiny", "tiny-tied"])
 def models(request, tiny_models, tmp_path_factory):
     """The tiny model and its tied-embedding twin: vLLM's reload unties a tied LM head, so the sync
     must carry it by name (without that the tied engine kept its step-0 head: logprobs off by 0.1)."""
     if request.param == "tiny":
         return tiny_models
-    from cluster.tiny_models import make_tiny_models
+    from cluster.demo.tiny_models import make_tiny_models
 
     return make_tiny_models(tmp_path_factory.mktemp("tied"), size="tiny-tied")
 

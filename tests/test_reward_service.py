@@ -7,12 +7,12 @@ tests/ put on their PYTHONPATH through `reward.python_path`.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from contract.net import free_port
 import requests
 import torch
 
@@ -26,12 +26,6 @@ def nan_on_blue(prompts, responses):
 
 def one_short(prompts, responses):
     return [0.5] * (len(responses) - 1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pairs(n: int, seed: int = 0) -> tuple[list[str], list[str]]:

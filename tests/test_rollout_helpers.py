@@ -1,5 +1,4 @@
 """Shared bits of the rollout tests (no tests here): configs, prompt tables, weights, a sender actor."""
-import socket
 from pathlib import Path
 
 import pyarrow as pa
@@ -8,6 +7,7 @@ import torch
 
 from actors.config import EngineConfig, RolloutConfig, SamplingConfig
 from contract.weights import PackedStateDict, join_group, leave_group, make_manifest, send_weights, specs_of
+from contract.net import free_port
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12, n=1)
 
@@ -27,12 +27,6 @@ def prompts(n: int, prefix: str = "p", words: int = 4) -> pa.Table:
 
 def keys(table) -> list[tuple[str, int]]:
     return list(zip(table["prompt_id"].to_pylist(), table["sample_idx"].to_pylist()))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def hf_state(model_dir, perturb_seed: int | None = None) -> dict[str, torch.Tensor]:

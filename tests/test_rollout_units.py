@@ -6,7 +6,7 @@ from pydantic import ValidationError
 from actors.balance import expected_tokens, split_balanced
 from actors.config import EngineConfig, RolloutConfig, SamplingConfig
 from actors.engine import kv_cache_bytes, prompt_seed
-from actors.pool import _ordered_exactly_once
+from contract.experience import ExperienceError, ordered_exactly_once
 from actors.prompts import PromptError, check_prompt_lengths, check_prompt_table
 from contract.experience import rollout_batch
 
@@ -69,14 +69,14 @@ def _row(pid, s):
 
 def test_exactly_once_orders_by_prompt_then_sample_and_rejects_gaps_and_duplicates():
     t = pa.Table.from_batches([rollout_batch([_row("b", 1), _row("a", 0), _row("b", 0), _row("a", 1)])])
-    out = _ordered_exactly_once(t, ["b", "a"], 2)
+    out = ordered_exactly_once(t, ["b", "a"], 2)
     assert list(zip(out["prompt_id"].to_pylist(), out["sample_idx"].to_pylist())) == [
         ("b", 0), ("b", 1), ("a", 0), ("a", 1)]
-    with pytest.raises(RuntimeError, match="missing e.g. .*'a', 1"):
-        _ordered_exactly_once(t.slice(0, 3), ["b", "a"], 2)
+    with pytest.raises(ExperienceError, match="missing e.g. .*'a', 1"):
+        ordered_exactly_once(t.slice(0, 3), ["b", "a"], 2)
     dup = pa.concat_tables([t, t.slice(0, 1)])
-    with pytest.raises(RuntimeError, match="got 5 rows"):
-        _ordered_exactly_once(dup, ["b", "a"], 2)
+    with pytest.raises(ExperienceError, match="got 5 rows"):
+        ordered_exactly_once(dup, ["b", "a"], 2)
 
 
 def test_default_kv_cache_fits_the_model_not_a_constant(tiny_models):

@@ -43,7 +43,7 @@ def test_vllm_generates_and_matches_transformers_logprobs(tiny_models):
 def test_a_directory_built_from_another_size_is_rebuilt_not_reused(tmp_path):
     import json
 
-    from cluster.tiny_models import make_tiny_models
+    from cluster.demo.tiny_models import make_tiny_models
 
     untied = make_tiny_models(tmp_path, size="tiny")
     assert json.loads((untied["policy"] / "config.json").read_text())["tie_word_embeddings"] is False

@@ -1,19 +1,13 @@
 """The weight-sync protocol: bucket plans, version rule, and a real side gloo group between
 processes that each already own a default torch.distributed group."""
 import multiprocessing as mp
-import socket
 
 import pytest
 import torch
 
 from contract.weights import (GroupAddress, PackedStateDict, StaleVersionError, TensorSpec, check_version, join_group,
                               leave_group, make_manifest, receive_weights, send_weights, specs_of)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from contract.net import free_port
 
 
 def test_bucket_plan_respects_size_and_dtype():

@@ -23,9 +23,11 @@ import pyarrow as pa
 
 from cluster.config import JobConfig
 from cluster.errors import JobFailed, failing_as
-from cluster.experience import load_function, provenance, rollout_stats, staleness, trainable_mask, with_rewards
-from cluster.run_dir import RunDir
+from cluster.job.rollout_table import provenance, rollout_stats, staleness, trainable_mask, with_rewards
+from cluster.job.services import Services
+from cluster.outputs.run_dir import RunDir
 from contract.datasets import PromptIterator
+from contract.functions import load_function
 
 @dataclass
 class LoopState:
@@ -38,15 +40,7 @@ class LoopState:
 
 
 @dataclass
-class Parts:
-    pool: object
-    learner: object
-    reward: object
-    sync: object
-
-
-@dataclass
-class Produced:
+class ScoredRollouts:
     """One step's samples, generated and scored, with how long each part took."""
 
     step: int
@@ -56,12 +50,12 @@ class Produced:
     num_workers: int
 
 
-class Trainer:
-    def __init__(self, cfg: JobConfig, run: RunDir, parts: Parts, prompts: PromptIterator, state: LoopState,
+class TrainingLoop:
+    def __init__(self, cfg: JobConfig, run: RunDir, parts: Services, prompts: PromptIterator, state: LoopState,
                  on_step: Callable[[int, dict], None] = lambda step, m: None, log: Callable[[str], None] = print):
-        self.cfg, self.run, self.parts, self.prompts, self.state = cfg, run, parts, prompts, state
+        self.cfg, self.run, self.services, self.prompts, self.state = cfg, run, parts, prompts, state
         self.on_step, self.log = on_step, log
-        self.gold = load_function(cfg.loop.gold_function) if cfg.loop.gold_function else None
+        self.gold = load_function(cfg.loop.gold_function, "loop.gold_function") if cfg.loop.gold_function else None
         self._target_workers: int | None = None
         self._lock = threading.Lock()
         # (step, prompt-iterator state before that step's batch was drawn), oldest first.
@@ -76,7 +70,7 @@ class Trainer:
     def _apply_scaling(self) -> None:
         with self._lock:
             target, self._target_workers = self._target_workers, None
-        pool = self.parts.pool
+        pool = self.services.pool
         if target is not None and target != pool.num_workers:
             before = pool.num_workers
             t0 = time.perf_counter()
@@ -92,12 +86,12 @@ class Trainer:
         """Iterator state from which the first not-yet-trained step's batch is redrawn."""
         return self._drawn[0][1] if self._drawn else self.prompts.state_dict()
 
-    def _produce(self, step: int, batch: pa.Table) -> Produced:
+    def _produce(self, step: int, batch: pa.Table) -> ScoredRollouts:
         t0 = time.perf_counter()
-        rollouts = self.parts.pool.generate(batch)
+        rollouts = self.services.pool.generate(batch)
         t1 = time.perf_counter()
         with failing_as(f"reward service failed at step {step}"):
-            rewards = self.parts.reward.score(rollouts.column("prompt").to_pylist(),
+            rewards = self.services.reward.score(rollouts.column("prompt").to_pylist(),
                                               rollouts.column("response").to_pylist())
         t2 = time.perf_counter()
         if rewards.num_rows and not any(rewards.column("reward_valid").to_pylist()):
@@ -105,10 +99,10 @@ class Trainer:
 
             why = "; ".join(reward_errors(rewards)[:3]) or "no reason given"
             raise JobFailed(f"reward service returned no valid reward at step {step}: {why}"[:400])
-        return Produced(step, with_rewards(rollouts, rewards), t1 - t0, t2 - t1, self.parts.pool.num_workers)
+        return ScoredRollouts(step, with_rewards(rollouts, rewards), t1 - t0, t2 - t1, self.services.pool.num_workers)
 
-    def _train(self, p: Produced, wall_start: float, sync_s: float) -> dict:
-        learner = self.parts.learner
+    def _train(self, p: ScoredRollouts, wall_start: float, sync_s: float) -> dict:
+        learner = self.services.learner
         version_before = learner.version
         max_stale = self.cfg.loop.max_staleness if self.cfg.loop.mode == "async" else None
         mask = trainable_mask(p.table, version_before, max_stale)
@@ -193,15 +187,15 @@ class Trainer:
     def _publish(self, step: int) -> float:
         """Send the weights trained at `step` to the rollout workers; seconds it took."""
         with failing_as(f"weight sync failed after step {step}"):
-            return self.parts.sync.publish()
+            return self.services.publish_weights()
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def checkpoint(self) -> None:
         staging = self.run.checkpoint_staging(self.state.step)
         with failing_as(f"checkpoint at step {self.state.step} failed"):
-            self.parts.learner.save_checkpoint(str(staging / "learner"))
-        state = {"loop": asdict(self.state), "policy_version": self.parts.learner.version,
-                 "prompts": self.resume_prompt_state(), "num_workers": self.parts.pool.num_workers}
+            self.services.learner.save_checkpoint(str(staging / "learner"))
+        state = {"loop": asdict(self.state), "policy_version": self.services.learner.version,
+                 "prompts": self.resume_prompt_state(), "num_workers": self.services.pool.num_workers}
         path = self.run.commit_checkpoint(staging, self.state.step, state)
         self.run.prune_checkpoints(self.cfg.loop.keep_checkpoints)
         self.log(f"checkpoint {path}")

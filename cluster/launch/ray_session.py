@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from cluster.config import RayConfig
 from cluster.errors import UsageError
+from contract.net import port_free
 
 
 @dataclass(frozen=True)
@@ -21,15 +22,6 @@ class RaySession:
     dashboard_url: str | None
     metrics_port: int | None
     namespace: str
-
-
-def port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def check_port(key: str, host: str, port: int) -> None:

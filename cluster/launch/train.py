@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cluster.config import JobConfig, dump_config, load_config
 from cluster.errors import JobFailed, UsageError, one_line
-from cluster.run_dir import RunDir
+from cluster.outputs.run_dir import RunDir
 
 
 def resolve_job(config: str | None, overrides: list[str], resume: str | None,
@@ -30,7 +30,7 @@ def resolve_job(config: str | None, overrides: list[str], resume: str | None,
         return load_config(root / "config.yaml", overrides), root
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if config is None:
-        from cluster.demo import build_demo
+        from cluster.demo.task import build_demo
 
         root = Path(run_dir or f"runs/demo-{stamp}").resolve()
         return load_config(None, overrides, base=build_demo(root / "demo")), root
@@ -63,8 +63,8 @@ def train_command(config: str | None, overrides: list[str], resume: str | None =
     run = RunDir(root).create(dump_config(cfg))
     import ray
 
-    from cluster.controller import Controller, controller_options
-    from cluster.ray_session import connect
+    from cluster.job.controller import Controller, controller_options
+    from cluster.launch.ray_session import connect
     from contract.devices import resolve_device
 
     env = resolve_device(cfg.device).actor_env(threads=1)

@@ -1,9 +1,9 @@
 """The end-of-run report: one PNG of the curves that tell whether training worked and where time went."""
 from __future__ import annotations
 
-import os
+from contract.atomic import staged_file
 
-from cluster.run_dir import RunDir
+from cluster.outputs.run_dir import RunDir
 
 PANELS = [
     ("reward model score (proxy)", ["reward_mean"]),
@@ -35,8 +35,7 @@ def write_report(run: RunDir) -> str | None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = run.root / "report.png"
-    tmp = path.with_name(".report.png.tmp")
-    fig.savefig(tmp, dpi=80, format="png")
+    with staged_file(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return str(path)

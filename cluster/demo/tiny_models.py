@@ -12,7 +12,7 @@ import string
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from contract.atomic_dir import replace_dir
+from contract.atomic import staged_dir
 from reward_service.functions import COLOURS, FILLER
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -115,8 +115,7 @@ def make_tiny_models(out_dir: str | Path, size: str = "tiny", seed: int = 0) -> 
     builds = {"policy": lambda: LlamaForCausalLM(_llama_config(spec, vocab)),
               "reward": lambda: LlamaForSequenceClassification(_llama_config(spec, vocab, num_labels=1))}
     for name, build in builds.items():
-        tmp = paths[name].with_name(paths[name].name + ".tmp")
-        build().save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        replace_dir(tmp, paths[name])
+        with staged_dir(paths[name]) as tmp:
+            build().save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
     return paths

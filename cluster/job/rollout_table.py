@@ -5,20 +5,12 @@ Rows are never removed from what gets written: a stale or invalid sample stays i
 """
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from contract.experience import EXPERIENCE_SCHEMA, REWARD_FIELDS, check_columns
-
-
-def load_function(path: str) -> Callable[[list[str], list[str]], list[float]]:
-    """`package.module:function` -> the function (batched: prompts, responses -> floats)."""
-    module, _, name = path.partition(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def with_rewards(rollouts: pa.Table, rewards: pa.Table) -> pa.Table:

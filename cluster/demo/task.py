@@ -16,7 +16,8 @@ import json
 import random
 from pathlib import Path
 
-from cluster.tiny_models import make_tiny_models, synthetic_corpus
+from cluster.demo.tiny_models import make_tiny_models, synthetic_corpus
+from contract.atomic import write_atomically
 from reward_service.functions import COLOURS, colour_fraction
 
 GOLD = "reward_service.functions:colour_fraction"
@@ -24,9 +25,7 @@ GOLD = "reward_service.functions:colour_fraction"
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
+    write_atomically(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 

@@ -15,23 +15,23 @@ import ray
 
 from cluster.config import JobConfig
 from cluster.errors import JobFailed, one_line
-from cluster.loop import LoopState, Parts, Trainer
-from cluster.run_dir import RunDir
+from cluster.job.loop import LoopState, Services, TrainingLoop
+from cluster.outputs.run_dir import RunDir
 
 CONTROLLER_NAME = "controller"
 
 
 class Controller:
     def __init__(self, cfg: dict, run_root: str, resume: bool):
-        from cluster.gauges import RLGauges
+        from cluster.job.gauges import RLGauges
 
         self.cfg = JobConfig.model_validate(cfg)
         self.run = RunDir(run_root)
         self.resume = resume
         self.gauges = RLGauges(self.cfg.name)
         self.phase, self.error = "created", None
-        self.parts: Parts | None = None
-        self.trainer: Trainer | None = None
+        self.services: Services | None = None
+        self.loop: TrainingLoop | None = None
         self.first: dict | None = None
         self.last: dict = {}
         self.started = time.time()
@@ -47,11 +47,11 @@ class Controller:
 
     def status(self, messages_from: int = 0) -> dict:
         """Where the job stands, plus the controller's log lines from index `messages_from` on."""
-        pool = self.parts.pool if self.parts else None
+        pool = self.services.pool if self.services else None
         latest = self.run.latest_checkpoint()
         return {"name": self.cfg.name, "phase": self.phase, "error": self.error, "run_dir": str(self.run.root),
-                "step": self.trainer.state.step if self.trainer else 0, "steps": self.cfg.loop.steps,
-                "mode": self.cfg.loop.mode, "policy_version": self.parts.learner.version if self.parts and self.parts.learner else 0,
+                "step": self.loop.state.step if self.loop else 0, "steps": self.cfg.loop.steps,
+                "mode": self.cfg.loop.mode, "policy_version": self.services.learner.version if self.services and self.services.learner else 0,
                 "num_workers": pool.num_workers if pool else 0,
                 "worker_ids": list(pool.worker_ids()) if pool else [],
                 "samples_per_s": self.last.get("samples", 0) / max(1e-9, self.last.get("wall_s", 0) or 1e-9),
@@ -65,26 +65,26 @@ class Controller:
             raise ValueError(f"--workers: expected >= 1 (got {workers})")
         if self.phase in ("done", "failed"):
             raise RuntimeError(f"job {self.cfg.name} is {self.phase}; nothing to scale")
-        if self.trainer is not None:
-            self.trainer.request_workers(workers)
+        if self.loop is not None:
+            self.loop.request_workers(workers)
         else:
             self._pending_workers = workers
-        return {"requested": workers, "num_workers": self.parts.pool.num_workers if self.parts and self.parts.pool
+        return {"requested": workers, "num_workers": self.services.pool.num_workers if self.services and self.services.pool
                 else 0}
 
     def stop(self) -> dict:
         """Finish the step in flight, checkpoint, and end the job as done (resumable)."""
         self._stop_requested = True
-        if self.trainer is not None:
-            self.trainer.stop.set()
+        if self.loop is not None:
+            self.loop.stop.set()
         self._log("stop requested: finishing the current step, then checkpointing")
-        return {"name": self.cfg.name, "step": self.trainer.state.step if self.trainer else 0,
+        return {"name": self.cfg.name, "step": self.loop.state.step if self.loop else 0,
                 "run_dir": str(self.run.root)}
 
     # -- the loop thread -------------------------------------------------------------------------------
     def _main(self) -> None:
-        from cluster.components import start_parts, stop_parts
-        from cluster.report import write_report
+        from cluster.job.services import start_services, stop_services
+        from cluster.outputs.report import write_report
         from contract.datasets import PromptIterator, load_prompts
         from contract.devices import resolve_device
 
@@ -92,16 +92,16 @@ class Controller:
             self.phase = "starting"
             prompts = PromptIterator(load_prompts(self.cfg.data.prompts), seed=self.cfg.seed)
             device = resolve_device(self.cfg.device)
-            self.parts = start_parts(self.cfg, device, str(self.run.root / "reward_store"), log=self._log)
+            self.services = start_services(self.cfg, device, str(self.run.root / "reward_store"), log=self._log)
             state = self._restore(prompts) if self.resume else LoopState()
-            self.trainer = Trainer(self.cfg, self.run, self.parts, prompts, state, on_step=self._on_step,
+            self.loop = TrainingLoop(self.cfg, self.run, self.services, prompts, state, on_step=self._on_step,
                                    log=self._log)
             if self._pending_workers is not None:
-                self.trainer.request_workers(self._pending_workers)
+                self.loop.request_workers(self._pending_workers)
             if self._stop_requested:
-                self.trainer.stop.set()
+                self.loop.stop.set()
             self.phase = "running"
-            self.trainer.run_loop()
+            self.loop.run_loop()
             write_report(self.run)
             self.phase = "done"
         except JobFailed as e:
@@ -110,8 +110,8 @@ class Controller:
             print(traceback.format_exc(), flush=True)
             self.error, self.phase = one_line(e), "failed"
         finally:
-            if self.parts is not None:
-                stop_parts(self.parts)
+            if self.services is not None:
+                stop_services(self.services)
             self.run.close()
 
     def _restore(self, prompts) -> LoopState:
@@ -119,16 +119,16 @@ class Controller:
         if ckpt is None:
             return LoopState()
         saved = json.loads((ckpt / "controller.json").read_text())
-        self.parts.learner.load_checkpoint(str(ckpt / "learner"))
+        self.services.learner.load_checkpoint(str(ckpt / "learner"))
         prompts.load_state_dict(saved["prompts"])
         state = LoopState(**saved["loop"])
         self.run.truncate(after_step=state.step - 1)
         history = self.run.read_metrics()
         self.first = history[0] if history else None
-        if saved.get("num_workers") and saved["num_workers"] != self.parts.pool.num_workers:
-            self.parts.pool.scale_to(saved["num_workers"])
-        self.parts.sync.publish()
-        self._log(f"resumed from {ckpt} at step {state.step}, policy version {self.parts.learner.version}")
+        if saved.get("num_workers") and saved["num_workers"] != self.services.pool.num_workers:
+            self.services.pool.scale_to(saved["num_workers"])
+        self.services.publish_weights()
+        self._log(f"resumed from {ckpt} at step {state.step}, policy version {self.services.learner.version}")
         return state
 
     def _on_step(self, step: int, m: dict) -> None:

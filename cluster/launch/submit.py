@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cluster.config import load_config
 from cluster.errors import UsageError
-from cluster.ray_session import use_token_auth
+from cluster.launch.ray_session import use_token_auth
 
 JOB_CONFIG_NAME = "job.yaml"
 # What a head that is up but still starting answers (retried); "connection refused" is not here.
@@ -31,8 +31,9 @@ def ray_cli(*args: str) -> list[str]:
 
 
 def submit_argv(address: str, overrides: list[str], working_dir: str, submission_id: str) -> list[str]:
-    env_vars = {"TORCHDYNAMO_DISABLE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
-    runtime_env = {"working_dir": working_dir, "env_vars": env_vars}
+    # No env_vars: the job resolves its device on the cluster, and every actor it starts gets the
+    # device profile's environment (contract.devices.DeviceProfile.actor_env) there.
+    runtime_env = {"working_dir": working_dir}
     return ray_cli("job", "submit", "--address", address, "--submission-id", submission_id, "--runtime-env-json",
                    json.dumps(runtime_env), "--no-wait", "--", "rlhf", "train", JOB_CONFIG_NAME,
                    *(shlex.quote(o) for o in overrides))

@@ -13,22 +13,15 @@ only ever sees complete ones: a crash mid-save leaves the previous checkpoint as
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from contract.atomic_dir import replace_dir
+from contract.atomic import replace_dir, staged_file, write_atomically
 
 CKPT_PREFIX = "step="
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class RunDir:
@@ -39,7 +32,7 @@ class RunDir:
     def create(self, config_yaml: str) -> "RunDir":
         for sub in ("rollouts", "ckpt", "tb"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.root / "config.yaml", config_yaml.encode())
+        write_atomically(self.root / "config.yaml", config_yaml)
         return self
 
     @property
@@ -72,7 +65,7 @@ class RunDir:
         for staging in (self.root / "ckpt").glob(f".{CKPT_PREFIX}*.tmp"):
             shutil.rmtree(staging, ignore_errors=True)
         kept = [m for m in self.read_metrics() if m["step"] <= after_step]
-        atomic_write_bytes(self.root / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept).encode())
+        write_atomically(self.root / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
         for f in (self.root / "rollouts").glob("step=*.parquet"):
             if int(f.stem.removeprefix("step=")) > after_step:
                 f.unlink()
@@ -82,9 +75,8 @@ class RunDir:
 
     def write_rollouts(self, step: int, table: pa.Table) -> Path:
         path = self.rollout_path(step)
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        with staged_file(path) as tmp:
+            pq.write_table(table, tmp)
         return path
 
     def read_rollouts(self) -> pa.Table:
@@ -100,7 +92,7 @@ class RunDir:
         return tmp
 
     def commit_checkpoint(self, staging: Path, step: int, state: dict) -> Path:
-        atomic_write_bytes(staging / "controller.json", json.dumps(state, indent=1).encode())
+        write_atomically(staging / "controller.json", json.dumps(state, indent=1))
         final = self.root / "ckpt" / f"{CKPT_PREFIX}{step:06d}"
         replace_dir(staging, final)
         return final

@@ -4,13 +4,13 @@ from __future__ import annotations
 import os
 
 from cluster.errors import UsageError, one_line
-from cluster.ray_session import check_reachable
+from cluster.launch.ray_session import check_reachable
 
 
 def _controller(address: str | None, name: str | None):
     import ray
 
-    from cluster.controller import find_controller
+    from cluster.job.controller import find_controller
 
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
