@@ -12,6 +12,8 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from actors.config import RolloutConfig
+from cluster.job.evaluation import EvalConfig
+from cluster.job.produce import DynamicSamplingConfig
 from contract.config_base import ConfigError, Section, describe_validation_error
 from learner.config import LearnerConfig
 from reward_service.config import RewardConfig
@@ -36,6 +38,9 @@ class LoopConfig(Section):
     gold_function: str | None = Field(None, pattern=r"^[\w.]+:\w+$",
                                       description="module:function of a known gold score, logged beside the reward")
     timeout_s: float = Field(1800.0, gt=0, description="limit of one whole step before the job is declared stuck")
+    dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig,
+                                                    description="DAPO dynamic sampling: train only on groups "
+                                                                "whose rewards differ")
 
 
 class RayConfig(Section):
@@ -58,6 +63,7 @@ class JobConfig(Section):
     reward: RewardConfig
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     loop: LoopConfig = Field(default_factory=LoopConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation between steps")
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
