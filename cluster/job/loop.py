@@ -1,12 +1,17 @@
 """The training loop: prompts -> rollout pool -> reward service -> learner step -> weight publish.
 
 sync:  each step generates with the current policy, trains, then publishes (fully on-policy).
-async: one-step-off. The rollouts of step t+1 are generated (and scored) in a background thread
-       while the learner trains on step t, so the learner waits only for what is not hidden behind
-       its own step. Every sample keeps the version that produced it; a sample more than
-       `loop.max_staleness` versions behind the learner is not trained on and is counted.
+async: the rollouts of the next `loop.max_staleness` steps are generated (and scored) in a
+       background thread while the learner trains, so the learner waits only for what is not
+       hidden behind its own step. With max_staleness = 1 this is one-step-off; with k, up to k
+       batches are in flight and a sample may be k versions behind when it is trained on. Every
+       sample keeps the version that produced it; the learner corrects for the lag with the
+       engine's own logprobs (learner.ppo.rollout_correction), and a sample more than
+       `loop.max_staleness` versions behind is not trained on and is counted.
 
-Scaling requests from other processes are applied between steps, never inside a generate call.
+Held-out evaluation (`eval`, cluster/job/evaluation.py) runs on the policy the workers hold at the
+start of a step, serialized with generation. Scaling requests from other processes are applied
+between steps, never inside a generate call.
 """
 from __future__ import annotations
 
@@ -23,11 +28,14 @@ import pyarrow as pa
 
 from cluster.config import JobConfig
 from cluster.errors import JobFailed, failing_as
-from cluster.job.rollout_table import provenance, rollout_stats, staleness, trainable_mask, with_rewards
+from cluster.job.evaluation import Evaluator
+from cluster.job.produce import ScoredRollouts, StepProducer
+from cluster.job.rollout_table import provenance, rollout_stats, staleness, trainable_mask
 from cluster.job.services import Services
 from cluster.outputs.run_dir import RunDir
 from contract.datasets import PromptIterator
 from contract.functions import load_function
+
 
 @dataclass
 class LoopState:
@@ -37,29 +45,21 @@ class LoopState:
     samples: int = 0
     dropped_stale: int = 0
     invalid_rewards: int = 0
-
-
-@dataclass
-class ScoredRollouts:
-    """One step's samples, generated and scored, with how long each part took."""
-
-    step: int
-    table: pa.Table
-    gen_s: float
-    reward_s: float
-    num_workers: int
+    uniform_groups: int = 0  # groups dynamic sampling set aside (all rewards equal)
 
 
 class TrainingLoop:
-    def __init__(self, cfg: JobConfig, run: RunDir, parts: Services, prompts: PromptIterator, state: LoopState,
+    def __init__(self, cfg: JobConfig, run: RunDir, services: Services, prompts: PromptIterator, state: LoopState,
                  on_step: Callable[[int, dict], None] = lambda step, m: None, log: Callable[[str], None] = print):
-        self.cfg, self.run, self.services, self.prompts, self.state = cfg, run, parts, prompts, state
+        self.cfg, self.run, self.services, self.state = cfg, run, services, state
         self.on_step, self.log = on_step, log
         self.gold = load_function(cfg.loop.gold_function, "loop.gold_function") if cfg.loop.gold_function else None
+        self.producer = StepProducer(services, prompts, cfg.data.prompts_per_step, cfg.loop.dynamic_sampling)
+        self.evaluator = (Evaluator(cfg.eval, cfg.rollout.sampling, services, self.gold, cfg.loop.steps)
+                          if cfg.eval.prompts else None)
+        self._evals: dict[int, Future] = {}  # step -> its eval, merged into that step's metrics
         self._target_workers: int | None = None
         self._lock = threading.Lock()
-        # (step, prompt-iterator state before that step's batch was drawn), oldest first.
-        self._drawn: deque[tuple[int, dict]] = deque()
         self.stop = threading.Event()
 
     # -- requests from other threads ----------------------------------------------------------------
@@ -77,38 +77,16 @@ class TrainingLoop:
             pool.scale_to(target)
             self.log(f"rollout workers {before} -> {pool.num_workers} ({time.perf_counter() - t0:.1f}s)")
 
-    # -- one step's parts ----------------------------------------------------------------------------
-    def _draw(self, step: int) -> pa.Table:
-        self._drawn.append((step, self.prompts.state_dict()))
-        return self.prompts.next_batch(self.cfg.data.prompts_per_step)
-
-    def resume_prompt_state(self) -> dict:
-        """Iterator state from which the first not-yet-trained step's batch is redrawn."""
-        return self._drawn[0][1] if self._drawn else self.prompts.state_dict()
-
-    def _produce(self, step: int, batch: pa.Table) -> ScoredRollouts:
-        t0 = time.perf_counter()
-        rollouts = self.services.pool.generate(batch)
-        t1 = time.perf_counter()
-        with failing_as(f"reward service failed at step {step}"):
-            rewards = self.services.reward.score(rollouts.column("prompt").to_pylist(),
-                                              rollouts.column("response").to_pylist())
-        t2 = time.perf_counter()
-        if rewards.num_rows and not any(rewards.column("reward_valid").to_pylist()):
-            from reward_service.client import reward_errors
-
-            why = "; ".join(reward_errors(rewards)[:3]) or "no reason given"
-            raise JobFailed(f"reward service returned no valid reward at step {step}: {why}"[:400])
-        return ScoredRollouts(step, with_rewards(rollouts, rewards), t1 - t0, t2 - t1, self.services.pool.num_workers)
-
+    # -- one step ------------------------------------------------------------------------------------
     def _train(self, p: ScoredRollouts, wall_start: float, sync_s: float) -> dict:
         learner = self.services.learner
         version_before = learner.version
         max_stale = self.cfg.loop.max_staleness if self.cfg.loop.mode == "async" else None
-        mask = trainable_mask(p.table, version_before, max_stale)
+        fresh = trainable_mask(p.table, version_before, max_stale)
         valid = p.table.column("reward_valid").to_numpy(zero_copy_only=False).astype(bool)
+        mask = fresh & p.keep
         n_invalid = int((~valid).sum())
-        n_stale = int((valid & ~mask).sum())
+        n_stale = int((valid & ~fresh).sum())
         t0 = time.perf_counter()
         train_metrics: dict = {}
         if mask.any():
@@ -122,12 +100,14 @@ class TrainingLoop:
         self.state.samples += int(mask.sum())
         self.state.dropped_stale += n_stale
         self.state.invalid_rewards += n_invalid
+        self.state.uniform_groups += p.groups_uniform
         m = {k: float(v) for k, v in train_metrics.items() if isinstance(v, (int, float))}
         m.update(rollout_stats(p.table, p.gen_s))
         m.update({"gen_s": p.gen_s, "reward_s": p.reward_s, "train_s": train_s, "sync_s": sync_s,
                   "num_workers": p.num_workers, "policy_version": learner.version,
                   "staleness_mean": float(stale.mean()), "staleness_max": int(stale.max()),
-                  "dropped_stale": n_stale, "invalid_rewards": n_invalid, "trained_samples": int(mask.sum())})
+                  "dropped_stale": n_stale, "invalid_rewards": n_invalid, "trained_samples": int(mask.sum()),
+                  "sampling_draws": p.draws, "uniform_groups": p.groups_uniform})
         if gold is not None:
             m["gold_mean"] = float(np.mean(gold))
         m["wall_s"] = time.perf_counter() - wall_start
@@ -137,52 +117,104 @@ class TrainingLoop:
         # Idle: the learner neither trains nor sends weights (it waits for rollouts or the controller).
         busy = m["train_s"] + m["sync_s"]
         m["learner_idle_frac"] = max(0.0, 1.0 - busy / m["wall_s"]) if m["wall_s"] > 0 else 0.0
+        m.update(self._eval_result(step))
         self.state.step = step + 1
-        self._drawn.popleft()
+        self.producer.trained(step)
         self.run.log_metrics(step, m)
         self.on_step(step, m)
         every = self.cfg.loop.checkpoint_every
         if every and self.state.step % every == 0 and self.state.step < self.cfg.loop.steps:
             self.checkpoint()
 
+    # -- held-out evaluation ------------------------------------------------------------------------
+    def _start_eval(self, ex: ThreadPoolExecutor, step: int) -> None:
+        """Queue an eval of the policy the workers hold now, if one is due; it runs on the rollout
+        thread (never beside a generate) and lands in step `step`'s metrics."""
+        version = self.services.learner.version
+        if self.evaluator is not None and self.evaluator.due(version):
+            self._evals[step] = ex.submit(self.evaluator.run, step, version)
+
+    def _eval_result(self, step: int) -> dict:
+        future = self._evals.pop(step, None)
+        if future is None:
+            return {}
+        try:
+            m, table = future.result(timeout=self.cfg.loop.timeout_s)
+        except FutureTimeout:
+            raise JobFailed(f"the eval at step {step} took longer than loop.timeout_s") from None
+        self.run.write_rollouts(step, table, split="eval")
+        return m
+
+    def _final_eval(self, ex: ThreadPoolExecutor) -> None:
+        """After the last step: the final policy on the held-out prompts, as a metrics row of its own."""
+        steps = self.cfg.loop.steps
+        if self.evaluator is None or self.stop.is_set() or self.state.step < steps:
+            return
+        sync_s = self._publish(steps - 1) if self.cfg.loop.mode == "async" else 0.0  # sync: already there
+        self._start_eval(ex, steps)
+        m = self._eval_result(steps)
+        if m:
+            m.update({"policy_version": self.services.learner.version, "sync_s": sync_s})
+            self.run.log_metrics(steps, m)
+            self.on_step(steps, m)
+
     # -- the loops ---------------------------------------------------------------------------------------
     def run_loop(self) -> None:
-        if self.cfg.loop.mode == "sync":
-            self._run_sync()
-        else:
-            self._run_async()
+        with ThreadPoolExecutor(1, thread_name_prefix="rollout") as ex:
+            try:
+                self._run_sync(ex) if self.cfg.loop.mode == "sync" else self._run_async(ex)
+                self._final_eval(ex)
+            finally:
+                ex.shutdown(wait=True, cancel_futures=True)
         self.checkpoint()
 
-    def _run_sync(self) -> None:
+    def _run_sync(self, ex: ThreadPoolExecutor) -> None:
         for step in range(self.state.step, self.cfg.loop.steps):
             if self.stop.is_set():
                 return
             self._apply_scaling()
             t0 = time.perf_counter()
-            produced = self._produce(step, self._draw(step))
+            self._start_eval(ex, step)
+            produced = self._wait(ex.submit(self.producer.produce, step), step)
             m = self._train(produced, t0, sync_s=0.0)
             m["sync_s"] = self._publish(step)
             m["wall_s"] = time.perf_counter() - t0
             self._finish_step(step, m)
 
-    def _run_async(self) -> None:
+    def _run_async(self, ex: ThreadPoolExecutor) -> None:
+        """Up to `loop.max_staleness` steps' rollouts in flight (at least one) while the learner trains."""
         first, last = self.state.step, self.cfg.loop.steps
-        with ThreadPoolExecutor(1, thread_name_prefix="rollout") as ex:
-            pending: Future | None = ex.submit(self._produce, first, self._draw(first))
-            for step in range(first, last):
-                t0 = time.perf_counter()
-                try:
-                    produced = pending.result(timeout=self.cfg.loop.timeout_s)
-                except FutureTimeout:
-                    raise JobFailed(f"rollouts of step {step} took longer than loop.timeout_s="
-                                    f"{self.cfg.loop.timeout_s:.0f}s") from None
-                if self.stop.is_set():
-                    return
-                sync_s = self._publish(step - 1) if step > first else 0.0
-                self._apply_scaling()
-                pending = ex.submit(self._produce, step + 1, self._draw(step + 1)) if step + 1 < last else None
-                m = self._train(produced, t0, sync_s)
-                self._finish_step(step, m)
+        depth = max(1, self.cfg.loop.max_staleness)
+        pending: deque[Future] = deque()
+        nxt = first
+
+        def fill() -> None:
+            nonlocal nxt
+            while nxt < last and len(pending) < depth:
+                pending.append(ex.submit(self.producer.produce, nxt))
+                nxt += 1
+
+        self._start_eval(ex, first)
+        fill()
+        for step in range(first, last):
+            t0 = time.perf_counter()
+            produced = self._wait(pending.popleft(), step)
+            if self.stop.is_set():
+                return
+            sync_s = self._publish(step - 1) if step > first else 0.0
+            self._apply_scaling()
+            if step > first:
+                self._start_eval(ex, step)
+            fill()
+            m = self._train(produced, t0, sync_s)
+            self._finish_step(step, m)
+
+    def _wait(self, future: Future, step: int) -> ScoredRollouts:
+        try:
+            return future.result(timeout=self.cfg.loop.timeout_s)
+        except FutureTimeout:
+            raise JobFailed(f"rollouts of step {step} took longer than loop.timeout_s="
+                            f"{self.cfg.loop.timeout_s:.0f}s") from None
 
     def _publish(self, step: int) -> float:
         """Send the weights trained at `step` to the rollout workers; seconds it took."""
@@ -195,7 +227,7 @@ class TrainingLoop:
         with failing_as(f"checkpoint at step {self.state.step} failed"):
             self.services.learner.save_checkpoint(str(staging / "learner"))
         state = {"loop": asdict(self.state), "policy_version": self.services.learner.version,
-                 "prompts": self.resume_prompt_state(), "num_workers": self.services.pool.num_workers}
+                 "prompts": self.producer.resume_prompt_state(), "num_workers": self.services.pool.num_workers}
         path = self.run.commit_checkpoint(staging, self.state.step, state)
         self.run.prune_checkpoints(self.cfg.loop.keep_checkpoints)
         self.log(f"checkpoint {path}")

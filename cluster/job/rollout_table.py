@@ -36,10 +36,13 @@ def trainable_mask(table: pa.Table, learner_version: int, max_staleness: int | N
     return ok
 
 
-def provenance(table: pa.Table, step: int, trained: np.ndarray, gold: list[float] | None) -> pa.Table:
-    """The Parquet row set of one step: experience + step, trained flag and the gold score if known."""
+def provenance(table: pa.Table, step: int, trained: np.ndarray, gold: list[float] | None,
+               split: str = "train") -> pa.Table:
+    """The Parquet row set of one step: experience + step, trained flag, split ("train" or "eval")
+    and the gold score if known."""
     table = table.append_column("step", pa.array(np.full(table.num_rows, step, dtype=np.int64)))
     table = table.append_column("trained", pa.array(trained, type=pa.bool_()))
+    table = table.append_column("split", pa.array([split] * table.num_rows, type=pa.string()))
     if gold is not None:
         table = table.append_column("gold", pa.array(gold, type=pa.float64()))
     return table
@@ -52,4 +55,6 @@ def rollout_stats(table: pa.Table, wall_s: float) -> dict[str, float]:
             "rollout_tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
             "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
             "reward_std": float(rewards.std()) if len(rewards) else 0.0,
-            "response_len": tokens / max(1, table.num_rows)}
+            "response_len": tokens / max(1, table.num_rows),
+            # cut at max_new_tokens rather than ended by EOS or a stop string
+            "truncated_frac": float(pc.mean(pc.equal(table.column("finish_reason"), "length")).as_py() or 0.0)}

@@ -66,21 +66,23 @@ class RunDir:
             shutil.rmtree(staging, ignore_errors=True)
         kept = [m for m in self.read_metrics() if m["step"] <= after_step]
         write_atomically(self.root / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
-        for f in (self.root / "rollouts").glob("step=*.parquet"):
-            if int(f.stem.removeprefix("step=")) > after_step:
+        for f in (self.root / "rollouts").glob("*step=*.parquet"):  # train and eval files
+            if int(f.stem.rsplit("step=", 1)[1]) > after_step:
                 f.unlink()
 
-    def rollout_path(self, step: int) -> Path:
-        return self.root / "rollouts" / f"step={step:06d}.parquet"
+    def rollout_path(self, step: int, split: str = "train") -> Path:
+        prefix = "step=" if split == "train" else f"{split}_step="
+        return self.root / "rollouts" / f"{prefix}{step:06d}.parquet"
 
-    def write_rollouts(self, step: int, table: pa.Table) -> Path:
-        path = self.rollout_path(step)
+    def write_rollouts(self, step: int, table: pa.Table, split: str = "train") -> Path:
+        path = self.rollout_path(step, split)
         with staged_file(path) as tmp:
             pq.write_table(table, tmp)
         return path
 
-    def read_rollouts(self) -> pa.Table:
-        files = sorted((self.root / "rollouts").glob("step=*.parquet"))
+    def read_rollouts(self, split: str = "train") -> pa.Table:
+        prefix = "step=" if split == "train" else f"{split}_step="
+        files = sorted((self.root / "rollouts").glob(f"{prefix}*.parquet"))
         return pa.concat_tables([pq.read_table(f) for f in files]) if files else pa.table({})
 
     # -- checkpoints -----------------------------------------------------------------------------

@@ -1,0 +1,71 @@
+"""Held-out evaluation: the current policy on prompts it is never trained on.
+
+Between steps the rollout pool samples every held-out prompt `eval.n` times with the eval's own
+sampling settings, the reward service scores them (and the gold function, when the task has one),
+and the step's metrics gain `eval_reward_mean`, `eval_gold_mean`, `eval_policy_version`. The
+samples are written to `rollouts/eval_step=NNNNNN.parquet` with `split = "eval"` and
+`trained = false`; they never reach the learner. The eval of a step is written with that step,
+so a resume that redoes the step redoes its eval (the run directory truncates both).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+from pydantic import Field
+
+from actors.config import SamplingConfig
+from cluster.errors import JobFailed, failing_as
+from cluster.job.rollout_table import provenance, with_rewards
+from contract.config_base import Section
+from contract.datasets import load_prompts
+
+
+class EvalConfig(Section):
+    prompts: str | None = Field(None, description="held-out prompt file (same formats as data.prompts); None: no "
+                                                  "evaluation")
+    every_steps: int = Field(10, ge=1, description="evaluate before the first step and after every this many steps "
+                                                   "(and after the last); each eval costs one generate call")
+    n: int = Field(1, ge=1, description="samples per held-out prompt")
+    temperature: float = Field(0.0, ge=0.0, description="eval sampling temperature; 0 = greedy, the policy's "
+                                                        "most likely answer, so evals are comparable across steps")
+    max_new_tokens: int | None = Field(None, ge=1, description="None: rollout.sampling.max_new_tokens")
+    seed: int = Field(0, description="per-prompt sampling seed base, so evals at different steps draw alike")
+
+
+class Evaluator:
+    def __init__(self, cfg: EvalConfig, rollout_sampling: SamplingConfig, services, gold, steps: int):
+        self.cfg, self.services, self.gold, self.steps = cfg, services, gold, steps
+        self.prompts = load_prompts(cfg.prompts)
+        self.sampling = SamplingConfig(n=cfg.n, temperature=cfg.temperature, seed=cfg.seed,
+                                       max_new_tokens=cfg.max_new_tokens or rollout_sampling.max_new_tokens,
+                                       stop=rollout_sampling.stop)
+
+    def due(self, steps_done: int) -> bool:
+        """Whether to evaluate once `steps_done` steps are trained (0: the starting policy)."""
+        return steps_done % self.cfg.every_steps == 0 or steps_done == self.steps
+
+    def run(self, step: int, version: int) -> tuple[dict, pa.Table]:
+        """Metrics and the provenance table of one eval of the policy at `version`."""
+        t0 = time.perf_counter()
+        rollouts = self.services.pool.generate(self.prompts, self.sampling)
+        with failing_as(f"reward service failed in the eval at step {step}"):
+            rewards = self.services.reward.score(rollouts.column("prompt").to_pylist(),
+                                                 rollouts.column("response").to_pylist())
+        table = with_rewards(rollouts, rewards)
+        valid = table.column("reward_valid").to_numpy(zero_copy_only=False).astype(bool)
+        if not valid.any():
+            raise JobFailed(f"reward service returned no valid reward in the eval at step {step}")
+        gold = None
+        if self.gold is not None:
+            gold = self.gold(table.column("prompt").to_pylist(), table.column("response").to_pylist())
+        reward = table.column("reward").to_numpy(zero_copy_only=False)[valid]
+        versions = table.column("policy_version").to_numpy()
+        m = {"eval_reward_mean": float(np.mean(reward)), "eval_samples": table.num_rows,
+             "eval_policy_version": int(versions.min()), "eval_s": time.perf_counter() - t0}
+        if int(versions.max()) != int(versions.min()) or int(versions.min()) != version:
+            m["eval_policy_version_max"] = int(versions.max())
+        if gold is not None:
+            m["eval_gold_mean"] = float(np.mean(gold))
+        return m, provenance(table, step, np.zeros(table.num_rows, dtype=bool), gold, split="eval")
