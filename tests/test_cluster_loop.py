@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from cluster.job.produce import _first_groups, uniform_groups
+from cluster.job.produce import _first_groups, distinct_new_prompts, uniform_groups
+from contract.datasets import PromptIterator
 from contract.net import free_port
 
 HERE = Path(__file__).parent
@@ -35,6 +36,19 @@ def test_first_groups_takes_the_first_k_kept_groups_in_table_order():
     assert _first_groups(t, keep, 1).tolist() == [True, True, False, False, False, False]
     assert _first_groups(t, keep, 5).tolist() == [True, True, False, False, True, True]
     assert not _first_groups(t, keep, 0).any()
+
+
+def test_a_step_never_holds_a_prompt_twice_across_an_epoch_boundary_or_extra_draws():
+    it = PromptIterator(pa.table({"prompt_id": [f"q{i}" for i in range(5)], "prompt": ["p"] * 5}), seed=0)
+    it.next_batch(3)
+    crossing = it.next_batch(4)  # 2 from epoch 0's tail, 2 from epoch 1's head
+    ids = crossing.column("prompt_id").to_pylist()
+    assert ids == ["q0", "q1", "q1", "q4"]  # the pool refuses such a batch (duplicate prompt_id)
+    got = distinct_new_prompts(crossing, set()).column("prompt_id").to_pylist()
+    assert got == list(dict.fromkeys(ids))  # first occurrences, in order
+    assert distinct_new_prompts(crossing, {ids[0]}).column("prompt_id").to_pylist() == [
+        p for p in dict.fromkeys(ids) if p != ids[0]]
+    assert distinct_new_prompts(crossing, set(ids)).num_rows == 0
 
 
 @pytest.mark.slow

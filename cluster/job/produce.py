@@ -8,7 +8,9 @@ signal, or `max_draws` generate calls were made (bounded: a task the policy alwa
 never does, cannot loop forever). Groups beyond the target are not trained on either (DAPO fills
 the batch, then stops). Every sample drawn is still returned: the Parquet accounts for all.
 
-Prompts are drawn only here, by one thread at a time, and the iterator state before each step's
+A step never holds a prompt twice: a draw that crosses an epoch boundary, or an extra draw, skips
+prompts the step already has (it may then train on slightly fewer prompts). Prompts are drawn only
+here, by one thread at a time, and the iterator state before each step's
 first draw is recorded: a resumed run redraws the first untrained step from exactly there, so the
 extra draws of dynamic sampling never skip or repeat a prompt across a resume.
 """
@@ -97,8 +99,12 @@ class StepProducer:
         t_gen = t_rew = 0.0
         tables, keeps, uniform = [], [], 0
         have = draws = 0
+        seen: set[str] = set()
         while draws == 0 or (self.dynamic.enabled and have < target and draws < self.dynamic.max_draws):
-            batch = self._draw(step, target - have if draws else target, first=draws == 0)
+            batch = distinct_new_prompts(self._draw(step, target - have if draws else target, first=draws == 0), seen)
+            if batch.num_rows == 0:
+                break
+            seen.update(batch.column("prompt_id").to_pylist())
             table, g_s, r_s = self._generate_and_score(step, batch)
             t_gen, t_rew, draws = t_gen + g_s, t_rew + r_s, draws + 1
             keep = np.ones(table.num_rows, dtype=bool)
@@ -127,6 +133,17 @@ class StepProducer:
             why = "; ".join(reward_errors(rewards)[:3]) or "no reason given"
             raise JobFailed(f"reward service returned no valid reward at step {step}: {why}"[:400])
         return with_rewards(rollouts, rewards), t1 - t0, t2 - t1
+
+
+def distinct_new_prompts(batch: pa.Table, seen: set[str]) -> pa.Table:
+    """The batch without prompts already drawn this step or repeated within it (first kept). A draw
+    that crosses an epoch boundary, or an extra draw of dynamic sampling, can meet a prompt twice;
+    a step holds each prompt once, so its (prompt_id, sample_idx) keys stay unique."""
+    keep, here = [], set()
+    for pid in batch.column("prompt_id").to_pylist():
+        keep.append(pid not in seen and pid not in here)
+        here.add(pid)
+    return batch if all(keep) else batch.filter(pa.array(keep))
 
 
 def _first_groups(table: pa.Table, keep: np.ndarray, k: int) -> np.ndarray:
