@@ -1,45 +1,73 @@
 """The `rollout` config section: how many vLLM workers, their resources, engine and sampling."""
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from contract.config_base import Section
 
 
 class SamplingConfig(Section):
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)  # -1 (or 0): disabled
-    max_new_tokens: int = Field(32, ge=1)
-    n: int = Field(1, ge=1, description="samples per prompt (the group size for GRPO/RLOO)")
-    stop: list[str] = Field(default_factory=list)
+    temperature: float = Field(1.0, ge=0.0, description="softmax temperature; 1.0 samples the policy as it is, "
+                                                        "which the PPO ratio and KL assume; 0 is greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass; 1.0 (off) keeps samples "
+                                                          "on-policy")
+    top_k: int = Field(-1, ge=-1, description="sample from the k likeliest tokens; -1 or 0 (default): off, "
+                                              "keeps samples on-policy")
+    max_new_tokens: int = Field(32, ge=1, description="response length limit in tokens; must leave room for the "
+                                                      "prompt within rollout.engine.max_model_len")
+    n: int = Field(1, ge=1, description="samples per prompt (the group size for GRPO/RLOO, which need >= 2)")
+    stop: list[str] = Field(default_factory=list, description="strings that end a response (not included in it); "
+                                                              "default: only EOS or max_new_tokens")
     seed: int | None = Field(None, description="per-prompt seeds are derived from it and the prompt_id, so a "
-                                               "sample does not depend on which worker or chunk served it")
+                                               "sample does not depend on which worker or chunk served it; "
+                                               "null: unseeded")
 
 
 class EngineConfig(Section):
-    dtype: str = Field("float32", pattern="^(float32|bfloat16|float16|auto)$")
-    max_model_len: int = Field(512, ge=16)
-    kv_cache_bytes: int | None = Field(None, ge=1 << 20, description="CPU only: KV cache size; default: room "
-                                                                     "for kv_cache_seqs sequences of max_model_len")
-    kv_cache_seqs: int = Field(64, ge=1, description="CPU only: full-length sequences the default KV cache holds")
-    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0)
-    tensor_parallel_size: int = Field(1, ge=1)
-    seed: int = 0
+    dtype: str = Field("float32", pattern="^(float32|bfloat16|float16|auto)$",
+                       description="vLLM weight/activation dtype (float32|bfloat16|float16|auto); float32 because "
+                                   "CPU vLLM is exact there and matches the learner's logprobs; bfloat16 on GPUs")
+    max_model_len: int = Field(512, ge=16, description="context limit in tokens (prompt + response) the engine "
+                                                       "allocates for; at most the model's max_position_embeddings")
+    kv_cache_bytes: int | None = Field(None, ge=1 << 20, description="CPU only: KV cache size in bytes; null: "
+                                                                     "room for kv_cache_seqs sequences of "
+                                                                     "max_model_len, computed from the model")
+    kv_cache_seqs: int = Field(64, ge=1, description="CPU only: full-length sequences the default KV cache holds; "
+                                                     "64 fits a typical step's batch without waves")
+    gpu_memory_utilization: float = Field(0.5, gt=0.0, le=1.0, description="GPU only: share of the GPU's memory "
+                                                                           "vLLM may take (weights + KV cache); "
+                                                                           "0.5 leaves room if a learner shares it")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine shards the model over (vLLM tensor "
+                                                           "parallelism); give each worker as many "
+                                                           "(rollout.gpus_per_worker)")
+    seed: int = Field(0, description="vLLM engine seed (sampling without rollout.sampling.seed)")
 
 
 class RolloutConfig(Section):
-    num_workers: int = Field(1, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(1.0, ge=0)
-    threads_per_worker: int = Field(1, ge=1)
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    request_timeout_s: float = Field(600.0, gt=0, description="limit of every remote call (generate chunk, "
-                                                               "weight load); a worker whose chunk runs past it "
-                                                               "is treated as dead")
-    start_timeout_s: float = Field(600.0, gt=0, description="limit of a worker's start (engine and model load)")
-    max_retries: int = Field(3, ge=0, description="re-dispatches of a prompt whose worker died or hung")
+    num_workers: int = Field(1, ge=1, description="vLLM engines, one Ray actor each; change a running job's "
+                                                  "with `rlhf scale --workers N`")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Ray CPUs each worker reserves")
+    gpus_per_worker: float = Field(1.0, ge=0, description="Ray GPUs each worker reserves (device cuda only; "
+                                                          "ignored on CPU); fractions share a GPU")
+    threads_per_worker: int = Field(1, ge=1, description="OpenMP/torch threads of a worker's process; 1 because "
+                                                         "workers share cores with the learner on small boxes")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="the vLLM engine of each worker")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="how responses are sampled")
+    request_timeout_s: float = Field(600.0, gt=0, description="seconds; limit of every remote call (generate "
+                                                              "chunk, weight load); a worker whose chunk runs past "
+                                                              "it is treated as dead")
+    start_timeout_s: float = Field(600.0, gt=0, description="seconds; limit of a worker's start (engine and model "
+                                                            "load; the first start on a box compiles kernels)")
+    max_retries: int = Field(3, ge=0, description="re-dispatches of a prompt whose worker died or hung before "
+                                                  "the step fails")
     chunks_per_worker: int = Field(1, ge=1, description="a generate call is cut into num_workers * this many "
                                                         "token-balanced chunks handed out as workers free up; "
                                                         "1 = largest vLLM batches, more = finer re-dispatch")
+
+    @model_validator(mode="after")
+    def _response_fits(self) -> "RolloutConfig":
+        if self.sampling.max_new_tokens >= self.engine.max_model_len:
+            raise ValueError(f"rollout.sampling.max_new_tokens: {self.sampling.max_new_tokens} must be below "
+                             f"rollout.engine.max_model_len ({self.engine.max_model_len}): prompt and response share "
+                             f"the context, responses would be cut short silently")
+        return self

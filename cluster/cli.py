@@ -1,6 +1,6 @@
 """`rlhf` — the command line. Each subcommand is a thin shell over a function in `cluster/`.
 
-Errors the user can fix (config, data, model dirs, addresses) print one line and exit 2.
+Errors the user can fix (config, data, model dirs, addresses) print one line per problem and exit 2.
 """
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ def _cmd_train(args) -> int:
 
     return train_command(args.config, args.overrides, resume=args.resume, run_dir=args.run_dir,
                          address=args.address)
+
+
+def _cmd_config(args) -> int:
+    from cluster.config_yaml import config_command
+
+    return config_command(args.section)
 
 
 def _cmd_make_tiny_models(args) -> int:
@@ -70,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="run a training job (no CONFIG: the built-in demo on tiny models)")
-    t.add_argument("config", nargs="?", help="job YAML; omit to run the demo")
+    t.add_argument("config", nargs="?", help="job YAML (`rlhf config` prints every key); omit to run the demo "
+                   "(cluster/configs/demo.yaml), also with overrides: `rlhf train loop.steps=200`")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rollout.num_workers=2")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     t.add_argument("--run-dir", help="where to write the run (default runs/<name>-<timestamp>)")
@@ -94,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--name", default=None, help="the job's ray.namespace (default: the only running job)")
         c.set_defaults(func=fn)
 
+    c = sub.add_parser("config", help="print the default job config as commented YAML, the text to save and edit",
+                       description="Print every key of a job config with its default and what it is, as YAML "
+                                   "that `rlhf train` loads once the <required> values are filled in.")
+    c.add_argument("section", nargs="?", help="one section or key (learner, learner.ppo, rollout.num_workers); "
+                                              "train-rm: the `rlhf train-rm` config")
+    c.set_defaults(func=_cmd_config)
+
     r = sub.add_parser("train-rm", help="train a reward model on preference pairs (Bradley-Terry) or labels (BCE)")
     r.add_argument("config")
     r.add_argument("overrides", nargs="*")
@@ -115,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as e:
-        print(f"rlhf {args.command}: error: {e}", file=sys.stderr)
+        for line in getattr(e, "lines", None) or str(e).splitlines() or [type(e).__name__]:
+            print(f"rlhf {args.command}: error: {line}", file=sys.stderr)
         return 2
     except JobFailed as e:
         print(f"rlhf {args.command}: failed: {e}", file=sys.stderr)

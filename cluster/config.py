@@ -1,10 +1,14 @@
 """The job config: each package's own section composed into one typed model, from YAML + overrides.
 
 `rlhf train cfg.yaml rollout.num_workers=4 learner.ppo.clip=0.2` — overrides are dotted keys whose
-values are parsed as YAML scalars/lists. Every error is one `ConfigError` line naming the key.
+values are parsed as YAML scalars/lists. A bad config raises one `ConfigError` listing every
+problem, one line each, naming the key. `rlhf config [SECTION]` prints the defaults as commented
+YAML, rendered from the models themselves (`cluster/config_yaml.py`).
 """
 from __future__ import annotations
 
+import copy
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -14,63 +18,103 @@ from pydantic import Field, ValidationError, model_validator
 from actors.config import RolloutConfig
 from cluster.job.evaluation import EvalConfig
 from cluster.job.produce import DynamicSamplingConfig
-from contract.config_base import ConfigError, Section, describe_validation_error
+from contract.config_base import ConfigError, Section, describe_validation_errors
 from learner.config import LearnerConfig
 from reward_service.config import RewardConfig
 
+CONFIGS_DIR = Path(__file__).parent / "configs"  # the shipped job YAMLs
+PLACEHOLDER = re.compile(r"^<[^<>]+>$")  # `<required>` and the like: a value the user must fill in
+# Keys the job sets itself, never written in a YAML: the learner accepts exactly the lag the loop
+# lets through. (Goes once the learner takes max_staleness as an explicit argument.)
+DERIVED = {"learner.max_staleness": "loop.max_staleness (async) or 0 (sync)"}
+
 
 class ModelConfig(Section):
-    policy: str = Field(..., description="HF directory of the pretrained policy (also the reference)")
-    tokenizer: str | None = None
+    policy: str = Field(..., description="HF causal-LM directory of the pretrained (SFT) policy; also the frozen "
+                                         "KL reference and, by default, the critic's init")
 
 
 class DataConfig(Section):
-    prompts: str = Field(..., description="Parquet or JSONL file with a `prompt` column")
-    prompts_per_step: int = Field(8, ge=1)
+    prompts: str = Field(..., description="Parquet or JSONL file with a `prompt` column (and an optional unique "
+                                          "`id`)")
+    prompts_per_step: int = Field(8, ge=1, description="prompts drawn per step (each sampled rollout.sampling.n "
+                                                       "times); seeded, reshuffled every epoch")
 
 
 class LoopConfig(Section):
-    steps: int = Field(10, ge=1)
-    mode: Literal["sync", "async"] = "sync"
-    max_staleness: int = Field(1, ge=0, description="async: drop samples more than k versions old")
-    checkpoint_every: int = Field(0, ge=0, description="0: only at the end")
-    keep_checkpoints: int = Field(2, ge=0, description="newest checkpoints kept on disk; 0 keeps all")
+    steps: int = Field(10, ge=1, description="training steps (one generate + score + learner update each)")
+    mode: Literal["sync", "async"] = Field("sync", description="sync: fully on-policy; async: the next step's "
+                                                               "rollouts are generated while the learner trains "
+                                                               "(faster, samples one version old)")
+    max_staleness: int = Field(1, ge=0, description="async only: samples more than this many policy versions "
+                                                    "behind the learner are dropped; 1 fits one-step-off")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0: only at the end")
+    keep_checkpoints: int = Field(2, ge=0, description="newest checkpoints kept on disk; 0 keeps all; 2 survives "
+                                                       "a crash during a save")
     gold_function: str | None = Field(None, pattern=r"^[\w.]+:\w+$",
-                                      description="module:function of a known gold score, logged beside the reward")
-    timeout_s: float = Field(1800.0, gt=0, description="limit of one whole step before the job is declared stuck")
+                                      description="package.module:function of a known gold score, logged beside "
+                                                  "the reward (not trained on); null: none")
+    timeout_s: float = Field(1800.0, gt=0, description="seconds; limit of one whole step before the job is "
+                                                       "declared stuck")
     dynamic_sampling: DynamicSamplingConfig = Field(default_factory=DynamicSamplingConfig,
                                                     description="DAPO dynamic sampling: train only on groups "
                                                                 "whose rewards differ")
 
 
 class RayConfig(Section):
-    address: str | None = Field(None, description="attach to this cluster; None: RAY_ADDRESS or embedded")
-    num_cpus: int | None = Field(None, ge=1)
-    dashboard_host: str = "127.0.0.1"
-    dashboard_port: int = Field(8265, ge=1, le=65535)
-    metrics_export_port: int | None = Field(None, ge=1, le=65535)
-    namespace: str = "rlhf"
+    address: str | None = Field(None, description="attach to this cluster (HOST:6379, auto, ray://...); null: "
+                                                  "RAY_ADDRESS, else an embedded local cluster")
+    num_cpus: int | None = Field(None, ge=1, description="embedded cluster only: logical CPUs; null: the machine's "
+                                                         "cores, at least what the job asks + 4 to scale")
+    dashboard_host: str = Field("127.0.0.1", description="embedded cluster only: dashboard bind address; loopback "
+                                                         "keeps it private")
+    dashboard_port: int = Field(8265, ge=1, le=65535, description="embedded cluster only: dashboard port (Ray's "
+                                                                  "default)")
+    metrics_export_port: int | None = Field(None, ge=1, le=65535, description="embedded cluster only: Prometheus "
+                                                                              "port; null: Ray picks a free one")
+    namespace: str = Field("rlhf", description="Ray namespace of the job's named actors; two jobs on one cluster "
+                                               "need two namespaces")
+    check_resources: bool = Field(True, description="before anything starts, compare the CPUs/GPUs the job asks "
+                                                    "with what the cluster has; false on an autoscaling cluster "
+                                                    "that adds nodes on demand")
 
 
 class JobConfig(Section):
-    name: str = Field("rlhf", pattern=r"^[\w.-]+$")
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    run_dir: str | None = None
-    model: ModelConfig
-    data: DataConfig
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    reward: RewardConfig
-    learner: LearnerConfig = Field(default_factory=LearnerConfig)
-    loop: LoopConfig = Field(default_factory=LoopConfig)
+    name: str = Field("rlhf", pattern=r"^[\w.-]+$", description="run name: runs/<name>-<timestamp>, metric tags")
+    seed: int = Field(0, description="prompt order and learner init seed; a resumed run replays the same order")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda: picks gloo/NCCL, the "
+                                                                       "vLLM build and GPU placement; auto: cuda "
+                                                                       "when this machine sees a GPU")
+    run_dir: str | None = Field(None, description="run directory; null: runs/<name>-<timestamp>")
+    model: ModelConfig = Field(..., description="the policy")
+    data: DataConfig = Field(..., description="the training prompts")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="vLLM rollout workers")
+    reward: RewardConfig = Field(..., description="the reward service: a reward model and/or functions")
+    learner: LearnerConfig = Field(default_factory=LearnerConfig, description="the DeepSpeed learner group and "
+                                                                              "the RL algorithm")
+    loop: LoopConfig = Field(default_factory=LoopConfig, description="the training loop")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="held-out evaluation between steps")
-    ray: RayConfig = Field(default_factory=RayConfig)
+    ray: RayConfig = Field(default_factory=RayConfig, description="the Ray cluster")
 
     @model_validator(mode="after")
-    def _loop_owns_staleness(self) -> "JobConfig":
-        """The learner accepts exactly the lag the loop lets through (0 when synchronous)."""
+    def _consistent(self) -> "JobConfig":
+        """Settings that contradict each other, all listed; then the keys the loop sets for the learner."""
+        problems = []
         lag = self.loop.max_staleness if self.loop.mode == "async" else 0
-        if self.learner.max_staleness != lag:
+        if "max_staleness" in self.learner.model_fields_set and getattr(self.learner, "max_staleness") != lag:
+            problems.append(f"learner.max_staleness: set by the loop ({DERIVED['learner.max_staleness']}, here "
+                            f"{lag}); remove the key and set loop.max_staleness")
+        algorithm = getattr(getattr(self.learner, "ppo", None), "algorithm", None)
+        if algorithm in ("grpo", "rloo") and self.rollout.sampling.n < 2:
+            problems.append(f"rollout.sampling.n: {algorithm} compares the samples of a prompt with each other and "
+                            f"needs n >= 2 (got {self.rollout.sampling.n}); with 1 every advantage is 0")
+        if self.reward.model_dir and self.reward.max_length <= self.rollout.sampling.max_new_tokens:
+            problems.append(f"reward.max_length: {self.reward.max_length} must exceed "
+                            f"rollout.sampling.max_new_tokens ({self.rollout.sampling.max_new_tokens}), or the "
+                            f"reward model scores responses cut short")
+        if problems:
+            raise ValueError("\n".join(problems))
+        if hasattr(self.learner, "max_staleness") and self.learner.max_staleness != lag:
             self.learner.max_staleness = lag
         return self
 
@@ -109,21 +153,49 @@ def read_yaml(path: str | Path) -> dict:
     return tree
 
 
+def placeholders(tree, path: str = "") -> list[str]:
+    """Values still `<like this>` (a shipped YAML's or `rlhf config`'s blanks), one line each."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else ()
+    out = []
+    for k, v in items:
+        key = f"{path}[{k}]" if isinstance(k, int) else f"{path}.{k}" if path else str(k)
+        if isinstance(v, str) and PLACEHOLDER.match(v):
+            out.append(f"{key}: fill in {v} (e.g. {key}=VALUE)")
+        out += placeholders(v, key)
+    return out
+
+
 def build(model: type[Section], tree: dict, source: str = "config"):
+    """Validate `tree`; every problem (blanks, unknown keys, bad values, contradictions) in one ConfigError."""
+    problems = placeholders(tree)
     try:
-        return model.model_validate(tree)
+        cfg = model.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(f"{source}: {describe_validation_error(e)}") from None
+        problems += [p for p in describe_validation_errors(e, model) if p.split(":")[0] not in
+                     {b.split(":")[0] for b in problems}]
+    if problems:
+        raise ConfigError(*(f"{source}: {p}" for p in problems))
+    return cfg
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), base: dict | None = None,
-                model: type[Section] = JobConfig):
+                model: type[Section] = JobConfig, source: str | None = None):
     """YAML file (or `base` dict) + dotted overrides -> validated config model."""
-    tree = read_yaml(path) if path is not None else dict(base or {})
+    tree = read_yaml(path) if path is not None else copy.deepcopy(base or {})
     for o in overrides:
         apply_override(tree, o)
-    return build(model, tree, str(path) if path else "config")
+    return build(model, tree, source or (str(path) if path else "config"))
 
 
 def dump_config(cfg: Section) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The resolved config as YAML (what a run directory keeps); derived keys left out."""
+    tree = cfg.model_dump(mode="json")
+    for key in DERIVED:
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return yaml.safe_dump(tree, sort_keys=False)
+

@@ -2,9 +2,12 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
-from cluster.config import JobConfig, apply_override, load_config
-from contract.config_base import ConfigError
+from cluster.config import CONFIGS_DIR, DERIVED, JobConfig, apply_override, dump_config, load_config
+from cluster.config_yaml import render
+from contract.config_base import ConfigError, section_type
+from reward_service.config import RewardModelTrainConfig
 
 BASE = {"model": {"policy": "m"}, "data": {"prompts": "p.jsonl"}, "reward": {"model_dir": "r"}}
 
@@ -13,6 +16,17 @@ def write(tmp_path, text):
     p = tmp_path / "cfg.yaml"
     p.write_text(text)
     return p
+
+
+def rlhf(*args):
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def problems(overrides, base=BASE) -> list[str]:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides, base=base)
+    assert str(e.value) == "\n".join(e.value.lines)
+    return e.value.lines
 
 
 def test_yaml_and_dotted_overrides(tmp_path):
@@ -28,25 +42,64 @@ def test_yaml_and_dotted_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["rollout.num_workrs=2"], "rollout.num_workrs: unknown key"),
-    (["learner.ppo.clip=-1"], "learner.ppo.clip: input should be greater than 0"),
+    (["rollout.num_workrs=2"], "rollout.num_workrs: unknown key (did you mean num_workers?)"),
+    (["rollot.num_workers=2"], "rollot: unknown key (did you mean rollout?)"),
+    (["learner.ppo.clip=-1"], "learner.ppo.clip: input should be greater than 0 (got -1)"),
     (["rollout.num_workers=two"], "rollout.num_workers: input should be a valid integer"),
     (["loop.mode=sideways"], "loop.mode: input should be 'sync' or 'async'"),
     (["learner.zero_stage=4"], "learner.zero_stage: input should be less than or equal to 3"),
-    (["reward.model_dir=null"], "reward: value error, set reward.model_dir or at least one"),
+    (["reward.model_dir=null"], "reward: set reward.model_dir or at least one reward.functions entry"),
+    (["reward.functions=[{path: a.b:c, wieght: 2}]"], "reward.functions[0].wieght: unknown key (did you mean weight?)"),
     (["rollout.num_workers"], "expected key=value"),
     (["rollout.num_workers.x=1"], "rollout.num_workers is not a section"),
+    (["model.tokenizer=t"], "model.tokenizer: unknown key"),  # never read: gone
 ])
 def test_errors_name_the_key(overrides, message):
-    with pytest.raises(ConfigError) as e:
-        load_config(None, overrides, base=dict(BASE, rollout={"num_workers": 1}))
-    assert message in str(e.value)
-    assert "\n" not in str(e.value)
+    lines = problems(overrides, dict(BASE, rollout={"num_workers": 1}))
+    assert len(lines) == 1 and message in lines[0], lines
 
 
-def test_missing_required_section():
-    with pytest.raises(ConfigError, match="model: field required"):
-        load_config(None, [], base={"data": {"prompts": "p"}, "reward": {"model_dir": "r"}})
+def test_every_mistake_is_listed_one_line_each():
+    lines = problems(["learner.ppo.clipp=0.1", "rollout.sampling.n=0", "loop.stesp=3"],
+                     {"data": {"prompts": "p"}, "reward": {"model_dir": "r"}})
+    assert lines == ["config: model: field required",
+                     "config: rollout.sampling.n: input should be greater than or equal to 1 (got 0)",
+                     "config: learner.ppo.clipp: unknown key (did you mean clip?)",
+                     "config: loop.stesp: unknown key (did you mean steps?)"]
+
+
+def test_settings_that_contradict_each_other_are_all_listed():
+    lines = problems(["learner.ppo.algorithm=grpo", "reward.max_length=16", "rollout.sampling.max_new_tokens=16"])
+    assert lines == [
+        "config: rollout.sampling.n: grpo compares the samples of a prompt with each other and needs n >= 2 (got 1); "
+        "with 1 every advantage is 0",
+        "config: reward.max_length: 16 must exceed rollout.sampling.max_new_tokens (16), or the reward model scores "
+        "responses cut short"]
+    lines = problems(["rollout.sampling.max_new_tokens=512"])
+    assert lines == ["config: rollout.sampling.max_new_tokens: 512 must be below rollout.engine.max_model_len (512): "
+                     "prompt and response share the context, responses would be cut short silently"]
+
+
+def test_the_loop_owns_the_learners_staleness():
+    assert load_config(None, ["loop.mode=async", "loop.max_staleness=2"], base=BASE).learner.max_staleness == 2
+    assert load_config(None, ["loop.max_staleness=2"], base=BASE).learner.max_staleness == 0
+    # set by hand to something else: an error, not silently overwritten
+    assert problems(["learner.max_staleness=3", "loop.mode=async"]) == [
+        "config: learner.max_staleness: set by the loop (loop.max_staleness (async) or 0 (sync), here 1); remove the "
+        "key and set loop.max_staleness"]
+    # ... the same value is accepted (a run directory's config.yaml of an older version holds it)
+    assert load_config(None, ["learner.max_staleness=1", "loop.mode=async"], base=BASE).learner.max_staleness == 1
+    # a run directory's config leaves it out, so a resume may change loop.max_staleness
+    cfg = load_config(None, ["loop.mode=async"], base=BASE)
+    assert "max_staleness" not in yaml.safe_load(dump_config(cfg))["learner"]
+    assert JobConfig.model_validate(cfg.model_dump(mode="json")).learner.max_staleness == 1
+
+
+def test_unfilled_placeholders_are_refused_by_key():
+    assert problems([], dict(BASE, model={"policy": "<required>"},
+                             reward={"functions": [{"path": "<fn>"}]})) == [
+        "config: model.policy: fill in <required> (e.g. model.policy=VALUE)",
+        "config: reward.functions[0].path: fill in <fn> (e.g. reward.functions[0].path=VALUE)"]
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
@@ -58,23 +111,124 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_config(write(tmp_path, "- a\n- b\n"))
 
 
-def test_override_creates_nested_sections():
+def test_override_creates_nested_sections_and_leaves_the_base_alone():
     tree = {}
     apply_override(tree, "a.b.c=3")
     apply_override(tree, "a.b.d=x y")
     assert tree == {"a": {"b": {"c": 3, "d": "x y"}}}
+    base = {"model": {"policy": "m"}, "data": {"prompts": "p"}, "reward": {"model_dir": "r"}}
+    load_config(None, ["model.policy=other"], base=base)
+    assert base["model"] == {"policy": "m"}
 
 
-def test_cli_typo_exits_nonzero_with_one_line(tmp_path):
-    p = write(tmp_path, "model: {policy: m}\ndata: {prompts: p}\nreward: {model_dir: r}\nlearner: {ppo: {clipp: 0.2}}\n")
-    r = subprocess.run([sys.executable, "-m", "cluster.cli", "train", str(p)], capture_output=True, text=True)
+def fields(model, prefix=""):
+    """(dotted key, field) of every key under `model`, list entries as `key[]`."""
+    for name, f in model.model_fields.items():
+        yield prefix + name, f
+        sub = section_type(f.annotation)
+        if sub is not None:
+            yield from fields(sub, f"{prefix}{name}{'[]' if 'list' in str(f.annotation) else ''}.")
+
+
+@pytest.mark.parametrize("model", [JobConfig, RewardModelTrainConfig])
+def test_every_config_field_has_a_description(model):
+    undescribed = [k for k, f in fields(model) if not (f.description or "").strip()]
+    ours = [k for k in undescribed if not k.startswith("learner.")]
+    assert ours == [], f"fields without a description: {', '.join(ours)}"
+    if undescribed:  # learner/config.py's owner is describing these now; then this line goes
+        pytest.xfail(f"learner fields without a description: {', '.join(undescribed)}")
+
+
+def filled(text: str, values: dict) -> dict:
+    tree = yaml.safe_load(text)
+    for key, value in values.items():
+        apply_override(tree, f"{key}={value}")
+    return tree
+
+
+def keys(tree, prefix=""):
+    out = set()
+    for k, v in tree.items():
+        out.add(prefix + k)
+        if isinstance(v, dict) and v:
+            out |= keys(v, f"{prefix}{k}.")
+    return out
+
+
+def test_rlhf_config_is_the_whole_default_config_and_loads_back(tmp_path):
+    r = rlhf("config")
+    assert r.returncode == 0, r.stderr
+    text = r.stdout
+    assert text.startswith("# rlhf job config")
+    assert "  num_workers: 1  # vLLM engines" in text  # `key: default  # description`
+    with pytest.raises(ConfigError) as e:  # as printed: the three blanks are named
+        load_config(write(tmp_path, text))
+    assert [line.split(": ")[1] for line in e.value.lines] == ["model.policy", "data.prompts", "reward.model_dir"]
+    need = {"model.policy": "m", "data.prompts": "p.jsonl", "reward.model_dir": "r"}
+    cfg = load_config(None, [], base=filled(text, need))
+    assert cfg == load_config(None, [], base=BASE)
+    every = {k for k, _ in fields(JobConfig) if "[]" not in k} - set(DERIVED)
+    assert keys(yaml.safe_load(text)) == every
+
+
+def test_rlhf_config_section_and_train_rm():
+    r = rlhf("config", "learner")
+    assert r.returncode == 0, r.stderr
+    tree = yaml.safe_load(r.stdout)
+    assert list(tree) == ["learner"]
+    assert JobConfig.model_fields["learner"].default_factory().model_dump() | tree["learner"] == \
+        JobConfig.model_fields["learner"].default_factory().model_dump()
+    assert yaml.safe_load(render(section="learner.ppo")) == {"learner": {"ppo": yaml.safe_load(
+        render(section="learner"))["learner"]["ppo"]}}
+    assert yaml.safe_load(render(section="rollout.num_workers")) == {"rollout": {"num_workers": 1}}
+    r = rlhf("config", "train-rm")
+    need = {"base_model": "b", "data": "d", "output_dir": "o"}
+    assert RewardModelTrainConfig.model_validate(filled(r.stdout, need)) == RewardModelTrainConfig(**need)
+    assert "num_ranks" not in r.stdout
+    r = rlhf("config", "lerner")
     assert r.returncode == 2
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert lines == [f"rlhf train: error: {p}: learner.ppo.clipp: unknown key"]
+    assert r.stderr.strip().splitlines() == [
+        "rlhf config: error: config: the config has no key 'lerner' (did you mean learner?); keys: "
+        + ", ".join(JobConfig.model_fields)]
+
+
+def test_train_rm_has_no_num_ranks():
+    with pytest.raises(ConfigError, match="num_ranks: unknown key"):
+        load_config(None, ["num_ranks=2"], base={"base_model": "b", "data": "d", "output_dir": "o"},
+                    model=RewardModelTrainConfig)
+
+
+FILL = {"model.policy": "/m", "data.prompts": "/p.jsonl", "reward.model_dir": "/r",
+        "base_model": "/b", "data": "/d.jsonl", "output_dir": "/o"}
+
+
+@pytest.mark.parametrize("name", ["demo", "grpo_async", "gpu_cluster", "train_rm"])
+def test_shipped_yamls_validate_once_their_blanks_are_filled(name):
+    path = CONFIGS_DIR / f"{name}.yaml"
+    model = RewardModelTrainConfig if name == "train_rm" else JobConfig
+    with pytest.raises(ConfigError) as e:
+        load_config(path, model=model)
+    blanks = [line.split(": ")[1] for line in e.value.lines]
+    assert all("fill in <" in line for line in e.value.lines) and blanks, e.value.lines
+    assert "rlhf " in path.read_text().split("\n\n")[0]  # the header says how to run it
+    cfg = load_config(path, [f"{k}={FILL[k]}" for k in blanks], model=model)
+    if name == "grpo_async":
+        assert (cfg.learner.ppo.algorithm, cfg.loop.mode, cfg.rollout.sampling.n) == ("grpo", "async", 8)
+        assert cfg.reward.model_dir is None and cfg.learner.max_staleness == 1
+    if name == "gpu_cluster":
+        assert (cfg.device, cfg.learner.num_ranks, cfg.rollout.num_workers) == ("cuda", 8, 4)
+
+
+def test_cli_lists_every_mistake_without_traceback(tmp_path):
+    p = write(tmp_path, "data: {prompts: p}\nreward: {model_dir: r}\nlearner: {ppo: {clipp: 0.2}}\n")
+    r = rlhf("train", str(p))
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [f"rlhf train: error: {p}: model: field required",
+                                     f"rlhf train: error: {p}: learner.ppo.clipp: unknown key (did you mean clip?)"]
 
 
 def test_every_subcommand_has_help():
-    for cmd in ["train", "submit", "scale", "status", "stop", "train-rm", "make-tiny-models"]:
-        r = subprocess.run([sys.executable, "-m", "cluster.cli", cmd, "--help"], capture_output=True, text=True)
+    for cmd in ["train", "submit", "scale", "status", "stop", "train-rm", "make-tiny-models", "config"]:
+        r = rlhf(cmd, "--help")
         assert r.returncode == 0, r.stderr
         assert "usage: rlhf " + cmd in r.stdout

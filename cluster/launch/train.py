@@ -1,28 +1,56 @@
 """`rlhf train`: check the inputs, reach a Ray cluster, start the named controller, follow it.
 
-Everything a user can get wrong (config keys, model dirs, an empty dataset, a taken port, an
-unreachable address) is checked here before any actor starts, and comes back as one line.
-The loop itself runs inside the controller actor; this process shows progress and the outcome.
+Everything a user can get wrong (config keys, model dirs of the wrong kind, lengths that do not
+fit, an unimportable function, an empty dataset, resources the cluster lacks, a taken port, an
+unreachable address) is checked before any actor starts (`preflight.py`), all problems listed,
+one line each. The loop itself runs inside the controller actor; this process shows progress and
+the outcome. Nothing is written to the run directory before the checks pass.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
-from cluster.config import JobConfig, dump_config, load_config
+from cluster.config import CONFIGS_DIR, JobConfig, apply_override, dump_config, load_config, read_yaml
 from cluster.errors import JobFailed, UsageError, one_line
 from cluster.outputs.run_dir import RunDir
+
+DEMO_YAML = CONFIGS_DIR / "demo.yaml"
+DEMO_BUILT = ("model.policy", "data.prompts", "reward.model_dir")  # paths only known once the demo is built
+
+
+def _get(tree: dict, key: str):
+    for part in key.split("."):
+        tree = tree[part]
+    return tree
+
+
+def demo_config(work: Path, overrides: list[str], build=None) -> JobConfig:
+    """cluster/configs/demo.yaml with the paths of the models and data the demo builds under `work`.
+    The overrides are validated before anything is built, so a typo costs a second, not a minute."""
+    if build is None:
+        from cluster.demo.task import build_demo as build
+    tree = read_yaml(DEMO_YAML)
+    for key in DEMO_BUILT:
+        apply_override(tree, f"{key}={work / 'built-at-run-time'}")
+    first = load_config(None, overrides, base=tree, source="demo")
+    built = build(work, max_new_tokens=first.rollout.sampling.max_new_tokens)
+    for key in DEMO_BUILT:
+        apply_override(tree, f"{key}={_get(built, key)}")
+    return load_config(None, overrides, base=tree, source="demo")
 
 
 def resolve_job(config: str | None, overrides: list[str], resume: str | None,
                 run_dir: str | None) -> tuple[JobConfig, Path]:
     """(validated config, run directory) for a new run, a resumed one or the built-in demo."""
+    if config is not None and "=" in config and not Path(config).exists():
+        # `rlhf train loop.steps=200` / `--resume RUN loop.steps=20`: argparse took an override as CONFIG
+        config, overrides = None, [config, *overrides]
     if resume:
         root = Path(resume).resolve()
-        if config is not None:  # `rlhf train --resume RUN loop.steps=20`: argparse took the override as CONFIG
-            if "=" not in config:
-                raise UsageError("--resume RUN_DIR reuses RUN_DIR/config.yaml; pass only key=value overrides")
-            overrides = [config, *overrides]
+        if config is not None:
+            raise UsageError("--resume RUN_DIR reuses RUN_DIR/config.yaml; pass only key=value overrides")
         if not (root / "config.yaml").is_file():
             raise UsageError(f"--resume {resume}: not a run directory (no config.yaml)")
         if RunDir(root).latest_checkpoint() is None:
@@ -30,25 +58,10 @@ def resolve_job(config: str | None, overrides: list[str], resume: str | None,
         return load_config(root / "config.yaml", overrides), root
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if config is None:
-        from cluster.demo.task import build_demo
-
         root = Path(run_dir or f"runs/demo-{stamp}").resolve()
-        return load_config(None, overrides, base=build_demo(root / "demo")), root
+        return demo_config(root / "demo", overrides), root
     cfg = load_config(config, overrides)
     return cfg, Path(run_dir or cfg.run_dir or f"runs/{cfg.name}-{stamp}").resolve()
-
-
-def preflight(cfg: JobConfig) -> None:
-    """Fail in a second, with the key's name, on what would otherwise fail minutes into the job."""
-    from contract.datasets import load_prompts
-
-    dirs = {"model.policy": cfg.model.policy, "reward.model_dir": cfg.reward.model_dir,
-            "learner.critic_model": cfg.learner.critic_model}
-    for key, d in dirs.items():
-        if d is not None and not (Path(d) / "config.json").is_file():
-            why = "does not exist" if not Path(d).exists() else "has no config.json"
-            raise UsageError(f"{key}: model directory {d} {why}; expected a Hugging Face model directory")
-    load_prompts(cfg.data.prompts)
 
 
 def cpus_needed(cfg: JobConfig) -> float:
@@ -58,25 +71,30 @@ def cpus_needed(cfg: JobConfig) -> float:
 
 def train_command(config: str | None, overrides: list[str], resume: str | None = None,
                   run_dir: str | None = None, address: str | None = None) -> int:
+    from contract.devices import resolve_device
+    from cluster.launch.preflight import check_cluster, preflight
+
     cfg, root = resolve_job(config, overrides, resume, run_dir)
-    preflight(cfg)
-    run = RunDir(root).create(dump_config(cfg))
+    device = resolve_device(cfg.device)
+    preflight(cfg, device, embedded=not (address or os.environ.get("RAY_ADDRESS") or cfg.ray.address))
     import ray
 
     from cluster.job.controller import Controller, controller_options
     from cluster.launch.ray_session import connect
-    from contract.devices import resolve_device
 
-    env = resolve_device(cfg.device).actor_env(threads=1)
+    env = device.actor_env(threads=1)
     session = connect(cfg.ray, address, env, {"reward.http_port": (cfg.reward.http_host, cfg.reward.http_port)},
                       cpus_needed=cpus_needed(cfg))
     resume_cmd = f"rlhf train --resume {root}"
-    print(f"rlhf train: run dir {root}", flush=True)
-    if session.dashboard_url:
-        print(f"rlhf train: Ray dashboard {session.dashboard_url}  metrics http://127.0.0.1:{session.metrics_port}/metrics",
-              flush=True)
     ctl = None
     try:
+        if not session.started_here:
+            check_cluster(cfg, device)
+        run = RunDir(root).create(dump_config(cfg))
+        print(f"rlhf train: run dir {root}", flush=True)
+        if session.dashboard_url:
+            print(f"rlhf train: Ray dashboard {session.dashboard_url}  metrics "
+                  f"http://127.0.0.1:{session.metrics_port}/metrics", flush=True)
         try:
             ctl = ray.remote(Controller).options(**controller_options(cfg, env)).remote(
                 cfg.model_dump(mode="json"), str(root), bool(resume))
