@@ -22,14 +22,22 @@ ROLLOUT_FIELDS = [
     pa.field("policy_version", pa.int64(), nullable=False),
     pa.field("worker_id", pa.string(), nullable=False),
     pa.field("gen_s", pa.float64(), nullable=False),
+    # The prompt's conversation as JSON ([{role, content}, ...]) when it came as chat messages, null
+    # for a plain-text prompt; `prompt` then holds it rendered with the policy's chat template. The
+    # reward model re-renders these messages with its own template (reward_service/model.py).
+    pa.field("messages", pa.string(), nullable=True),
 ]
 ROLLOUT_SCHEMA = pa.schema(ROLLOUT_FIELDS)
+# Columns a table may lack (older producers, hand-built tables): readers treat them as all null.
+OPTIONAL_COLUMNS = frozenset({"messages"})
 
 REWARD_FIELDS = [
     pa.field("reward", pa.float32(), nullable=False),
     pa.field("reward_valid", pa.bool_(), nullable=False),
     # name -> value of each part that went into `reward` (model, each function, feedback).
     pa.field("reward_parts", pa.map_(pa.string(), pa.float64()), nullable=False),
+    # the reward model version that scored the sample (0: reward.model_dir; +1 per `rlhf reward-model update`)
+    pa.field("reward_model_version", pa.int64(), nullable=False),
 ]
 EXPERIENCE_SCHEMA = pa.schema(ROLLOUT_FIELDS + REWARD_FIELDS)
 
@@ -43,18 +51,40 @@ def rollout_batch(rows: list[dict]) -> pa.RecordBatch:
     return pa.RecordBatch.from_pylist(rows, schema=ROLLOUT_SCHEMA)
 
 
+def with_optional(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` plus an all-null column for each OPTIONAL_COLUMNS field of `schema` it lacks."""
+    for f in schema:
+        if f.name in OPTIONAL_COLUMNS and f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table
+
+
 def concat(batches: list[pa.RecordBatch | pa.Table], schema: pa.Schema = ROLLOUT_SCHEMA) -> pa.Table:
     tables = [b if isinstance(b, pa.Table) else pa.Table.from_batches([b]) for b in batches]
     if not tables:
         return schema.empty_table()
-    return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables])
+    return pa.concat_tables([with_optional(t, schema).select(schema.names).cast(schema) for t in tables])
+
+
+def attach_messages(rollouts: pa.Table, prompts: pa.Table) -> pa.Table:
+    """`rollouts` with each row's `messages` taken from the prompt table by prompt_id (the pool
+    dispatches text and token ids only; the conversation rejoins its samples here)."""
+    rollouts = with_optional(rollouts, ROLLOUT_SCHEMA)
+    if "messages" not in prompts.column_names:
+        return rollouts
+    by_id = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("messages").to_pylist()))
+    values = pa.array([by_id.get(p) for p in rollouts.column("prompt_id").to_pylist()], pa.string())
+    return rollouts.set_column(rollouts.column_names.index("messages"), ROLLOUT_SCHEMA.field("messages"), values)
 
 
 def check_columns(table: pa.Table, schema: pa.Schema) -> None:
-    missing = [n for n in schema.names if n not in table.column_names]
+    """Every required column of `schema` is present with its type (optional ones only if present)."""
+    missing = [n for n in schema.names if n not in table.column_names and n not in OPTIONAL_COLUMNS]
     if missing:
         raise ExperienceError(f"experience table is missing column(s) {missing}; expected {schema.names}")
     for f in schema:
+        if f.name not in table.column_names:
+            continue
         have = table.schema.field(f.name).type
         if have != f.type:
             raise ExperienceError(f"experience column {f.name!r} has type {have}, expected {f.type}")

@@ -1,13 +1,19 @@
 """A reward model: any HF one-output sequence-classification directory, scoring (prompt, response).
 
 The one place that turns a pair into token ids, so the Serve replicas, the direct baseline in the
-benchmark and `train_rm` all see exactly the same input. A pair is the text `prompt + response`
-(what the policy actually emitted after the prompt), preceded by BOS, cut from the left so the
-response end survives, and right-padded with the pad token the model's config names (Llama
-classifiers pool the last non-pad token, so a wrong pad id silently scores padding).
+benchmark and `train_rm` all see exactly the same input. A plain pair is the text
+`prompt + response` (what the policy actually emitted after the prompt), preceded by BOS. A pair
+whose prompt came as chat messages is re-rendered in the REWARD MODEL's own chat template:
+messages + {"role": "assistant", "content": response}. The RM may be another family than the
+policy (a Llama-3 RM scoring a Qwen2 policy), so policy token ids or the policy-rendered prompt
+text are never reused; without a template of its own the RM scores the policy-rendered text.
+Either way the ids are cut from the left so the response end survives (a leading BOS is kept),
+and right-padded with the pad token the model's config names (Llama classifiers pool the last
+non-pad token, so a wrong pad id silently scores padding).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +29,55 @@ def load_tokenizer(model_dir: str | Path):
     return tok
 
 
-def encode_pairs(tok, prompts: list[str], responses: list[str], max_length: int) -> list[list[int]]:
-    """Token ids per pair; special-token text inside a response is split, never treated as control."""
-    texts = [p + r for p, r in zip(prompts, responses)]
-    ids = tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+# Stands in for the response while the template renders, so the response itself is tokenized on
+# its own (its special-token text split, never control) and the template's text around it is not.
+_SLOT = "RLHFRESPONSESLOT0x5f3759df"
+
+
+def encode_pairs(tok, prompts: list[str], responses: list[str], max_length: int,
+                 messages: list[str | None] | None = None) -> list[list[int]]:
+    """Token ids per pair; special-token text inside a response is split, never treated as control.
+    `messages` (JSON conversations, None per plain row): rows set are rendered in `tok`'s own chat
+    template when it has one (see the module docstring)."""
+    from contract.chat import has_template
+
+    chat_rows = [i for i, m in enumerate(messages or []) if m is not None] if has_template(tok) else []
+    chat_set = set(chat_rows)
+    plain = [i for i in range(len(prompts)) if i not in chat_set]
+    out: list[list[int]] = [[] for _ in prompts]
+    texts = [prompts[i] + responses[i] for i in plain]
+    ids = tok(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"] if texts else []
     head = [tok.bos_token_id] if tok.bos_token_id is not None else []
     keep = max_length - len(head)
-    out = [head + x[-keep:] if x else head for x in ids]
+    for i, x in zip(plain, ids):
+        out[i] = head + x[-keep:] if x else head
+    for i in chat_rows:
+        out[i] = _cut_left(tok, encode_conversation(tok, json.loads(messages[i]), responses[i]), max_length)
     return [x if x else [tok.eos_token_id] for x in out]
+
+
+def encode_conversation(tok, messages: list[dict], response: str) -> list[int]:
+    """messages + the response as the assistant's turn, in `tok`'s chat template: the template's
+    text around the reply is tokenized with its special tokens, the reply (as the template wrote
+    it, e.g. trimmed) with special-token text split."""
+    from contract.chat import render
+
+    text = render(tok, [*messages, {"role": "assistant", "content": response}], add_generation_prompt=False)
+    before, slot, after = render(tok, [*messages, {"role": "assistant", "content": _SLOT}],
+                                 add_generation_prompt=False).partition(_SLOT)
+    if not slot or not text.startswith(before) or not text.endswith(after) or len(before) + len(after) > len(text):
+        return tok(text, add_special_tokens=False)["input_ids"]  # a template that rewrites content unpredictably
+    reply = text[len(before):len(text) - len(after)]
+    return (tok(before, add_special_tokens=False)["input_ids"]
+            + tok(reply, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            + tok(after, add_special_tokens=False)["input_ids"])
+
+
+def _cut_left(tok, ids: list[int], max_length: int) -> list[int]:
+    if len(ids) <= max_length:
+        return ids
+    head = ids[:1] if tok.bos_token_id is not None and ids[0] == tok.bos_token_id else []
+    return head + ids[len(ids) - (max_length - len(head)):]
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,10 +112,12 @@ class RewardModel:
         self.model = load_classifier(model_dir, self.tokenizer.pad_token_id).eval()
         self.max_length = max_length
 
-    def score(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+    def score(self, prompts: list[str], responses: list[str], messages: list[str | None] | None = None
+              ) -> np.ndarray:
+        """`messages`: per pair the prompt's conversation as JSON, or None (see `encode_pairs`)."""
         if not prompts:
             return np.zeros(0, dtype=np.float64)
-        seqs = encode_pairs(self.tokenizer, prompts, responses, self.max_length)
+        seqs = encode_pairs(self.tokenizer, prompts, responses, self.max_length, messages)
         ids, mask = pad_batch(seqs, self.tokenizer.pad_token_id)
         with torch.inference_mode():
             logits = self.model(input_ids=ids, attention_mask=mask).logits

@@ -23,12 +23,22 @@ from reward_service.model import encode_pairs, load_classifier, load_tokenizer, 
 
 
 def _examples(cfg: RewardModelTrainConfig) -> dict[str, list]:
+    """Columns as lists; `messages` holds each row's prompt conversation (JSON) or None."""
     if cfg.objective == "bradley_terry":
         t = load_preferences(cfg.data)
-        return {k: t.column(k).to_pylist() for k in ("prompt", "chosen", "rejected")}
+        return {k: t.column(k).to_pylist() for k in ("prompt", "messages", "chosen", "rejected")}
     t = load_labels(cfg.data)
-    return {"prompt": t.column("prompt").to_pylist(), "response": t.column("response").to_pylist(),
-            "label": t.column("label").to_pylist()}
+    return {k: t.column(k).to_pylist() for k in ("prompt", "messages", "response", "label")}
+
+
+def _check_template(ex: dict, tok, cfg: RewardModelTrainConfig) -> None:
+    """Conversations are scored in the RM's own chat template: without one there is no text to train on."""
+    from contract.chat import has_template
+
+    chat_rows = [i for i, m in enumerate(ex["messages"]) if m is not None]
+    if chat_rows and not has_template(tok):
+        raise ConfigError(f"data: {cfg.data} row {chat_rows[0]} is a conversation, but base_model {cfg.base_model} "
+                          f"has no chat template to render it; use a model with one or plain-text pairs")
 
 
 class Scorer:
@@ -37,18 +47,21 @@ class Scorer:
     def __init__(self, model, tok, max_length: int):
         self.model, self.tok, self.max_length = model, tok, max_length
 
-    def __call__(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        ids, mask = pad_batch(encode_pairs(self.tok, prompts, responses, self.max_length), self.tok.pad_token_id)
+    def __call__(self, prompts: list[str], responses: list[str], messages: list[str | None] | None = None
+                 ) -> torch.Tensor:
+        seqs = encode_pairs(self.tok, prompts, responses, self.max_length, messages)
+        ids, mask = pad_batch(seqs, self.tok.pad_token_id)
         return self.model(input_ids=ids, attention_mask=mask).logits[:, 0]
 
 
 def _forward(score: Scorer, ex: dict, idx: np.ndarray, objective: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Bradley-Terry: (s_chosen, s_rejected) in one forward. BCE: (logits, labels)."""
     p = [ex["prompt"][i] for i in idx]
+    m = [ex["messages"][i] for i in idx]
     if objective == "bradley_terry":
-        s = score(p + p, [ex["chosen"][i] for i in idx] + [ex["rejected"][i] for i in idx])
+        s = score(p + p, [ex["chosen"][i] for i in idx] + [ex["rejected"][i] for i in idx], m + m)
         return s[:len(idx)], s[len(idx):]
-    return (score(p, [ex["response"][i] for i in idx]),
+    return (score(p, [ex["response"][i] for i in idx], m),
             torch.tensor([ex["label"][i] for i in idx], dtype=torch.float32))
 
 
@@ -103,6 +116,7 @@ def train_reward_model(cfg: RewardModelTrainConfig) -> dict:
 
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.base_model)
+    _check_template(ex, tok, cfg)
     model = load_classifier(cfg.base_model, tok.pad_token_id)
     score = Scorer(model, tok, cfg.max_length)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)

@@ -40,6 +40,14 @@ def tiny_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_models(tmp_path_factory):
+    """Qwen2-shaped ChatML policy and a Llama-3-template reward model with its own tokenizer."""
+    from cluster.demo.tiny_models import make_tiny_models
+
+    return make_tiny_models(tmp_path_factory.mktemp("chat_models"), size="tiny-chat")
+
+
+@pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray cluster shared by the session (logical CPUs overcommitted on 2 cores)."""
     import ray

@@ -18,6 +18,7 @@ def test_prompts_from_jsonl_and_parquet(tmp_path):
     t = load_prompts(j)
     assert t.column("prompt_id").to_pylist() == ["7", "9"]
     assert t.column("prompt").to_pylist() == ["a", "b"]
+    assert t.column("messages").to_pylist() == [None, None]  # plain-text prompts: no conversation
     pq.write_table(pa.table({"prompt": ["x", "y", "z"]}), tmp_path / "p.parquet")
     t = load_prompts(tmp_path / "p.parquet")
     assert t.column("prompt_id").to_pylist() == ["0", "1", "2"]
@@ -50,7 +51,7 @@ def test_missing_file_and_extension(tmp_path):
 
 def test_preferences_labels_feedback(tmp_path):
     pref = load_preferences(jsonl(tmp_path / "pref.jsonl", [{"prompt": "p", "chosen": "c", "rejected": "r"}]))
-    assert pref.to_pylist() == [{"prompt": "p", "chosen": "c", "rejected": "r"}]
+    assert pref.to_pylist() == [{"prompt": "p", "messages": None, "chosen": "c", "rejected": "r"}]
     with pytest.raises(DatasetError, match="missing column 'rejected'"):
         load_preferences(jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "c"}]))
     lab = load_labels(jsonl(tmp_path / "lab.jsonl", [{"prompt": "p", "response": "r", "label": 1}]))

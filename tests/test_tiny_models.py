@@ -50,3 +50,27 @@ def test_a_directory_built_from_another_size_is_rebuilt_not_reused(tmp_path):
     tied = make_tiny_models(tmp_path, size="tiny-tied")
     lm = AutoModelForCausalLM.from_pretrained(tied["policy"])
     assert lm.config.tie_word_embeddings and lm.lm_head.weight.data_ptr() == lm.model.embed_tokens.weight.data_ptr()
+
+
+def test_chat_family_is_qwen2_chatml_policy_and_llama3_template_reward(tiny_chat_models):
+    import json
+
+    from transformers import GenerationConfig
+
+    ptok = AutoTokenizer.from_pretrained(tiny_chat_models["policy"])
+    rtok = AutoTokenizer.from_pretrained(tiny_chat_models["reward"])
+    lm = AutoModelForCausalLM.from_pretrained(tiny_chat_models["policy"])
+    assert lm.config.model_type == "qwen2" and lm.config.tie_word_embeddings
+    assert lm.model.layers[0].self_attn.q_proj.bias is not None  # qkv bias, as Qwen2 has
+    assert lm.config.num_key_value_heads < lm.config.num_attention_heads
+    assert ptok.eos_token == "<|im_end|>" and lm.config.eos_token_id == ptok.eos_token_id
+    gen = GenerationConfig.from_pretrained(tiny_chat_models["policy"])
+    assert ptok.eos_token_id in gen.eos_token_id  # vLLM stops at the end of the assistant turn
+    conv = [{"role": "user", "content": "hi"}]
+    assert ptok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True).endswith(
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    assert rtok.apply_chat_template(conv, tokenize=False) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>")
+    rm = json.loads((tiny_chat_models["reward"] / "config.json").read_text())
+    assert rm["model_type"] == "llama" and rm["pad_token_id"] == rtok.pad_token_id != rtok.eos_token_id
+    assert rtok("red blue", add_special_tokens=False).input_ids != ptok("red blue", add_special_tokens=False).input_ids
