@@ -2,13 +2,15 @@
 
 `deploy` checks what it can in this process first (model dir, function import paths, store dir),
 so a typo is a one-line error here rather than a replica crash loop in the cluster.
-HTTP lives at http://{http_host}:{http_port}/{name}/score|feedback|healthz.
+HTTP lives at http://{http_host}:{http_port}/{name}/... (routes in `http.py`, the review page at
+/{name}/review), behind the app's token (`app_token`).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from contract.functions import load_function
 from reward_service.client import RewardClient
 from reward_service.config import RewardConfig
 from reward_service.replicas import RewardFeedback, RewardScorer
+from reward_service.versions import ModelVersions
 
 __all__ = ["deploy", "shutdown", "RewardClient"]
 log = logging.getLogger(__name__)
@@ -54,15 +57,34 @@ def _replica_env(cfg: RewardConfig, device: DeviceProfile, threads: int) -> dict
     return env
 
 
+def app_token(cfg: RewardConfig, store: Path) -> tuple[str, str]:
+    """(token, where it is): the environment variable `reward.token_env` if set, else a random token
+    kept in `<store>/token` (mode 0600, the same across restarts of the app on this run)."""
+    token = os.environ.get(cfg.token_env) if cfg.token_env else None
+    if token:
+        return token, f"${cfg.token_env}"
+    path = store / "token"
+    if not path.is_file() or not path.read_text().strip():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24))
+    return path.read_text().strip(), str(path)
+
+
 def deploy(cfg: RewardConfig, store_dir: str | Path, name: str = "reward",
-           device: DeviceProfile = DeviceProfile("cpu")) -> RewardClient:
+           device: DeviceProfile = DeviceProfile("cpu"), rollouts_dir: str | Path | None = None,
+           metrics_file: str | Path | None = None) -> RewardClient:
     """Run app `name` (deployments RewardScorer + RewardFeedback) and return its client. Replicas
-    start with the device profile's actor environment."""
+    start with the device profile's actor environment. The review page shows the samples of
+    `rollouts_dir` (step=N.parquet files) and the curves of `metrics_file` (JSON lines) when given."""
     _check(cfg)
     store = Path(store_dir).resolve()
     store.mkdir(parents=True, exist_ok=True)
-    token = os.environ.get(cfg.token_env) if cfg.token_env else None
-    token_sha = hashlib.sha256(token.encode()).hexdigest() if token else None
+    token, token_source = app_token(cfg, store)
+    token_sha = hashlib.sha256(token.encode()).hexdigest()
+    model = ModelVersions(store).start(cfg.model_dir) if cfg.model_dir else None
+    review = {"rollouts_dir": str(Path(rollouts_dir).resolve()) if rollouts_dir else None,
+              "metrics_file": str(Path(metrics_file).resolve()) if metrics_file else None}
     threads = max(1, int(cfg.cpus_per_replica))
     scaling = ({"autoscaling_config": cfg.autoscaling, "num_replicas": "auto"} if cfg.autoscaling
                else {"num_replicas": cfg.num_replicas})
@@ -70,16 +92,16 @@ def deploy(cfg: RewardConfig, store_dir: str | Path, name: str = "reward",
     here = {f"node:{ray.util.get_node_ip_address()}": 0.001}
     feedback = RewardFeedback.options(ray_actor_options={"num_cpus": 0, "resources": here}).bind(
         str(store), cfg.feedback.ngram, cfg.feedback.threshold,
-        str(Path(cfg.feedback.seed_file).resolve()) if cfg.feedback.seed_file else None)
+        str(Path(cfg.feedback.seed_file).resolve()) if cfg.feedback.seed_file else None, review)
     scorer = RewardScorer.options(
         max_ongoing_requests=2 * cfg.max_batch_size,  # >= the batch size, or Serve caps batches at 5
         ray_actor_options={"num_cpus": cfg.cpus_per_replica,
                            "runtime_env": {"env_vars": _replica_env(cfg, device, threads)}},
         **scaling,
-    ).bind(cfg.model_dump(), token_sha, feedback)
+    ).bind(cfg.model_dump(), token_sha, feedback, model)
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
     serve.run(scorer, name=name, route_prefix=f"/{name}", logging_config={"enable_access_log": False})
-    return RewardClient(name, _with_running_http(cfg))
+    return RewardClient(name, _with_running_http(cfg), token_source)
 
 
 def _with_running_http(cfg: RewardConfig) -> RewardConfig:

@@ -39,7 +39,8 @@ def reward_errors(table: pa.Table) -> list[str]:
 
 
 def to_table(outs: list[dict]) -> pa.Table:
-    """Chunk results -> one table in REWARD_FIELDS (parts as a map with the same keys per row)."""
+    """Chunk results -> one table in REWARD_FIELDS (parts as a map with the same keys per row, and
+    the reward model version that scored each row)."""
     import json
 
     reward = np.concatenate([o["reward"] for o in outs]).astype(np.float32)
@@ -51,25 +52,36 @@ def to_table(outs: list[dict]) -> pa.Table:
     offsets = pa.array(np.arange(n + 1, dtype=np.int32) * k, pa.int32())
     parts = pa.MapArray.from_arrays(offsets, pa.array(names * n, pa.string()), pa.array(items, pa.float64()))
     errors = [e for o in outs for e in o["errors"]]
-    table = pa.Table.from_arrays([pa.array(reward), pa.array(valid), parts], schema=REWARD_SCHEMA)
+    versions = pa.array(np.concatenate([o["rm_version"] for o in outs]).astype(np.int64))
+    table = pa.Table.from_arrays([pa.array(reward), pa.array(valid), parts, versions], schema=REWARD_SCHEMA)
     return table.replace_schema_metadata({ERRORS_KEY: json.dumps(errors).encode()})
 
 
 class RewardClient:
-    def __init__(self, name: str, cfg: RewardConfig):
+    def __init__(self, name: str, cfg: RewardConfig, token_source: str = ""):
         self.name, self.cfg = name, cfg
+        self.token_source = token_source  # where the app's token is: "$ENV_VAR" or a file path
         self._scorer = self._feedback = None
         self.retries = 0  # chunks re-sent after a replica died (for logs and tests)
 
     def __getstate__(self) -> dict:
-        return {"name": self.name, "cfg": self.cfg.model_dump()}
+        return {"name": self.name, "cfg": self.cfg.model_dump(), "token_source": self.token_source}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["name"], RewardConfig.model_validate(state["cfg"]))
+        self.__init__(state["name"], RewardConfig.model_validate(state["cfg"]), state.get("token_source", ""))
 
     @property
     def http_url(self) -> str:
         return f"http://{self.cfg.http_host}:{self.cfg.http_port}/{self.name}"
+
+    @property
+    def review_url(self) -> str:
+        return f"{self.http_url}/review"
+
+    def sign_in_hint(self) -> str:
+        """How a person opens the review page (the token itself is never printed)."""
+        show = (f"echo {self.token_source}" if self.token_source.startswith("$") else f"cat {self.token_source}")
+        return f"open {self.review_url}?token=TOKEN once (TOKEN: `{show}`)"
 
     @property
     def scorer(self):
@@ -99,6 +111,39 @@ class RewardClient:
         validate_batch(records)
         request_id = uuid.uuid4().hex  # the same id on every retry: a replayed batch is stored once
         return self._call_all(lambda recs: self.feedback.add.remote(recs, request_id), [records])[0]["stored"]
+
+    def update_model(self, model_dir: str, timeout_s: float | None = None) -> dict:
+        """Make `model_dir` the next reward model version and wait until every scorer replica scores
+        with it (each loads it beside the old model and swaps between two forwards: nothing in flight
+        fails or is sent twice). Returns {version, model_dir, replicas}."""
+        from reward_service.versions import check_model_dir
+
+        timeout_s = timeout_s or self.cfg.request_timeout_s
+        entry = self.feedback.set_model.remote(check_model_dir(model_dir)).result(timeout_s=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            acks = self.feedback.acks_for.remote(entry["version"]).result(timeout_s=timeout_s)
+            bad = {r: e for r, e in acks.items() if e}
+            if bad:
+                replica, err = next(iter(bad.items()))
+                raise RewardServiceError(f"reward model {model_dir}: replica {replica} could not load it ({err}); "
+                                         f"it keeps scoring with the previous version")
+            running = self._running_replicas()
+            if running and len(acks) >= running:
+                return {**entry, "replicas": sorted(acks)}
+            if time.monotonic() > deadline:
+                raise RewardServiceError(f"reward model {model_dir}: {len(acks)} of {running} replicas loaded it "
+                                         f"within {timeout_s:.0f}s")
+            time.sleep(0.2)
+
+    def _running_replicas(self) -> int:
+        app = serve.status().applications.get(self.name)
+        dep = app.deployments.get("RewardScorer") if app else None
+        return int(dep.replica_states.get("RUNNING", 0)) if dep else 0
+
+    def summary(self) -> dict:
+        """Rating counts, feedback records and the reward model version now current."""
+        return self.feedback.summary.remote().result(timeout_s=self.cfg.request_timeout_s)
 
     def replica_stats(self, reset: bool = False) -> list[dict]:
         """Per-call stats of whichever scorer replicas answer (batch sizes seen by the model)."""

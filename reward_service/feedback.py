@@ -83,7 +83,7 @@ class FeedbackStore:
         if seed_file:
             for rec in load_feedback(seed_file):
                 self.index.add(rec)
-        self._cut_torn_tail()
+        cut_torn_tail(self.path)
         if self.path.is_file():
             for i, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
                 raw = json.loads(line)
@@ -99,15 +99,7 @@ class FeedbackStore:
         if request_id and request_id in self.request_ids:
             return 0
         extra = {"request_id": request_id} if request_id else {}
-        blob = "".join(json.dumps({**r, **extra}) + "\n" for r in recs).encode("utf-8")
-        with open(self.path, "ab") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
+        append_lines(self.path, [{**r, **extra} for r in recs])
         for r in recs:
             self.index.add(r)
         if request_id:
@@ -117,10 +109,26 @@ class FeedbackStore:
     def match(self, responses: list[str]) -> list[float]:
         return [self.index.match(r) for r in responses]
 
-    def _cut_torn_tail(self) -> None:
-        if not self.path.is_file() or self.path.stat().st_size == 0:
-            return
-        data = self.path.read_bytes()
-        if not data.endswith(b"\n"):
-            with open(self.path, "r+b") as f:
-                f.truncate(data.rfind(b"\n") + 1)
+
+def append_lines(path: Path, rows: list[dict]) -> None:
+    """Append JSON lines as one `write` under an exclusive lock, then fsync: all of them or (after a
+    crash) a torn last line that `cut_torn_tail` removes on the next open."""
+    blob = "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8")
+    with open(path, "ab") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def cut_torn_tail(path: Path) -> None:
+    """Drop a last line without its newline (what a crash mid-append can leave)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)

@@ -28,7 +28,8 @@ def rollouts(versions: list[int]) -> pa.Table:
 
 def rewards(values: list[float], valid: list[bool]) -> pa.Table:
     return pa.table({"reward": pa.array(values, pa.float32()), "reward_valid": valid,
-                     "reward_parts": pa.array([[("model", v)] for v in values], pa.map_(pa.string(), pa.float64()))})
+                     "reward_parts": pa.array([[("model", v)] for v in values], pa.map_(pa.string(), pa.float64())),
+                     "reward_model_version": pa.array([0] * len(values), pa.int64())})
 
 
 def test_checkpoint_is_invisible_until_committed_and_latest_wins(tmp_path):
