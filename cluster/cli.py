@@ -38,10 +38,12 @@ def _cmd_make_tiny_models(args) -> int:
 
 def _cmd_train_rm(args) -> int:
     from cluster.config import load_config
+    from cluster.launch.preflight import check_train_rm
     from reward_service.config import RewardModelTrainConfig
     from reward_service.train_rm import train_reward_model
 
     cfg = load_config(args.config, args.overrides, model=RewardModelTrainConfig)
+    check_train_rm(cfg)
     result = train_reward_model(cfg)
     print(f"reward model saved to {cfg.output_dir}: held-out pairwise accuracy {result['eval_accuracy']:.3f}")
     return 0

@@ -39,7 +39,7 @@ def _is_list_of_sections(annotation) -> bool:
 
 
 def _comment(text: str, pad: str) -> list[str]:
-    return [f"{pad}# {line}" for line in textwrap.wrap(text, WIDTH - len(pad) - 2)]
+    return [f"{pad}# {line}" for line in textwrap.wrap(text, WIDTH - len(pad) - 2, break_on_hyphens=False)]
 
 
 def _keyed(pad: str, head: str, desc: str) -> list[str]:
@@ -73,12 +73,12 @@ def render_fields(model: type[Section], values: Section | None = None, indent: i
             continue
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         if field.is_required():
-            text, desc = REQUIRED, f"required: {desc}"
+            value_text, desc = REQUIRED, f"required: {desc}"
         elif value is None and "placeholder" in extra:
-            text = extra["placeholder"]
+            value_text = extra["placeholder"]
         else:
-            text = _scalar([v.model_dump(mode="json") for v in value] if sub is not None else value)
-        out += _keyed(pad, f"{name}: {text}", desc)
+            value_text = _scalar([v.model_dump(mode="json") for v in value] if sub is not None else value)
+        out += _keyed(pad, f"{name}: {value_text}", desc)
         if sub is not None:  # a list of sections: each entry's keys, commented
             out.append(f"{pad}#   each entry:")
             for line in render_fields(sub, None, 0, key + "[]."):
@@ -121,9 +121,10 @@ def render(model: type[Section] = JobConfig, section: str | None = None) -> str:
 def config_command(section: str | None) -> int:
     """`rlhf config [SECTION]`; `train-rm` is the reward-model training config."""
     if section in ("train-rm", "train_rm"):
-        print(render(RewardModelTrainConfig), end="")
+        text = render(RewardModelTrainConfig)
     elif section is not None and section.startswith(("train-rm.", "train_rm.")):
-        print(render(RewardModelTrainConfig, section.split(".", 1)[1]), end="")
+        text = render(RewardModelTrainConfig, section.split(".", 1)[1])
     else:
-        print(render(JobConfig, section), end="")
+        text = render(JobConfig, section)
+    print(text, end="")
     return 0

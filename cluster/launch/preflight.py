@@ -42,6 +42,33 @@ def _positions(hf: dict) -> int | None:
     return None
 
 
+def check_reward_model(key: str, d: str, problems: list[str],
+                       kind: str = "a reward model (*ForSequenceClassification with one output; `rlhf train-rm` "
+                                   "makes one)") -> dict | None:
+    """A sequence classifier with exactly one output; returns its config.json."""
+    rm = _hf_config(key, d, problems)
+    if rm is not None:
+        archs = rm.get("architectures") or []
+        labels = len(rm["id2label"]) if isinstance(rm.get("id2label"), dict) else rm.get("num_labels")
+        if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
+            problems.append(f"{key}: {d} is a {archs[0]}, not {kind}")
+        elif labels not in (None, 1):
+            problems.append(f"{key}: {d} has {labels} outputs (id2label); a reward model has exactly one "
+                            f"(num_labels=1)")
+    return rm
+
+
+def check_train_rm(cfg) -> None:
+    """`rlhf train-rm`: the base model is a one-output sequence classifier (a causal LM fails deep in
+    transformers otherwise)."""
+    problems: list[str] = []
+    check_reward_model("base_model", cfg.base_model, problems,
+                       "a sequence classifier with one output (*ForSequenceClassification, num_labels=1), what "
+                       "train-rm starts from")
+    if problems:
+        raise ConfigError(*problems)
+
+
 def check_models(cfg, problems: list[str]) -> dict | None:
     """Model directories and their kinds; returns the policy's config.json (None if unusable)."""
     policy = _hf_config("model.policy", cfg.model.policy, problems)
@@ -55,20 +82,11 @@ def check_models(cfg, problems: list[str]) -> dict | None:
             problems.append(f"rollout.engine.max_model_len: {cfg.rollout.engine.max_model_len} exceeds the "
                             f"{pos} positions of model.policy (config.json max_position_embeddings)")
     if cfg.reward.model_dir:
-        rm = _hf_config("reward.model_dir", cfg.reward.model_dir, problems)
-        if rm is not None:
-            archs = rm.get("architectures") or []
-            labels = len(rm["id2label"]) if isinstance(rm.get("id2label"), dict) else rm.get("num_labels")
-            if archs and not any(a.endswith("ForSequenceClassification") for a in archs):
-                problems.append(f"reward.model_dir: {cfg.reward.model_dir} is a {archs[0]}, not a reward model "
-                                f"(*ForSequenceClassification with one output; `rlhf train-rm` makes one)")
-            elif labels not in (None, 1):
-                problems.append(f"reward.model_dir: {cfg.reward.model_dir} has {labels} outputs (id2label); "
-                                f"a reward model has exactly one (num_labels=1)")
-            pos = _positions(rm)
-            if pos and cfg.reward.max_length > pos:
-                problems.append(f"reward.max_length: {cfg.reward.max_length} exceeds the {pos} positions of "
-                                f"reward.model_dir (config.json max_position_embeddings)")
+        rm = check_reward_model("reward.model_dir", cfg.reward.model_dir, problems)
+        pos = _positions(rm) if rm is not None else None
+        if pos and cfg.reward.max_length > pos:
+            problems.append(f"reward.max_length: {cfg.reward.max_length} exceeds the {pos} positions of "
+                            f"reward.model_dir (config.json max_position_embeddings)")
     if cfg.learner.critic_model:
         _hf_config("learner.critic_model", cfg.learner.critic_model, problems)
     return policy
