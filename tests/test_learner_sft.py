@@ -1,0 +1,91 @@
+"""Supervised fine-tuning: loss on the assistant tokens only, on DeepSpeed ranks, HF directory out."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from contract import chat
+from learner.sft import IGNORE, SFTDataError, conversation_labels, encode_table, nll_from_logits, pad_examples, plain_labels
+from learner.sft_config import SFTConfig
+
+CONV = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "red blue"},
+        {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "green"}]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_chat_models):
+    return AutoTokenizer.from_pretrained(tiny_chat_models["policy"])
+
+
+def _targets(tok, ids, labels) -> str:
+    return tok.decode([t for t, y in zip(ids, labels) if y != IGNORE])
+
+
+def test_only_assistant_turns_are_targets(tok):
+    ids, labels = conversation_labels(tok, CONV)
+    assert ids == tok(chat.render(tok, CONV, False), add_special_tokens=False)["input_ids"]
+    # each assistant turn with the template's end of turn: the model learns to stop
+    assert _targets(tok, ids, labels) == "red blue<|im_end|>\ngreen<|im_end|>\n"
+    masked = tok.decode([t for t, y in zip(ids, labels) if y == IGNORE])
+    assert "Name a colour." in masked and "Another?" in masked and "You are a helpful assistant." in masked
+    ids, labels = plain_labels(tok, "q: ", "red")
+    assert _targets(tok, ids, labels) == "red<|im_end|>" and labels[0] == IGNORE
+
+
+def test_a_prompt_tokens_logit_gets_no_gradient(tok, tiny_chat_models):
+    import pyarrow as pa
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_models["policy"], dtype=torch.float32)
+    enc = encode_table(tok, pa.table({"messages": [json.dumps(CONV)], "prompt": [None], "response": [None]}), 512, "t")
+    batch = pad_examples(enc.ids, enc.labels, 1, tok.pad_token_id)
+    logits = model(input_ids=batch["input_ids"]).logits
+    logits.retain_grad()
+    nll, n = nll_from_logits(logits, batch["labels"])
+    (nll / n).backward()
+    labels = batch["labels"][0]
+    grad_norm = logits.grad[0].norm(dim=-1)  # position t's logits predict token t+1
+    predicts_target = torch.cat([labels[1:] != IGNORE, torch.tensor([False])])
+    assert int(n) == int((labels != IGNORE).sum()) > 0
+    assert torch.all(grad_norm[~predicts_target] == 0)  # prompt/user/system tokens: no gradient at all
+    assert torch.all(grad_norm[predicts_target] > 0)
+
+
+def test_bad_examples_and_config_are_one_line(tok, tiny_models, tmp_path):
+    import pyarrow as pa
+
+    plain_tok = AutoTokenizer.from_pretrained(tiny_models["policy"])  # no chat template
+    table = pa.table({"messages": [None, json.dumps(CONV)], "prompt": ["p", None], "response": ["r", None]})
+    with pytest.raises(SFTDataError, match=r"^data.jsonl: row 1: tokenizer .* has no chat template$"):
+        encode_table(plain_tok, table, 64, "data.jsonl")
+    with pytest.raises(ValueError, match=r"batch_size \(6\) must be a multiple of num_ranks x micro_batch_size \(4\)"):
+        SFTConfig(base_model="m", data="d", output_dir="o", batch_size=6, micro_batch_size=2, num_ranks=2)
+
+
+def test_sft_on_two_deepspeed_ranks_lowers_held_out_loss_and_writes_an_hf_dir(tiny_chat_models, ray_local, tmp_path):
+    from contract.devices import DeviceProfile
+    from learner.sft import train_sft
+
+    colours = ["red", "blue", "green", "yellow"]
+    rows = [{"messages": [{"role": "user", "content": f"colour {i}?"},
+                          {"role": "assistant", "content": f"{colours[i % 4]} {colours[(i + 1) % 4]}"}]}
+            for i in range(40)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = SFTConfig(base_model=str(tiny_chat_models["policy"]), data=str(data), output_dir=str(tmp_path / "sft"),
+                    epochs=3, lr=3e-3, batch_size=8, micro_batch_size=2, num_ranks=2, zero_stage=2,
+                    eval_fraction=0.2, max_length=64)
+    out = train_sft(cfg, DeviceProfile("cpu"), log=lambda m: None, namespace="sft-test")
+    assert out["num_train"] == 32 and out["num_eval"] == 8 and out["steps"] == 12
+    assert out["eval_loss"] < 0.5 * out["eval_loss_before"], out
+    assert out["train_loss"][-1] < out["train_loss"][0]
+    d = tmp_path / "sft"
+    assert {"model.safetensors", "config.json", "generation_config.json", "chat_template.jinja",
+            "tokenizer.json"} <= {p.name for p in d.iterdir()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sft.tmp")]
+    tuned = AutoModelForCausalLM.from_pretrained(d)
+    base = AutoModelForCausalLM.from_pretrained(tiny_chat_models["policy"])
+    assert tuned.config.tie_word_embeddings and tuned.lm_head.weight.data_ptr() == tuned.model.embed_tokens.weight.data_ptr()
+    assert not torch.equal(tuned.model.embed_tokens.weight, base.model.embed_tokens.weight)
