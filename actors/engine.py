@@ -23,10 +23,26 @@ def prompt_seed(seed: int | None, prompt_id: str) -> int | None:
     return None if seed is None else zlib.crc32(f"{seed}:{prompt_id}".encode()) & 0x7FFFFFFF
 
 
+# vLLM's `logprobs_mode`: report the logprobs of the distribution actually sampled from (see
+# `sampling_params`), not vLLM's default "raw_logprobs" (the untempered model).
+LOGPROBS_MODE = "processed_logprobs"
+
+
 def sampling_params(s: SamplingConfig, seed: int | None):
+    """vLLM sampling parameters; each sampled token comes with its logprob in LOGPROBS_MODE.
+
+    "processed_logprobs" are taken after temperature, top-k and top-p: log_softmax(logits / T)
+    over the tokens the sampler kept. The learner scores log_softmax(logits / T) too
+    (learner.algorithm.scoring_temperature), so at any temperature the two agree up to kernels and
+    weights, and `logprob_gap` compares like with like. top-k / top-p: the processed logprobs are
+    renormalised over the kept tokens, log p_T(a) - log(kept mass), which the learner cannot
+    reproduce (it scores the untruncated softmax); with either on, the engine's logprob is >= the
+    learner's by the log of the mass cut away, and that shows in `logprob_gap`. Greedy requests
+    (T = 0) report the untempered logprobs, which is also what the learner scores them at.
+    """
     from vllm import SamplingParams
 
-    # logprobs=0: vLLM returns the logprob of the sampled token only (raw model logprobs).
+    # logprobs=0: vLLM returns the logprob of the sampled token only (in LOGPROBS_MODE).
     return SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=max(s.top_k, 0),
                           max_tokens=s.max_new_tokens, stop=list(s.stop) or None, seed=seed, logprobs=0)
 
@@ -56,7 +72,7 @@ class RolloutEngine:
 
         self.cfg = cfg
         self.llm = vllm.LLM(model=str(model_dir), dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
-                            tensor_parallel_size=cfg.tensor_parallel_size,
+                            tensor_parallel_size=cfg.tensor_parallel_size, logprobs_mode=LOGPROBS_MODE,
                             **device.vllm_engine_kwargs(kv_cache_bytes(model_dir, cfg), cfg.gpu_memory_utilization))
         self.tokenizer = self.llm.get_tokenizer()
 

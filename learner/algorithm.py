@@ -7,6 +7,11 @@ exactly these functions; only who owns the optimizer differs.
 Loss scale: every sample weighs `w_i = 1 / (real samples in its minibatch)`, so a minibatch's loss
 is the mean over its samples of each sample's token-mean loss, whatever the cut into ranks and
 micro-batches (this is what lets 2 ranks reproduce 1 rank).
+
+Temperature: the rollout engine samples from softmax(z / T), so every pass here (old policy,
+reference, policy) scores softmax(z / T) too, as OpenRLHF, verl and TRL do; otherwise the ratio,
+the KL and the entropy would belong to another policy than the one that drew the samples. The
+reference is scored at the same T. See `scoring_temperature` for T = 0 and for top-p / top-k.
 """
 from __future__ import annotations
 
@@ -26,8 +31,26 @@ def response_hidden_index(mb: Batch) -> torch.Tensor:
     return idx.clamp(max=mb.input_ids.shape[1] - 1)
 
 
-def _kept_log_softmax(model, mb: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 log pi(. | s) [b, N, V] at the positions from the first response position on, the next
+def scoring_temperature(sampling_temperature: float) -> float:
+    """The temperature the learner scores at: the sampler's T, so log pi = log_softmax(z / T).
+
+    T = 0 is greedy decoding, which has no sampling distribution to match: it is scored at T = 1
+    (the model's own logits), which is also what vLLM reports for greedy requests.
+
+    top-p / top-k: the sampler draws from the truncated, renormalised distribution
+    softmax(z / T) restricted to the kept tokens. The learner cannot reproduce that truncation (it
+    does not know which tokens vLLM kept), so it scores the untruncated softmax(z / T). The engine
+    reports "processed" logprobs (see actors/engine.py), which include the renormalisation: with
+    top_p < 1 or top_k > 0 the engine's logprob of a sampled token is log pi_T(a) - log(kept mass)
+    >= the learner's, and `logprob_gap` measures that truncation, not a weight or kernel mismatch.
+    """
+    if sampling_temperature < 0:
+        raise ValueError(f"sampling temperature must be >= 0 (got {sampling_temperature})")
+    return sampling_temperature if sampling_temperature > 0 else 1.0
+
+
+def _kept_log_softmax(model, mb: Batch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """fp32 log pi_T(. | s) = log_softmax(z / T) [b, N, V] at the positions from the first response position on, the next
     input token at each [b, N], and where each response token's position sits among them [b, T].
     The LM head runs only on those positions (`logits_to_keep`) and tokens are scored before the
     [b, T] alignment: with a real vocabulary every pass over the logits costs like a layer, so none
@@ -37,15 +60,17 @@ def _kept_log_softmax(model, mb: Batch) -> tuple[torch.Tensor, torch.Tensor, tor
     logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
                    logits_to_keep=mb.input_ids.shape[1] - first).logits
     next_ids = torch.nn.functional.pad(mb.input_ids[:, first + 1:], (0, 1))  # the last position predicts nothing
+    if temperature != 1.0:  # divided in fp32: bf16 logits / T would round before the softmax
+        logits = logits.float() / temperature
     return (torch.log_softmax(logits, dim=-1, dtype=torch.float32), next_ids.to(logits.device),
             (idx - first).to(logits.device))
 
 
-def policy_logprobs_and_entropy(model, mb: Batch, entropy_grad: bool = False
+def policy_logprobs_and_entropy(model, mb: Batch, entropy_grad: bool = False, temperature: float = 1.0
                                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Response-aligned log pi(a_t | s_t) and entropy, [b, T] in fp32, from one log-softmax. The
-    entropy is a metric unless it is in the loss (`entropy_grad`)."""
-    log_probs, next_ids, idx = _kept_log_softmax(model, mb)
+    """Response-aligned log pi_T(a_t | s_t) and entropy of pi_T, [b, T] in fp32, from one
+    log-softmax. The entropy is a metric unless it is in the loss (`entropy_grad`)."""
+    log_probs, next_ids, idx = _kept_log_softmax(model, mb, temperature)
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         ent = pm.entropy(log_probs)
     return pm.token_logprobs(log_probs, next_ids).gather(1, idx), ent.gather(1, idx)
@@ -58,9 +83,9 @@ def critic_values(critic, mb: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def response_logprobs(model, mb: Batch) -> torch.Tensor:
-    """Response-aligned log pi(a_t | s_t) for the old-policy and reference passes (no entropy)."""
-    log_probs, next_ids, idx = _kept_log_softmax(model, mb)
+def response_logprobs(model, mb: Batch, temperature: float = 1.0) -> torch.Tensor:
+    """Response-aligned log pi_T(a_t | s_t) for the old-policy and reference passes (no entropy)."""
+    log_probs, next_ids, idx = _kept_log_softmax(model, mb, temperature)
     return pm.token_logprobs(log_probs, next_ids).gather(1, idx)
 
 
@@ -119,12 +144,13 @@ def sample_weights(mb: Batch, minibatch_real: float) -> torch.Tensor:
     return mb.real / max(minibatch_real, 1.0)
 
 
-def actor_loss(cfg: PPOConfig, model, mb: Batch, tg: Targets, w: torch.Tensor
+def actor_loss(cfg: PPOConfig, model, mb: Batch, tg: Targets, w: torch.Tensor, temperature: float = 1.0
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """sum_i w_i * token-mean(policy loss - c_ent * entropy + beta * KL-loss term); returns the loss and
     per-sample metrics (already weighted by `real`, to be summed): the KL to the reference and the
-    rollout engine's logprob gap are measured on the old policy."""
-    logp, ent = policy_logprobs_and_entropy(model, mb, entropy_grad=cfg.entropy_coef > 0)
+    rollout engine's logprob gap are measured on the old policy. `temperature`: the scoring
+    temperature (`scoring_temperature` of the sampler's)."""
+    logp, ent = policy_logprobs_and_entropy(model, mb, entropy_grad=cfg.entropy_coef > 0, temperature=temperature)
     old = logp.detach() if tg.old_logprobs is None else tg.old_logprobs
     pl, clipped, approx_kl = pm.policy_loss(logp, old, tg.advantages, cfg.clip, cfg.dual_clip)
     per_token = pl - cfg.entropy_coef * ent

@@ -75,7 +75,9 @@ def _rank_died(what: str, rank: int, e: RayActorError) -> RuntimeError:
 
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, policy_dir: str, device: DeviceProfile, critic_dir: str | None = None,
-                 seed: int = 0, namespace: str | None = None):
+                 seed: int = 0, namespace: str | None = None, sampling_temperature: float = 1.0):
+        """`sampling_temperature`: the rollout sampler's (rollout.sampling.temperature); the learner
+        scores log_softmax(logits / T) in every pass (T = 0, greedy, is scored at T = 1)."""
         self.cfg, self.version = cfg, 0
         self._namespace = namespace
         self._joined = False
@@ -94,7 +96,8 @@ class LearnerGroup:
             rank_cls.options(name=f"learner-rank-{r}", namespace=namespace, max_restarts=0, **res,
                              scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, r),
                              runtime_env={"env_vars": env})
-            .remote(r, cfg.model_dump_json(), policy_dir, critic_dir or cfg.critic_model, device.kind, seed)
+            .remote(r, cfg.model_dump_json(), policy_dir, critic_dir or cfg.critic_model, device.kind, seed,
+                    sampling_temperature)
             for r in range(cfg.num_ranks)]
         try:
             host, port = wait_all([self._ranks[0].endpoint.remote(cfg.num_ranks == 1)], cfg.init_timeout_s, "start")[0]

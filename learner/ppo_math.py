@@ -14,10 +14,25 @@ References
   GRPO        Shao et al. 2024, "DeepSeekMath", sec. 4.1.2 (outcome supervision).
   RLOO        Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization".
   REINFORCE++ Hu 2025, "REINFORCE++": token-level KL reward, return-to-go, global batch whitening.
+  Variance    Chan, Golub & LeVeque 1983, "Algorithms for Computing the Sample Variance": the
+              two-pass algorithm (mean first, then squared deviations), eq. (1.2a).
+  Bounds      verl, `rollout_corr_helper.SAFETY_BOUND` / `core_algos.compute_policy_loss`: log-ratios
+              clamped to +-20 before exponentiating (exp(20) ~ 4.9e8 is finite in fp32 and bf16).
 """
 from __future__ import annotations
 
 import torch
+
+# A log-ratio log(p / q) is clamped to [-LOG_RATIO_BOUND, LOG_RATIO_BOUND] before it is exponentiated
+# (verl's SAFETY_BOUND): a far off-policy token then gives a large but finite ratio, and the clamp's
+# zero gradient outside the bound keeps inf/NaN out of the backward pass.
+LOG_RATIO_BOUND = 20.0
+
+
+def bounded_log_ratio(logp: torch.Tensor, base_logp: torch.Tensor) -> torch.Tensor:
+    """log(p / q) = logp - base_logp, clamped to +-LOG_RATIO_BOUND (see References, "Bounds")."""
+    return (logp - base_logp).clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
+
 
 # ---------------------------------------------------------------------------------------------
 # Masked reductions
@@ -65,8 +80,9 @@ def entropy(log_probs: torch.Tensor) -> torch.Tensor:
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
     """Per-token estimate of KL(pi || pi_ref) with log r = log pi_ref - log pi:
-    k1 = -log r (unbiased, can be negative);  k3 = (r - 1) - log r (unbiased, always >= 0)."""
-    log_r = ref_logp - logp
+    k1 = -log r (unbiased, can be negative);  k3 = (r - 1) - log r (unbiased, always >= 0).
+    log r is bounded to +-LOG_RATIO_BOUND first: k3 exponentiates it."""
+    log_r = bounded_log_ratio(ref_logp, logp)
     if estimator == "k1":
         return -log_r
     if estimator == "k3":
@@ -122,29 +138,41 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) 
 # Critic-free advantages (one scalar per sample, broadcast over its tokens)
 
 
-def _group_stats(score: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample (group size, group sum, group sum of squares) for integer group ids [B]."""
+def _group_moments(score: torch.Tensor, group: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (group size, group mean, Bessel-corrected group std, zero-spread flag) in float64
+    for integer group ids [B]. Two passes (Chan et al. 1983): the mean, then the sum of squared
+    deviations from it; the one-pass sum(x^2) - n mean^2 cancels catastrophically in float32
+    (rewards ~10 with spread 0.01 lose every digit). A group whose rewards are all equal is flagged
+    by max == min, exactly, whatever rounding the mean went through."""
+    x = score.double()
     n_groups = int(group.max()) + 1
-    count = torch.zeros(n_groups, dtype=score.dtype).index_add_(0, group, torch.ones_like(score))
-    total = torch.zeros(n_groups, dtype=score.dtype).index_add_(0, group, score)
-    sq = torch.zeros(n_groups, dtype=score.dtype).index_add_(0, group, score * score)
-    return count[group], total[group], sq[group]
+    zeros = torch.zeros(n_groups, dtype=torch.float64, device=x.device)
+    count = zeros.index_add(0, group, torch.ones_like(x))
+    mean = zeros.index_add(0, group, x) / count.clamp(min=1)
+    dev = x - mean[group]
+    var = zeros.index_add(0, group, dev * dev) / (count - 1).clamp(min=1)
+    hi = zeros.scatter_reduce(0, group, x, "amax", include_self=False)
+    lo = zeros.scatter_reduce(0, group, x, "amin", include_self=False)
+    return count[group], mean[group], var.sqrt()[group], (hi == lo)[group]
 
 
 def grpo_advantages(score: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """GRPO: A_i = (r_i - mean(r_group)) / (std(r_group) + eps), std with Bessel's correction
-    (as TRL). A group of one sample has no baseline: its advantage is 0."""
-    n, s, sq = _group_stats(score, group)
-    mean = s / n
-    var = ((sq - n * mean * mean) / (n - 1).clamp(min=1)).clamp(min=0)
-    return torch.where(n > 1, (score - mean) / (var.sqrt() + eps), torch.zeros_like(score))
+    (as TRL). A group of one sample has no baseline, and a group whose rewards are all equal has
+    no signal: both get advantage exactly 0. Computed in float64, returned in score's dtype."""
+    n, mean, std, flat = _group_moments(score, group)
+    adv = (score.double() - mean) / (std + eps)
+    return torch.where((n > 1) & ~flat, adv, torch.zeros_like(adv)).to(score.dtype)
 
 
 def rloo_advantages(score: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     """RLOO: A_i = r_i - (1 / (k - 1)) * sum_{j != i} r_j, the other k-1 samples of the same
-    prompt as baseline. A group of one sample has no baseline: its advantage is 0."""
-    n, s, _ = _group_stats(score, group)
-    return torch.where(n > 1, score - (s - score) / (n - 1).clamp(min=1), torch.zeros_like(score))
+    prompt as baseline, i.e. k / (k - 1) * (r_i - mean(r_group)). A group of one sample, or of
+    equal rewards, gets advantage exactly 0."""
+    n, mean, _, flat = _group_moments(score, group)
+    adv = n / (n - 1).clamp(min=1) * (score.double() - mean)
+    return torch.where((n > 1) & ~flat, adv, torch.zeros_like(adv)).to(score.dtype)
 
 
 def reinforce_pp_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -163,9 +191,10 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, c
 
     Dual clip (A < 0 only): L = min(L, -c A), so a huge ratio on a bad action cannot blow up.
     Returns (loss, clipped, approx_kl) per token: clipped = 1 where |r - 1| > eps (CleanRL's clip
-    fraction), approx_kl = (r - 1) - log r (k3 of KL(pi_old || pi)).
+    fraction), approx_kl = (r - 1) - log r (k3 of KL(pi_old || pi)). log r is bounded to
+    +-LOG_RATIO_BOUND (see References, "Bounds"): a far off-policy token gives a finite loss.
     """
-    log_ratio = logp - old_logp
+    log_ratio = bounded_log_ratio(logp, old_logp)
     ratio = torch.exp(log_ratio)
     loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
     if dual_clip is not None:

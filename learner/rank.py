@@ -33,8 +33,12 @@ def deepspeed_config(cfg: LearnerConfig, lr: float) -> dict:
 
 
 class LearnerRank:
-    def __init__(self, rank: int, cfg_json: str, policy_dir: str, critic_dir: str | None, device: str, seed: int):
+    def __init__(self, rank: int, cfg_json: str, policy_dir: str, critic_dir: str | None, device: str, seed: int,
+                 sampling_temperature: float = 1.0):
+        """`sampling_temperature`: the rollout sampler's temperature; every pass scores at it
+        (0 = greedy: scored at 1, see `algorithm.scoring_temperature`)."""
         self.rank, self.cfg = rank, LearnerConfig.model_validate_json(cfg_json)
+        self.temperature = alg.scoring_temperature(sampling_temperature)
         self.world = self.cfg.num_ranks
         self.policy_dir, self.critic_dir, self.device, self.seed = policy_dir, critic_dir, device, seed
         self.weight_group = None
@@ -97,9 +101,9 @@ class LearnerRank:
         for start in range(self.rank * shard, (self.rank + 1) * shard, micro):
             mb = self._to_device(b.rows(slice(start, start + micro)))
             if need_old:
-                outs["old"].append(alg.response_logprobs(self.actor, mb))
+                outs["old"].append(alg.response_logprobs(self.actor, mb, self.temperature))
             if self.ref is not None:
-                outs["ref"].append(alg.response_logprobs(self.ref, mb))
+                outs["ref"].append(alg.response_logprobs(self.ref, mb, self.temperature))
             if self.critic is not None:
                 outs["val"].append(alg.critic_values(self.critic, mb))
         full = {k: self._all_gather(torch.cat(v)).cpu() if v else None for k, v in outs.items()}
@@ -141,7 +145,7 @@ class LearnerRank:
         mb = self._to_device(mb)
         tg = alg.Targets(*(None if t is None else t.to(self.device) for t in vars(tg).values()))
         w = alg.sample_weights(mb, mb_real)
-        loss, metrics = alg.actor_loss(self.cfg.ppo, self.actor, mb, tg, w)
+        loss, metrics = alg.actor_loss(self.cfg.ppo, self.actor, mb, tg, w, self.temperature)
         self.actor.backward(loss * self.world, scale_wrt_gas=False)
         if self.actor.is_gradient_accumulation_boundary() and self.cfg.zero_stage == 0:
             self._own_grad_norm = torch.linalg.vector_norm(
