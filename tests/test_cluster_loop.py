@@ -69,7 +69,7 @@ def test_async_k2_dynamic_sampling_and_eval_on_the_real_stack(tiny_models, ray_l
     cfg = load_config(None, [], base={
         "name": "loop-modes", "model": {"policy": str(tiny_models["policy"])},
         "data": {"prompts": str(prompts), "prompts_per_step": per_step},
-        "rollout": {"num_workers": 1, "sampling": {"n": n, "max_new_tokens": 6}},
+        "rollout": {"num_workers": 1, "sampling": {"n": n, "max_new_tokens": 6, "temperature": 0.7}},
         "reward": {"functions": [{"path": "loop_rewards:flat_or_colour"}], "python_path": [str(HERE)],
                    "http_port": free_port(), "max_retries": 1},
         "learner": {"num_ranks": 1, "lr": 1e-3,
@@ -94,6 +94,9 @@ def test_async_k2_dynamic_sampling_and_eval_on_the_real_stack(tiny_models, ray_l
     assert [r["step"] for r in train_rows] == list(range(steps))
     # k = 2 batches in flight: samples up to two versions behind, never more.
     assert max(r["staleness_max"] for r in train_rows) == 2
+    # Step 0 trains on version-0 samples with version-0 weights: the engine's logprobs (of the
+    # tempered distribution it sampled from) equal the learner's, which the job scores at T = 0.7.
+    assert train_rows[0]["staleness_max"] == 0 and train_rows[0]["logprob_gap"] < 2e-3
     assert all(r["dropped_stale"] == 0 for r in train_rows)
 
     table = run.read_rollouts()

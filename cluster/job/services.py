@@ -16,11 +16,11 @@ from cluster.job.weight_sync import WeightSync
 from contract.devices import DeviceProfile
 
 
-def start_reward(cfg: JobConfig, store_dir: str, device: DeviceProfile):
+def start_reward(cfg: JobConfig, store_dir: str, device: DeviceProfile, review: dict | None = None):
     from reward_service import app
     from reward_service.client import reward_errors
 
-    client = app.deploy(cfg.reward, store_dir, name="reward", device=device)
+    client = app.deploy(cfg.reward, store_dir, name="reward", device=device, **(review or {}))
     try:
         probe = client.score(["probe"], ["probe response"])
     except Exception as e:  # noqa: BLE001 - the client already retried
@@ -53,7 +53,8 @@ class Services:
         return self.sync.publish(self.pool)
 
 
-def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=print) -> Services:
+def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=print,
+                   review: dict | None = None) -> Services:
     """Reward first (cheap, and the likeliest to be misconfigured), then the learner and the pool
     together (both spend their start on process spawns and imports, which overlap well; the pool
     asks `Services.current_weights` only for workers it adds later), then the weight sync."""
@@ -66,19 +67,21 @@ def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=pr
     def learner():
         t0 = time.perf_counter()
         services.learner = LearnerGroup(cfg.learner, cfg.model.policy, device, critic_dir=cfg.learner.critic_model,
-                                        seed=cfg.seed, namespace=ns)
+                                        seed=cfg.seed, namespace=ns,
+                                        sampling_temperature=cfg.rollout.sampling.temperature,
+                                        async_rollouts=cfg.loop.mode == "async")
         log(f"learner group up: {cfg.learner.num_ranks} rank(s), ZeRO-{cfg.learner.zero_stage} "
             f"({time.perf_counter() - t0:.1f}s)")
 
     def pool():
         t0 = time.perf_counter()
         services.pool = RolloutPool(cfg.rollout, cfg.model.policy, device, weights_source=services.current_weights,
-                                    namespace=ns)
+                                    namespace=ns, log=log)
         log(f"rollout pool up: {services.pool.num_workers} worker(s) ({time.perf_counter() - t0:.1f}s)")
 
     try:
         t0 = time.perf_counter()
-        services.reward = start_reward(cfg, store_dir, device)
+        services.reward = start_reward(cfg, store_dir, device, review)  # review: what the review page reads
         log(f"reward service up ({time.perf_counter() - t0:.1f}s) at {services.reward.http_url}")
         with ThreadPoolExecutor(2, thread_name_prefix="start") as ex:
             futures = [ex.submit(learner), ex.submit(pool)]
