@@ -5,8 +5,20 @@ PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test env bench
+.PHONY: demo test env bench sysdeps
 env: $(STAMP)
+
+# Debian packages the browser and monitoring tests drive (headless Chromium + its WebDriver, a real
+# Prometheus). Installed with apt-get only when missing; needs root (as CI runs) or passwordless sudo.
+SYSDEPS := chromium chromium-driver prometheus
+sysdeps:
+	@missing=$$(for p in $(SYSDEPS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ]; then sudo=; elif sudo -n true 2>/dev/null; then sudo=sudo; \
+		else echo "make sysdeps: missing Debian packages:" $$missing "- run as root or: sudo apt-get install" $$missing; exit 1; fi; \
+		echo "make sysdeps: installing" $$missing; \
+		$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing; \
+	fi
 
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -23,7 +35,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/rlhf train
 
-test: $(STAMP)
+test: $(STAMP) sysdeps
 	$(VENV)/bin/python -m pytest tests -v
 
 bench: $(STAMP)

@@ -25,7 +25,8 @@ from actors.config import RolloutConfig, SamplingConfig
 from actors.prompts import check_prompt_lengths, check_prompt_table
 from actors.worker import RolloutWorker
 from contract.devices import DeviceProfile
-from contract.experience import concat, ordered_exactly_once
+from contract.chat import encode_prompts
+from contract.experience import attach_messages, concat, ordered_exactly_once
 
 log = logging.getLogger(__name__)
 POLL_S = 0.2  # how often a waiting generate looks for new/freed workers
@@ -133,14 +134,16 @@ class RolloutPool:
         check_prompt_table(prompts)
         ids = prompts.column("prompt_id").to_pylist()
         texts = prompts.column("prompt").to_pylist()
-        token_ids = self._tokenizer(texts)["input_ids"]
+        messages = prompts.column("messages").to_pylist() if "messages" in prompts.column_names else None
+        token_ids = encode_prompts(self._tokenizer, texts, messages)  # chat-rendered text: no second BOS
         check_prompt_lengths(ids, token_ids, self.cfg.engine.max_model_len)
         table = pa.table({"prompt_id": pa.array(ids, pa.string()), "prompt": pa.array(texts, pa.string()),
                           "prompt_ids": pa.array(token_ids, pa.list_(pa.int32()))})
         costs = expected_tokens([len(t) for t in token_ids], sampling.max_new_tokens, sampling.n)
         chunks = split_balanced(costs, max(1, self.num_workers) * self.cfg.chunks_per_worker)
         batches = self._run(table, deque(_Chunk(c) for c in chunks), sampling)
-        return ordered_exactly_once(concat(batches), ids, sampling.n)
+        # a chat prompt's conversation rejoins its samples (the Parquet and the reward model use it)
+        return attach_messages(ordered_exactly_once(concat(batches), ids, sampling.n), prompts)
 
     def _run(self, table: pa.Table, queue: deque[_Chunk], sampling: SamplingConfig) -> list[pa.RecordBatch]:
         inflight: dict[Any, tuple[str, _Chunk, float]] = {}

@@ -90,7 +90,11 @@ class Controller:
 
         try:
             self.phase = "starting"
-            prompts = PromptIterator(load_prompts(self.cfg.data.prompts), seed=self.cfg.seed)
+            from transformers import AutoTokenizer
+
+            policy_tok = AutoTokenizer.from_pretrained(self.cfg.model.policy)  # renders chat prompts once
+            prompts = PromptIterator(load_prompts(self.cfg.data.prompts, self.cfg.data.columns, policy_tok),
+                                     seed=self.cfg.seed)
             device = resolve_device(self.cfg.device)
             self.services = start_services(self.cfg, device, str(self.run.root / "reward_store"), log=self._log)
             state = self._restore(prompts) if self.resume else LoopState()
