@@ -15,7 +15,7 @@ reference is scored at the same T. See `scoring_temperature` for T = 0 and for t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -47,6 +47,21 @@ def scoring_temperature(sampling_temperature: float) -> float:
     if sampling_temperature < 0:
         raise ValueError(f"sampling temperature must be >= 0 (got {sampling_temperature})")
     return sampling_temperature if sampling_temperature > 0 else 1.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an update needs beyond the learner config, resolved once by `make_plan` from the config
+    and from what the job says about its rollouts (which other config sections own)."""
+
+    temperature: float = 1.0  # the scoring temperature (`scoring_temperature` of the sampler's)
+    correction: str = "off"   # rollout_correction.mode resolved: off | tis | mis
+
+
+def make_plan(cfg: PPOConfig, sampling_temperature: float = 1.0, async_rollouts: bool = False) -> Plan:
+    """`sampling_temperature`: rollout.sampling.temperature; `async_rollouts`: the loop is async
+    (decides rollout_correction.mode null). Raises ValueError on what cannot be resolved."""
+    return Plan(scoring_temperature(sampling_temperature), cfg.rollout_correction.effective_mode(async_rollouts))
 
 
 def _kept_log_softmax(model, mb: Batch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -91,18 +106,23 @@ def response_logprobs(model, mb: Batch, temperature: float = 1.0) -> torch.Tenso
 
 @dataclass
 class Targets:
-    """Per-token tensors fixed for the whole update (all [B, T]). `old_logprobs` None: the update is
-    one optimizer step, whose own forward (detached) gives them (see `old_is_first_forward`)."""
+    """What is fixed for the whole update: per-token [B, T] tensors and the per-sample loss weight
+    `keep` [B] (0: the sample is masked out of the loss and of its normaliser). `old_logprobs`
+    None: the update is one optimizer step, whose own forward (detached) gives them (see
+    `old_is_first_forward`)."""
 
     old_logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor | None
     old_values: torch.Tensor | None
     advantages: torch.Tensor
     returns: torch.Tensor | None
+    keep: torch.Tensor
 
     def rows(self, idx) -> "Targets":
-        return Targets(*(None if t is None else t[idx] for t in
-                         (self.old_logprobs, self.ref_logprobs, self.old_values, self.advantages, self.returns)))
+        return Targets(*(None if (t := getattr(self, f.name)) is None else t[idx] for f in fields(self)))
+
+    def to(self, device) -> "Targets":
+        return Targets(*(None if (t := getattr(self, f.name)) is None else t.to(device) for f in fields(self)))
 
 
 def kl_as_reward(cfg: PPOConfig) -> bool:
@@ -111,16 +131,18 @@ def kl_as_reward(cfg: PPOConfig) -> bool:
     return cfg.kl_in_reward and cfg.algorithm in ("ppo", "reinforce_pp") and cfg.kl_coef > 0
 
 
-def old_is_first_forward(cfg: PPOConfig, batch_rows: int) -> bool:
+def old_is_first_forward(cfg: PPOConfig, batch_rows: int, plan: Plan = Plan()) -> bool:
     """One epoch of one minibatch is one optimizer step: the "old" policy is the current one, so
     the old logprobs are the update's own forward, detached, and the separate no-grad pass (a
     third of the step's compute) is skipped, as TRL does for one iteration. Not when the KL
-    shapes the reward: those advantages need the old logprobs before the update starts."""
-    return cfg.epochs == 1 and batch_rows <= cfg.minibatch_size and not kl_as_reward(cfg)
+    shapes the reward, nor with MIS: those advantages and masks need the old logprobs before the
+    update starts. (TIS weighs token by token, so the update's own forward serves it.)"""
+    return (cfg.epochs == 1 and batch_rows <= cfg.minibatch_size and not kl_as_reward(cfg)
+            and plan.correction != "mis")
 
 
 def compute_targets(cfg: PPOConfig, b: Batch, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
-                    values: torch.Tensor | None) -> Targets:
+                    values: torch.Tensor | None, plan: Plan = Plan()) -> Targets:
     mask = b.mask
     returns = None
     if cfg.algorithm in ("ppo", "reinforce_pp"):
@@ -137,30 +159,53 @@ def compute_targets(cfg: PPOConfig, b: Batch, old_logp: torch.Tensor | None, ref
         adv = pm.grpo_advantages(b.score, b.group).unsqueeze(1) * mask
     else:
         adv = pm.rloo_advantages(b.score, b.group).unsqueeze(1) * mask
-    return Targets(old_logp, ref_logp, values, adv, returns)
+    keep = torch.ones(len(b))
+    if plan.correction == "mis":
+        rc = cfg.rollout_correction
+        keep = keep * pm.mis_keep(old_logp, b.rollout_logprobs, mask, rc.mis_low, rc.mis_high)
+    return Targets(old_logp, ref_logp, values, adv, returns, keep)
 
 
-def sample_weights(mb: Batch, minibatch_real: float) -> torch.Tensor:
-    return mb.real / max(minibatch_real, 1.0)
+def loss_normaliser(cfg: PPOConfig, mb: Batch, keep: torch.Tensor) -> float:
+    """The minibatch's sample count the loss is divided by: real samples not masked out. Computed
+    over the whole minibatch before it is cut into micro-batches and ranks."""
+    return float((mb.real * keep).sum())
 
 
-def actor_loss(cfg: PPOConfig, model, mb: Batch, tg: Targets, w: torch.Tensor, temperature: float = 1.0
+def sample_weights(mb: Batch, norm: float, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """w_i = real_i * keep_i / norm: a minibatch's loss is the sum of w_i * (sample i's loss)."""
+    return (mb.real if keep is None else mb.real * keep) / max(norm, 1.0)
+
+
+MAX_METRICS = ("is_weight_max",)  # reduced by max over micro-batches and ranks; the others are sums
+
+
+def actor_loss(cfg: PPOConfig, model, mb: Batch, tg: Targets, w: torch.Tensor, plan: Plan = Plan()
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """sum_i w_i * token-mean(policy loss - c_ent * entropy + beta * KL-loss term); returns the loss and
-    per-sample metrics (already weighted by `real`, to be summed): the KL to the reference and the
-    rollout engine's logprob gap are measured on the old policy. `temperature`: the scoring
-    temperature (`scoring_temperature` of the sampler's)."""
-    logp, ent = policy_logprobs_and_entropy(model, mb, entropy_grad=cfg.entropy_coef > 0, temperature=temperature)
+    """sum_i w_i * token-mean(c_t * policy loss - c_ent * entropy + beta * KL-loss term), c_t the
+    rollout correction's weight (TIS: min(pi_old / pi_sampler, cap); else 1). Returns the loss and
+    per-sample metrics (already weighted by `real`, to be summed; MAX_METRICS: to be maxed): the KL
+    to the reference, the rollout engine's logprob gap and the importance ratios
+    rho_t = pi_old / pi_sampler are measured on the old policy. The is_* metrics are reported in
+    every mode (diagnostics of the sampler mismatch) and applied only in their own: is_weight_mean /
+    _max of rho (before truncation), is_truncated_frac the share of tokens with rho > cap,
+    is_masked_frac the share of samples whose geometric-mean rho is outside [mis_low, mis_high]."""
+    logp, ent = policy_logprobs_and_entropy(model, mb, entropy_grad=cfg.entropy_coef > 0, temperature=plan.temperature)
     old = logp.detach() if tg.old_logprobs is None else tg.old_logprobs
     pl, clipped, approx_kl = pm.policy_loss(logp, old, tg.advantages, cfg.clip, cfg.dual_clip)
-    per_token = pl - cfg.entropy_coef * ent
+    rc = cfg.rollout_correction
+    is_w, rho = pm.tis_weights(old, mb.rollout_logprobs, rc.cap)
+    per_token = (is_w * pl if plan.correction == "tis" else pl) - cfg.entropy_coef * ent
     if tg.ref_logprobs is not None and not kl_as_reward(cfg) and cfg.kl_coef > 0:
         per_token = per_token + cfg.kl_coef * pm.kl_estimate(logp, tg.ref_logprobs, cfg.kl_estimator)
     per_sample = pm.seq_mean_token_mean(per_token, mb.mask)
     kl = torch.zeros_like(old) if tg.ref_logprobs is None else pm.kl_estimate(old, tg.ref_logprobs, cfg.kl_estimator)
     m = {name: pm.seq_mean_token_mean(x.detach(), mb.mask) * mb.real
          for name, x in (("policy_loss", pl), ("clip_frac", clipped), ("approx_kl", approx_kl), ("entropy", ent),
-                         ("kl", kl), ("logprob_gap", (mb.rollout_logprobs - old).abs()))}
+                         ("kl", kl), ("logprob_gap", (mb.rollout_logprobs - old).abs()), ("is_weight_mean", rho),
+                         ("is_truncated_frac", (rho > rc.cap).float()))}
+    m["is_masked_frac"] = (1 - pm.mis_keep(old, mb.rollout_logprobs, mb.mask, rc.mis_low, rc.mis_high)) * mb.real
+    m["is_weight_max"] = (rho * mb.mask).amax(-1) * mb.real
     return (w * per_sample).sum(), m
 
 

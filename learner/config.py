@@ -1,4 +1,9 @@
-"""The `learner` config section: the DeepSpeed group, the RL algorithm and its coefficients."""
+"""The `learner` config section: the DeepSpeed group, the RL algorithm and its coefficients.
+
+Facts about the rollouts that other sections own (the sampler's temperature and max_new_tokens,
+whether the loop is async) are not repeated here: whoever builds the learner passes them to
+`LearnerGroup` (see `learner.algorithm.make_plan`).
+"""
 from __future__ import annotations
 
 from typing import Literal
@@ -8,42 +13,128 @@ from pydantic import Field, model_validator
 from contract.config_base import Section
 
 
+class RolloutCorrectionConfig(Section):
+    """Off-policy correction with the sampler's own logprobs (`Batch.rollout_logprobs`) as the
+    behaviour policy and the learner's old pass as the proximal one (decoupled PPO)."""
+
+    mode: Literal["off", "tis", "mis"] | None = Field(None, description=(
+        "off; tis: each token's policy-gradient term weighed by min(pi_old / pi_sampler, cap) (Yao et al. "
+        "2025's truncated importance sampling, AReaL's decoupled PPO); mis: samples whose geometric-mean "
+        "pi_old / pi_sampler is outside [mis_low, mis_high] masked out of the loss. null (default): auto, tis "
+        "when the loop is async (stale samples are off-policy by a whole update), off when sync"))
+    cap: float = Field(2.0, gt=0, description=(
+        "tis: the truncation C of the per-token weight (a ratio, unitless). 2.0: the TIS blog's and verl's "
+        "rollout_is_threshold default"))
+    mis_low: float = Field(0.5, gt=0, description=(
+        "mis: lowest geometric-mean ratio pi_old / pi_sampler a sample may have and stay in the loss. 0.5: "
+        "verl's default lower bound, 1 / mis_high"))
+    mis_high: float = Field(2.0, gt=0, description=(
+        "mis: highest geometric-mean ratio pi_old / pi_sampler a sample may have and stay in the loss. 2.0: "
+        "verl's rollout_rs_threshold default"))
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> "RolloutCorrectionConfig":
+        if not self.mis_low < 1.0 < self.mis_high:
+            raise ValueError(f"mis_low ({self.mis_low}) < 1 < mis_high ({self.mis_high}) is required: a sample "
+                             f"exactly on-policy must be kept")
+        return self
+
+    def effective_mode(self, async_rollouts: bool) -> str:
+        """`mode`, with null resolved: tis for an async loop, off for a sync one."""
+        if self.mode is not None:
+            return self.mode
+        return "tis" if async_rollouts else "off"
+
+
 class PPOConfig(Section):
-    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = "ppo"
-    epochs: int = Field(1, ge=1)
-    minibatch_size: int = Field(16, ge=1, description="samples per optimizer step (global)")
-    micro_batch_size: int = Field(8, ge=1, description="samples per forward/backward per rank")
-    clip: float = Field(0.2, gt=0)
-    dual_clip: float | None = Field(None, gt=1)
-    value_clip: float = Field(0.2, gt=0)
-    vf_coef: float = Field(0.5, ge=0)
-    entropy_coef: float = Field(0.0, ge=0)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    kl_coef: float = Field(0.05, ge=0)
-    kl_estimator: Literal["k1", "k3"] = "k1"
-    kl_in_reward: bool = True
-    whiten_advantages: bool = True
-    max_grad_norm: float = Field(1.0, gt=0)
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = Field("ppo", description=(
+        "ppo: critic + GAE; grpo: group-normalised sequence advantages; rloo: leave-one-out baseline; "
+        "reinforce_pp: KL-shaped token returns whitened over the batch. ppo by default: the one that needs no "
+        "group of samples per prompt"))
+    epochs: int = Field(1, ge=1, description=(
+        "passes over each step's batch. 1: every sample used once, the update stays near the sampling "
+        "policy (and a one-minibatch update skips the old-policy pass)"))
+    minibatch_size: int = Field(16, ge=1, description=(
+        "samples per optimizer step, over all ranks; a multiple of num_ranks x micro_batch_size. 16: a few "
+        "prompts' groups per step at the demo's scale"))
+    micro_batch_size: int = Field(8, ge=1, description=(
+        "samples per forward/backward on one rank (gradients are accumulated up to the minibatch); bounds "
+        "activation memory, does not change the update. 8 fits the demo models on CPU"))
+    clip: float = Field(0.2, gt=0, description=(
+        "PPO's clip range eps: the ratio pi / pi_old is clipped to [1 - eps, 1 + eps]. 0.2: the PPO paper's "
+        "value and everyone's default"))
+    dual_clip: float | None = Field(None, gt=1, description=(
+        "dual-clip c (Ye et al. 2020): for A < 0 the loss is capped at -c A, so a huge ratio on a bad action "
+        "cannot dominate. null: off, as in plain PPO; 3.0 is the paper's value"))
+    value_clip: float = Field(0.2, gt=0, description=(
+        "ppo: the value prediction may move at most this far (in reward units) from the old value before the "
+        "clipped loss takes over. 0.2: the same as the policy clip, as OpenAI's baselines do"))
+    vf_coef: float = Field(0.5, ge=0, description=(
+        "ppo: weight of the value loss in the critic's loss (the critic has its own optimizer, so this scales "
+        "its gradient). 0.5: the PPO paper's c1"))
+    entropy_coef: float = Field(0.0, ge=0, description=(
+        "weight of the entropy bonus subtracted from the policy loss (per token, nats). 0: off, as usual for "
+        "LLMs, where the KL to the reference already keeps the policy spread"))
+    gamma: float = Field(1.0, ge=0, le=1, description=(
+        "discount per token for GAE / returns. 1.0: a response is one episode with the reward at its end"))
+    lam: float = Field(0.95, ge=0, le=1, description=(
+        "GAE lambda (ppo): bias-variance trade-off of the advantage. 0.95: the GAE paper's usual value"))
+    kl_coef: float = Field(0.05, ge=0, description=(
+        "beta, weight of the KL to the frozen reference (in the reward per token, or as a loss term for "
+        "grpo/rloo). 0 disables the reference model altogether. 0.05: InstructGPT-like strength"))
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description=(
+        "per-token KL estimate (Schulman 2020): k1 = log pi - log pi_ref (unbiased, signed), k3 = r - 1 - log r "
+        "(unbiased, >= 0; GRPO's). k1: the classic RLHF reward penalty"))
+    kl_in_reward: bool = Field(True, description=(
+        "ppo/reinforce_pp: fold -beta KL into the token rewards (true, as in InstructGPT) or add it as a loss "
+        "term (false). grpo/rloo always use the loss term"))
+    whiten_advantages: bool = Field(True, description=(
+        "ppo: normalise GAE advantages to zero mean, unit variance over the batch. true: the usual PPO "
+        "practice, makes lr independent of the reward scale"))
+    max_grad_norm: float = Field(1.0, gt=0, description=(
+        "global gradient-norm clip before each optimizer step (L2 norm). 1.0: the common RLHF default"))
+    rollout_correction: RolloutCorrectionConfig = Field(default_factory=RolloutCorrectionConfig, description=(
+        "correction for samples drawn by another policy than the learner's (engine kernels, dtype, staleness)"))
 
 
 class LearnerConfig(Section):
-    num_ranks: int = Field(1, ge=1)
-    cpus_per_rank: float = Field(1.0, gt=0)
-    gpus_per_rank: float = Field(1.0, ge=0)
-    zero_stage: int = Field(0, ge=0, le=3)
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    lr: float = Field(1e-5, gt=0)
-    critic_lr: float = Field(1e-5, gt=0)
-    critic_model: str | None = Field(None, description="value model init; defaults to the policy")
-    ppo: PPOConfig = Field(default_factory=PPOConfig)
-    weight_sync: Literal["broadcast", "object_store"] = "broadcast"
-    bucket_mb: int = Field(256, ge=1)
-    sync_timeout_s: float = Field(300.0, gt=0)
-    max_staleness: int = Field(0, ge=0, description="oldest policy lag accepted in a train step")
-    init_timeout_s: float = Field(600.0, gt=0, description="rank start + DeepSpeed init (first run JIT-compiles)")
-    step_timeout_s: float = Field(1800.0, gt=0, description="one train_step on every rank")
-    dist_timeout_s: float = Field(300.0, gt=0, description="torch.distributed collective timeout")
+    num_ranks: int = Field(1, ge=1, description=(
+        "DeepSpeed data-parallel ranks, one Ray actor each. 1: the single-node demo"))
+    cpus_per_rank: float = Field(1.0, gt=0, description=(
+        "Ray CPUs each rank reserves (and its torch threads). 1: leaves the demo box's other core to rollout"))
+    gpus_per_rank: float = Field(1.0, ge=0, description=(
+        "Ray GPUs each rank reserves (device cuda only; ignored on CPU). 1: one GPU per rank"))
+    zero_stage: int = Field(0, ge=0, le=3, description=(
+        "DeepSpeed ZeRO stage: 0 replicates everything, 2 shards optimizer state and gradients, 3 also the "
+        "parameters. 0: one rank has nothing to shard"))
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description=(
+        "compute dtype of the policy and reference forwards (master weights stay fp32). float32: exact on "
+        "CPU and equal to the fp32 rollout engine's logprobs; bfloat16 on GPUs"))
+    lr: float = Field(1e-5, gt=0, description=(
+        "policy AdamW learning rate (per optimizer step). 1e-5: a common full-finetune RLHF value"))
+    critic_lr: float = Field(1e-5, gt=0, description=(
+        "ppo: critic AdamW learning rate (per optimizer step). 1e-5: the policy's, a safe start"))
+    critic_model: str | None = Field(None, description=(
+        "ppo: HF directory the value model starts from (a one-output token-classification head is added). "
+        "null: the policy, as most RLHF recipes do"))
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="the RL algorithm and its coefficients")
+    weight_sync: Literal["broadcast", "object_store"] = Field("broadcast", description=(
+        "how new weights reach the rollout engines: broadcast over a side torch.distributed group, or one "
+        "ray.put workers fetch. broadcast: fastest when the learner and the engines share a fabric"))
+    bucket_mb: int = Field(256, ge=1, description=(
+        "broadcast: tensors are sent in buckets of this many MiB. 256: large enough to amortise a collective, "
+        "small enough to stay in memory twice"))
+    sync_timeout_s: float = Field(300.0, gt=0, description=(
+        "seconds; limit of a weight publish, checkpoint save or load"))
+    max_staleness: int = Field(0, ge=0, description=(
+        "oldest policy lag (versions) accepted in a train step; set by the job from loop.max_staleness "
+        "(async) or 0 (sync), never by hand"))
+    init_timeout_s: float = Field(600.0, gt=0, description=(
+        "seconds; limit of the ranks' start and DeepSpeed init (a box's first run JIT-compiles ops)"))
+    step_timeout_s: float = Field(1800.0, gt=0, description=(
+        "seconds; limit of one train_step on every rank"))
+    dist_timeout_s: float = Field(300.0, gt=0, description=(
+        "seconds; torch.distributed collective timeout inside the group"))
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "LearnerConfig":

@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from contract.atomic import staged_dir
 from contract.devices import DeviceProfile
 from contract.weights import GroupAddress, WeightManifest
+from learner.algorithm import make_plan
 from learner.batch import prepare
 from learner.config import LearnerConfig
 from learner.rank import LearnerRank
@@ -75,9 +76,14 @@ def _rank_died(what: str, rank: int, e: RayActorError) -> RuntimeError:
 
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, policy_dir: str, device: DeviceProfile, critic_dir: str | None = None,
-                 seed: int = 0, namespace: str | None = None, sampling_temperature: float = 1.0):
-        """`sampling_temperature`: the rollout sampler's (rollout.sampling.temperature); the learner
-        scores log_softmax(logits / T) in every pass (T = 0, greedy, is scored at T = 1)."""
+                 seed: int = 0, namespace: str | None = None, sampling_temperature: float = 1.0,
+                 async_rollouts: bool = False):
+        """What the job knows about its rollouts and the learner config does not own:
+        `sampling_temperature`: rollout.sampling.temperature; the learner scores
+        log_softmax(logits / T) in every pass (T = 0, greedy, is scored at T = 1).
+        `async_rollouts`: loop.mode == "async"; learner.ppo.rollout_correction.mode null means tis
+        then, off otherwise. See `learner.algorithm.make_plan`."""
+        make_plan(cfg.ppo, sampling_temperature, async_rollouts)  # a bad combination fails here, before any actor
         self.cfg, self.version = cfg, 0
         self._namespace = namespace
         self._joined = False
@@ -97,7 +103,7 @@ class LearnerGroup:
                              scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, r),
                              runtime_env={"env_vars": env})
             .remote(r, cfg.model_dump_json(), policy_dir, critic_dir or cfg.critic_model, device.kind, seed,
-                    sampling_temperature)
+                    sampling_temperature, async_rollouts)
             for r in range(cfg.num_ranks)]
         try:
             host, port = wait_all([self._ranks[0].endpoint.remote(cfg.num_ranks == 1)], cfg.init_timeout_s, "start")[0]

@@ -14,10 +14,28 @@ References
   GRPO        Shao et al. 2024, "DeepSeekMath", sec. 4.1.2 (outcome supervision).
   RLOO        Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization".
   REINFORCE++ Hu 2025, "REINFORCE++": token-level KL reward, return-to-go, global batch whitening.
-  Variance    Chan, Golub & LeVeque 1983, "Algorithms for Computing the Sample Variance": the
-              two-pass algorithm (mean first, then squared deviations), eq. (1.2a).
+  Variance    Chan, Golub & LeVeque 1983, "Algorithms for Computing the Sample Variance: Analysis and
+              Recommendations", sec. 1: the two-pass algorithm (mean first, then squared deviations).
   Bounds      verl, `rollout_corr_helper.SAFETY_BOUND` / `core_algos.compute_policy_loss`: log-ratios
               clamped to +-20 before exponentiating (exp(20) ~ 4.9e8 is finite in fp32 and bf16).
+  DAPO        Yu et al. 2025, "DAPO: An Open-Source LLM RL System at Scale": sec. 3.1 Clip-Higher
+              (eps_low != eps_high), sec. 3.3 token-level loss (1 / sum_i |o_i|), sec. 3.4 overlong
+              filtering and Soft Overlong Punishment R_length.
+  Dr. GRPO    Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective", sec. 3.2:
+              A_i = r_i - mean(r_group) (no std division), per-sample token sums over a constant.
+  GSPO        Zheng et al. 2025, "Group Sequence Policy Optimization", sec. 4: s_i = exp(mean_t log
+              ratio), clipped per sequence; GSPO-token s_i,t = sg[s_i] pi_t / sg[pi_t].
+  RF++-base   Hu et al. 2025, "REINFORCE++" (v3), REINFORCE++-baseline: r_i - mean(r_group), then
+              the token returns whitened over the global batch.
+  TIS         Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"
+              (blog): w_t = min(pi_learner / pi_sampler, C) on the policy-gradient term.
+  Decoupled   Fu et al. 2025, "AReaL: A Large-Scale Asynchronous RL System", sec. 5 (decoupled PPO):
+              behaviour policy (sampler) != proximal policy (learner's old pass); the clip is around
+              the proximal one and pi_prox / pi_behav weighs the clipped surrogate.
+  MIS         Liu, Li et al. 2025, "When Speed Kills Stability: Demystifying RL Collapse from the
+              Training-Inference Mismatch" (blog), and verl's rollout-correction docs: sequences
+              whose geometric-mean ratio exp(mean_t log(pi_learner / pi_sampler)) is outside
+              [lo, hi] are masked out of the loss (verl: rollout_rs="geometric").
 """
 from __future__ import annotations
 
@@ -58,6 +76,25 @@ def seq_mean_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-sample mean over its tokens, [B, T] -> [B]. Averaging samples afterwards weighs every
     sample equally, so the loss of a batch does not depend on how it is cut into micro-batches."""
     return masked_mean(x, mask, dim=-1)
+
+
+def per_sample_loss(x: torch.Tensor, mask: torch.Tensor, aggregation: str, norm_tokens: float | None = None
+                    ) -> torch.Tensor:
+    """Each sample's share of a loss, [B, T] -> [B]; the caller divides the sum over samples by
+    the number of samples (seq_* modes) or of tokens (token_mean) of the whole minibatch:
+      seq_mean_token_mean  (1/N) sum_i (1/|o_i|) sum_t x_it   GRPO as published (DeepSeekMath eq. 3)
+      token_mean           (1/sum_i |o_i|) sum_i sum_t x_it    DAPO sec. 3.3
+      seq_sum_norm         (1/N) sum_i (1/C) sum_t x_it        Dr. GRPO sec. 3.2, C a constant
+    This returns the inner per-sample part: the token mean, the token sum, or the token sum / C."""
+    if aggregation == "seq_mean_token_mean":
+        return masked_mean(x, mask, dim=-1)
+    if aggregation == "token_mean":
+        return masked_sum(x, mask, dim=-1)
+    if aggregation == "seq_sum_norm":
+        if not norm_tokens:
+            raise ValueError("loss_aggregation seq_sum_norm needs its constant token count C (got none)")
+        return masked_sum(x, mask, dim=-1) / norm_tokens
+    raise ValueError(f"loss_aggregation: expected token_mean, seq_mean_token_mean or seq_sum_norm (got {aggregation!r})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,12 +194,15 @@ def _group_moments(score: torch.Tensor, group: torch.Tensor
     return count[group], mean[group], var.sqrt()[group], (hi == lo)[group]
 
 
-def grpo_advantages(score: torch.Tensor, group: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def grpo_advantages(score: torch.Tensor, group: torch.Tensor, eps: float = 1e-6, std_normalize: bool = True
+                    ) -> torch.Tensor:
     """GRPO: A_i = (r_i - mean(r_group)) / (std(r_group) + eps), std with Bessel's correction
-    (as TRL). A group of one sample has no baseline, and a group whose rewards are all equal has
-    no signal: both get advantage exactly 0. Computed in float64, returned in score's dtype."""
+    (as TRL). std_normalize=False is Dr. GRPO's A_i = r_i - mean(r_group) (the division by std
+    weighs low-variance prompts up, a difficulty bias). A group of one sample has no baseline, and
+    a group whose rewards are all equal has no signal: both get advantage exactly 0. Computed in
+    float64, returned in score's dtype."""
     n, mean, std, flat = _group_moments(score, group)
-    adv = (score.double() - mean) / (std + eps)
+    adv = (score.double() - mean) / ((std + eps) if std_normalize else 1.0)
     return torch.where((n > 1) & ~flat, adv, torch.zeros_like(adv)).to(score.dtype)
 
 
@@ -173,6 +213,25 @@ def rloo_advantages(score: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     n, mean, _, flat = _group_moments(score, group)
     adv = n / (n - 1).clamp(min=1) * (score.double() - mean)
     return torch.where((n > 1) & ~flat, adv, torch.zeros_like(adv)).to(score.dtype)
+
+
+def group_mean_baseline(score: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """REINFORCE++-baseline's first step: r_i - mean(r_group) (a group of one, or of equal
+    rewards, gives exactly 0). The result then goes through `reinforce_pp_advantages` as the score."""
+    n, mean, _, flat = _group_moments(score, group)
+    centred = score.double() - mean
+    return torch.where((n > 1) & ~flat, centred, torch.zeros_like(centred)).to(score.dtype)
+
+
+def overlong_penalty(length: torch.Tensor, max_len: int, buffer: int) -> torch.Tensor:
+    """DAPO's Soft Overlong Punishment (sec. 3.4), per sample, added to the reward:
+      R_length(y) = 0                                  |y| <= L_max - L_cache
+                  = ((L_max - L_cache) - |y|) / L_cache   L_max - L_cache < |y| <= L_max
+                  = -1                                 L_max < |y|
+    with L_max = max_len (the sampler's max_new_tokens) and L_cache = buffer."""
+    expected = max_len - buffer
+    soft = ((expected - length.double()) / buffer).clamp(max=0.0)
+    return torch.where(length > max_len, torch.full_like(soft, -1.0), soft).to(torch.float32)
 
 
 def reinforce_pp_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -186,22 +245,63 @@ def reinforce_pp_advantages(token_rewards: torch.Tensor, mask: torch.Tensor, gam
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip: float,
-                dual_clip: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clipped surrogate, per token: L = max(-A r, -A clip(r, 1-eps, 1+eps)), r = pi / pi_old.
+                dual_clip: float | None = None, clip_high: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Clipped surrogate, per token: L = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r = pi / pi_old,
+    eps_low = `clip`, eps_high = `clip_high` (default `clip`: PPO's symmetric range; DAPO's
+    Clip-Higher raises eps_high alone).
 
     Dual clip (A < 0 only): L = min(L, -c A), so a huge ratio on a bad action cannot blow up.
-    Returns (loss, clipped, approx_kl) per token: clipped = 1 where |r - 1| > eps (CleanRL's clip
-    fraction), approx_kl = (r - 1) - log r (k3 of KL(pi_old || pi)). log r is bounded to
+    Returns (loss, clipped, approx_kl) per token: clipped = 1 where r is outside the range (CleanRL's
+    clip fraction), approx_kl = (r - 1) - log r (k3 of KL(pi_old || pi)). log r is bounded to
     +-LOG_RATIO_BOUND (see References, "Bounds"): a far off-policy token gives a finite loss.
     """
     log_ratio = bounded_log_ratio(logp, old_logp)
-    ratio = torch.exp(log_ratio)
-    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
+    return _clipped_surrogate(torch.exp(log_ratio), log_ratio, adv, clip, clip if clip_high is None else clip_high,
+                              dual_clip)
+
+
+def _clipped_surrogate(ratio, log_ratio, adv, eps_low, eps_high, dual_clip=None):
+    """PPO eq. (7) with the range [1 - eps_low, 1 + eps_high] (DAPO Clip-Higher), dual clip (Ye et al. eq. 5)."""
+    loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps_low, 1 + eps_high))
     if dual_clip is not None:
         loss = torch.where(adv < 0, torch.minimum(loss, -dual_clip * adv), loss)
-    clipped = ((ratio - 1).abs() > clip).to(logp.dtype)
-    approx_kl = torch.expm1(log_ratio) - log_ratio
-    return loss, clipped, approx_kl
+    clipped = ((ratio < 1 - eps_low) | (ratio > 1 + eps_high)).to(ratio.dtype)
+    return loss, clipped, torch.expm1(log_ratio) - log_ratio
+
+
+def gspo_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                     clip: float, clip_high: float | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GSPO: the sequence-level ratio s_i = exp((1/|y_i|) sum_t log(pi_t / pi_old,t)), clipped per
+    sequence: L_i = max(-A_i s_i, -A_i clip(s_i, 1 - eps_low, 1 + eps_high)). Written per token as
+    GSPO-token, s_i,t = sg[s_i] * pi_t / sg[pi_t] (value s_i, gradient s_i grad log pi_t), so that
+    the per-sample token mean is GSPO's L_i with GSPO's gradient s_i A_i (1/|y_i|) sum_t grad log pi_t
+    when A_t = A_i. Returns per-token (loss, clipped, approx_kl), the last two of the sequence ratio."""
+    log_s = masked_mean(bounded_log_ratio(logp, old_logp), mask, dim=-1).unsqueeze(-1)  # [B, 1]
+    log_s_t = log_s.detach() + logp - logp.detach()
+    return _clipped_surrogate(torch.exp(log_s_t), log_s_t.detach().expand_as(logp), adv, clip,
+                              clip if clip_high is None else clip_high)
+
+
+# ---------------------------------------------------------------------------------------------
+# Off-policy correction: sampler (behaviour) vs learner (proximal) policy
+
+
+def tis_weights(prox_logp: torch.Tensor, behav_logp: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance weights w_t = min(pi_prox / pi_behav, C) (TIS; the decoupled PPO
+    objective's pi_prox / pi_behav with AReaL's cap), no gradient. Returns (w, the untruncated
+    ratio rho_t), both [B, T]; rho is bounded to exp(+-LOG_RATIO_BOUND)."""
+    rho = torch.exp(bounded_log_ratio(prox_logp, behav_logp)).detach()
+    return rho.clamp(max=cap), rho
+
+
+def mis_keep(prox_logp: torch.Tensor, behav_logp: torch.Tensor, mask: torch.Tensor, low: float, high: float
+             ) -> torch.Tensor:
+    """Sequence-level masked importance sampling: keep_i = 1 if the geometric-mean ratio
+    exp((1/|y_i|) sum_t log(pi_prox / pi_behav)) lies in [low, high], else 0. [B]."""
+    g = torch.exp(masked_mean(bounded_log_ratio(prox_logp, behav_logp), mask, dim=-1)).detach()
+    return ((g >= low) & (g <= high)).to(prox_logp.dtype)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, clip: float) -> torch.Tensor:

@@ -34,11 +34,12 @@ def deepspeed_config(cfg: LearnerConfig, lr: float) -> dict:
 
 class LearnerRank:
     def __init__(self, rank: int, cfg_json: str, policy_dir: str, critic_dir: str | None, device: str, seed: int,
-                 sampling_temperature: float = 1.0):
+                 sampling_temperature: float = 1.0, async_rollouts: bool = False):
         """`sampling_temperature`: the rollout sampler's temperature; every pass scores at it
-        (0 = greedy: scored at 1, see `algorithm.scoring_temperature`)."""
+        (0 = greedy: scored at 1, see `algorithm.scoring_temperature`). `async_rollouts`: the loop
+        is async (rollout correction's auto mode). See `algorithm.make_plan`."""
         self.rank, self.cfg = rank, LearnerConfig.model_validate_json(cfg_json)
-        self.temperature = alg.scoring_temperature(sampling_temperature)
+        self.plan = alg.make_plan(self.cfg.ppo, sampling_temperature, async_rollouts)
         self.world = self.cfg.num_ranks
         self.policy_dir, self.critic_dir, self.device, self.seed = policy_dir, critic_dir, device, seed
         self.weight_group = None
@@ -97,17 +98,17 @@ class LearnerRank:
         on this rank's shard, gathered to the full batch."""
         micro, shard = self.cfg.ppo.micro_batch_size, len(b) // self.world
         outs: dict[str, list[torch.Tensor]] = {"old": [], "ref": [], "val": []}
-        need_old = not alg.old_is_first_forward(self.cfg.ppo, len(b))
+        need_old = not alg.old_is_first_forward(self.cfg.ppo, len(b), self.plan)
         for start in range(self.rank * shard, (self.rank + 1) * shard, micro):
             mb = self._to_device(b.rows(slice(start, start + micro)))
             if need_old:
-                outs["old"].append(alg.response_logprobs(self.actor, mb, self.temperature))
+                outs["old"].append(alg.response_logprobs(self.actor, mb, self.plan.temperature))
             if self.ref is not None:
-                outs["ref"].append(alg.response_logprobs(self.ref, mb, self.temperature))
+                outs["ref"].append(alg.response_logprobs(self.ref, mb, self.plan.temperature))
             if self.critic is not None:
                 outs["val"].append(alg.critic_values(self.critic, mb))
         full = {k: self._all_gather(torch.cat(v)).cpu() if v else None for k, v in outs.items()}
-        return alg.compute_targets(self.cfg.ppo, b, full["old"], full["ref"], full["val"])
+        return alg.compute_targets(self.cfg.ppo, b, full["old"], full["ref"], full["val"], self.plan)
 
     def train_step(self, b: Batch, n_real: int, version: int) -> dict:
         import torch.distributed as dist
@@ -116,36 +117,43 @@ class LearnerRank:
         p = self.cfg.ppo
         tg = self._targets(b)
         sums: dict[str, torch.Tensor] = {}
+        maxes: dict[str, float] = {}
         grad_norms = []
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + version)
         micro_per_rank = p.minibatch_size // (self.world * p.micro_batch_size)
         for _ in range(p.epochs):
             for rows in alg.minibatches(n_real, len(b), p.minibatch_size, gen):
-                mb_real = float(b.real[rows].sum())
+                norm = alg.loss_normaliser(p, b.rows(rows), tg.keep[rows])
                 mine = rows.split(p.micro_batch_size)[self.rank * micro_per_rank:(self.rank + 1) * micro_per_rank]
                 for idx in mine:
-                    for name, value in self._micro_step(b.rows(idx), tg.rows(idx), mb_real).items():
-                        sums[name] = sums.get(name, 0) + value.sum()
+                    for name, value in self._micro_step(b.rows(idx), tg.rows(idx), norm).items():
+                        if name in alg.MAX_METRICS:
+                            maxes[name] = max(maxes.get(name, 0.0), float(value.max()))
+                        else:
+                            sums[name] = sums.get(name, 0) + value.sum()
                 grad_norms.append(self._grad_norm())
-        names = sorted(sums)
+        names, max_names = sorted(sums), sorted(maxes)
         totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in names])
         dist.all_reduce(totals)
+        peaks = torch.tensor([maxes[k] for k in max_names], dtype=torch.float64)
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
         # logprob_gap (rollout engine vs learner on the same tokens) is a health signal: dtype,
         # kernels or stale weights show up there first.
         metrics = {k: float(v) / (n_real * p.epochs) for k, v in zip(names, totals)}
+        metrics.update({k: float(v) for k, v in zip(max_names, peaks)})
         metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
         metrics["step_s"] = time.time() - t0
         metrics.setdefault("value_loss", 0.0)
         return metrics
 
-    def _micro_step(self, mb: Batch, tg: alg.Targets, mb_real: float) -> dict[str, torch.Tensor]:
+    def _micro_step(self, mb: Batch, tg: alg.Targets, norm: float) -> dict[str, torch.Tensor]:
         """Forward/backward one micro-batch; DeepSpeed steps the optimizer at the minibatch boundary.
         DeepSpeed averages gradients over ranks, so the loss is scaled by the world size (and not by
         the accumulation steps: the sample weights already make it a minibatch mean)."""
         mb = self._to_device(mb)
-        tg = alg.Targets(*(None if t is None else t.to(self.device) for t in vars(tg).values()))
-        w = alg.sample_weights(mb, mb_real)
-        loss, metrics = alg.actor_loss(self.cfg.ppo, self.actor, mb, tg, w, self.temperature)
+        tg = tg.to(self.device)
+        w = alg.sample_weights(mb, norm, tg.keep)
+        loss, metrics = alg.actor_loss(self.cfg.ppo, self.actor, mb, tg, w, self.plan)
         self.actor.backward(loss * self.world, scale_wrt_gas=False)
         if self.actor.is_gradient_accumulation_boundary() and self.cfg.zero_stage == 0:
             self._own_grad_norm = torch.linalg.vector_norm(

@@ -182,3 +182,38 @@ def test_kl_estimators_are_finite_for_far_apart_policies(estimator, log_r):
     assert torch.isfinite(kl).all() and torch.isfinite(logp.grad).all()
     b = math.copysign(pm.LOG_RATIO_BOUND, log_r)
     assert kl.item() == pytest.approx(-b if estimator == "k1" else (math.exp(b) - 1) - b, rel=1e-6)
+
+
+# ---- off-policy correction: TIS, decoupled PPO, MIS ------------------------------------------
+
+
+def test_tis_weights_are_truncated_ratios_of_learner_to_sampler():
+    prox, behav = T(math.log(0.3), math.log(0.2), math.log(0.9)), T(math.log(0.6), math.log(0.05), math.log(0.3))
+    w, rho = pm.tis_weights(prox, behav, cap=2.0)
+    close(rho, [0.3 / 0.6, 0.2 / 0.05, 0.9 / 0.3])
+    close(w, [min(0.3 / 0.6, 2.0), min(0.2 / 0.05, 2.0), min(0.9 / 0.3, 2.0)])
+    assert not w.requires_grad
+
+
+def test_decoupled_ppo_clips_around_the_proximal_policy_and_weighs_by_prox_over_behaviour():
+    """AReaL's decoupled objective per token: (pi_prox / pi_behav) * max(-A r, -A clip(r)), with
+    r = pi / pi_prox, the weight truncated at C (TIS)."""
+    pi, prox, behav, adv = [0.5, 0.3], [0.4, 0.4], [0.1, 0.5], T(1.0, -1.0)
+    logp, prox_lp, behav_lp = (torch.log(T(*v)) for v in (pi, prox, behav))
+    loss, _, _ = pm.policy_loss(logp, prox_lp, adv, clip=0.2)
+    w, _ = pm.tis_weights(prox_lp, behav_lp, cap=2.0)
+    r = [0.5 / 0.4, 0.3 / 0.4]
+    want = [min(0.4 / 0.1, 2.0) * max(-1.0 * r[0], -1.0 * min(max(r[0], 0.8), 1.2)),
+            min(0.4 / 0.5, 2.0) * max(1.0 * r[1], 1.0 * min(max(r[1], 0.8), 1.2))]
+    close(w * loss, want)
+    close(w * loss, [2.0 * -1.2, 0.8 * 0.8])
+
+
+def test_mis_masks_sequences_by_their_geometric_mean_ratio():
+    prox = T([math.log(0.5), math.log(0.5), 0.0], [math.log(0.9), math.log(0.1), 0.0], [math.log(0.2), 7.0, 7.0])
+    behav = T([math.log(0.1), math.log(0.1), 0.0], [math.log(0.3), math.log(0.1), 0.0], [math.log(0.2), 0.0, 0.0])
+    mask = T([1, 1, 0], [1, 1, 0], [1, 0, 0])  # padding (7.0) must not count
+    g = [math.exp((math.log(5) + math.log(5)) / 2), math.exp((math.log(3) + 0) / 2), 1.0]
+    assert g == pytest.approx([5.0, math.sqrt(3), 1.0])
+    close(pm.mis_keep(prox, behav, mask, 0.5, 2.0), [float(0.5 <= v <= 2.0) for v in g])
+    close(pm.mis_keep(prox, behav, mask, 0.5, 2.0), [0.0, 1.0, 1.0])
