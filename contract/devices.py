@@ -43,12 +43,61 @@ class DeviceProfile:
             return {"enforce_eager": True, "kv_cache_memory_bytes": kv_cache_bytes}
         return {"gpu_memory_utilization": gpu_memory_utilization}
 
+    def reset_peak_memory(self) -> None:
+        """Start a new window for `peak_memory_mb` (e.g. at the start of a train step)."""
+        if self.kind == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+            return
+        import gc
+
+        gc.collect()
+        _release_free_heap()  # so memory freed before the window does not count as resident in it
+        try:  # Linux: "5" resets the process's resident high-water mark (VmHWM)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+    def peak_memory_mb(self) -> float:
+        """MiB at this process's peak since `reset_peak_memory`. cuda: torch.cuda.max_memory_allocated
+        (tensors on the device). cpu: the resident set's high-water mark (VmHWM: weights, optimizer
+        state, activations, and the interpreter and libraries too); where /proc has none, the
+        lifetime peak (getrusage ru_maxrss), which no reset lowers."""
+        if self.kind == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated() / 2**20
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024  # kB
+        except OSError:
+            pass
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
     def ray_resources(self, cpus: float, gpus: float) -> dict:
         """Ray actor options for one worker/rank; GPUs are only requested on a CUDA profile."""
         res: dict = {"num_cpus": cpus}
         if self.kind == "cuda":
             res["num_gpus"] = gpus
         return res
+
+
+def _release_free_heap() -> None:
+    """glibc keeps freed heap pages resident; malloc_trim hands them back (no-op elsewhere)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def resolve_device(name: str = "auto") -> DeviceProfile:

@@ -1,0 +1,108 @@
+"""The learner's torch modules as the config asks for them: activation checkpointing, LoRA
+adapters (learner/lora.py) and the HF-named view of their weights that sync and exports use.
+
+The ranks (rank.py), the single-process benchmarks and benchmarks/gpu_check.py build their
+models here, so every path runs the same modules.
+
+Activation checkpointing: HF recomputes a decoder layer in the backward only while that layer is
+`training`; the learner keeps its models in eval mode (dropout off: the old-policy, reference and
+policy passes must score identically), so only the checkpointed layers themselves are flagged
+training (`training` is per module: their attention and MLP children stay in eval).
+"""
+from __future__ import annotations
+
+import torch
+
+from learner.config import LearnerConfig
+
+
+def enable_checkpointing(model: torch.nn.Module) -> int:
+    """Checkpoint every decoder layer (non-reentrant torch.utils.checkpoint), KV cache off.
+    Returns the number of checkpointed layers (0: the model has none, nothing changed)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.training = True  # this module only, not its children (see the module docstring)
+    return len(layers)
+
+
+def prepare(model: torch.nn.Module, cfg: LearnerConfig, task: str = "CAUSAL_LM") -> torch.nn.Module:
+    """`model` (fp32, eval mode, from from_pretrained) with the config's checkpointing and LoRA.
+    `task`: PEFT task type, CAUSAL_LM (policy) or TOKEN_CLS (critic: its value head trains whole)."""
+    model.eval()
+    if cfg.gradient_checkpointing:
+        enable_checkpointing(model)
+    if cfg.lora is not None:
+        from learner.lora import wrap
+
+        model = wrap(model, cfg.lora, task)
+    return model
+
+
+def load_policy(cfg: LearnerConfig, policy_dir: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return prepare(AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype), cfg)
+
+
+def load_critic(cfg: LearnerConfig, critic_dir: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    from transformers import AutoModelForTokenClassification
+
+    return prepare(AutoModelForTokenClassification.from_pretrained(critic_dir, num_labels=1, dtype=dtype), cfg,
+                   task="TOKEN_CLS")
+
+
+def trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """What the optimizer gets: every parameter, or with LoRA the adapters (and a critic's head)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def is_adapted(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def hf_state_dict(model: torch.nn.Module, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights an HF model (or a vLLM engine) of the base architecture loads: `named` itself for
+    a plain model; for a LoRA model, W + (alpha / r) B A under the base names (learner/lora.py)."""
+    if not is_adapted(model):
+        return named
+    from learner.lora import merged_state_dict
+
+    return merged_state_dict(model, named)
+
+
+def hf_named_params(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(HF name, parameter) of what `hf_state_dict` yields, without computing it (for a manifest:
+    the merged weights have their base layers' names and shapes)."""
+    if not is_adapted(model):
+        return list(model.named_parameters())
+    from learner.lora import hf_name
+
+    return [(hf_name(n), p) for n, p in model.named_parameters() if hf_name(n) is not None]
+
+
+def hf_aliases(model: torch.nn.Module) -> tuple[tuple[str, str], ...]:
+    """`contract.weights.tied_aliases` under the names `hf_state_dict` uses."""
+    from contract.weights import tied_aliases
+
+    if not is_adapted(model):
+        return tied_aliases(model)
+    from learner.lora import hf_name
+
+    return tuple((hf_name(a), hf_name(s)) for a, s in tied_aliases(model)
+                 if hf_name(a) is not None and hf_name(s) is not None)
+
+
+def export_pretrained(model: torch.nn.Module, out_dir, named: dict[str, torch.Tensor]) -> None:
+    """An HF safetensors directory of the (merged) weights; with LoRA also the adapter alone in
+    `out_dir`/adapter (PEFT's adapter_config.json + adapter_model.safetensors)."""
+    if not is_adapted(model):
+        model.save_pretrained(out_dir, state_dict=named, safe_serialization=True)
+        return
+    from learner.lora import save_adapter
+
+    model.get_base_model().save_pretrained(out_dir, state_dict=hf_state_dict(model, named), safe_serialization=True)
+    save_adapter(model, named, out_dir / "adapter")
