@@ -49,6 +49,23 @@ def _cmd_train_rm(args) -> int:
     return 0
 
 
+def _cmd_train_sft(args) -> int:
+    from cluster.launch.sft import sft_command
+
+    return sft_command(args.config, args.overrides, address=args.address)
+
+
+def _cmd_generate(args) -> int:
+    from cluster.launch.generate import generate_command
+    from contract.datasets import Columns
+
+    cols = Columns(**{k: v for k, v in (("prompt", args.prompt_column), ("messages", args.messages_column)) if v})
+    return generate_command(args.checkpoint, args.prompts, n=args.n, max_new_tokens=args.max_new_tokens,
+                            temperature=args.temperature, top_p=args.top_p, seed=args.seed, limit=args.limit,
+                            out=args.out, reward_model=args.reward_model, max_model_len=args.max_model_len,
+                            dtype=args.dtype, columns=cols, quiet=args.quiet)
+
+
 def _cmd_scale(args) -> int:
     from cluster.launch.control import scale_command
 
@@ -114,6 +131,34 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config")
     r.add_argument("overrides", nargs="*")
     r.set_defaults(func=_cmd_train_rm)
+
+    f = sub.add_parser("train-sft", help="supervised fine-tuning (the stage before the reward model and RL) on "
+                                        "DeepSpeed ranks; loss on assistant tokens only; HF directory out")
+    f.add_argument("config", help="SFT YAML: base_model, data, output_dir, ... (learner/sft_config.py)")
+    f.add_argument("overrides", nargs="*", help="dotted overrides, e.g. epochs=2 num_ranks=2")
+    f.add_argument("--address", help="Ray cluster to attach to (default RAY_ADDRESS, else an embedded one)")
+    f.set_defaults(func=_cmd_train_sft)
+
+    g = sub.add_parser("generate", help="sample a checkpoint on the rollout engine and print or save "
+                                        "prompt/response/reward")
+    g.add_argument("checkpoint", help="HF model dir, a run checkpoint (RUN/ckpt/step=N) or a run dir (latest)")
+    g.add_argument("prompts", help="prompt file (Parquet/JSONL/save_to_disk dir, as data.prompts) or a literal "
+                                   "prompt text (one user message when the model has a chat template)")
+    g.add_argument("--n", type=int, default=1, help="samples per prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0, help="per-prompt sampling seed base")
+    g.add_argument("--limit", type=int, default=None, help="only the first K prompts")
+    g.add_argument("--out", default=None, help="also write one JSON object per sample to this .jsonl file")
+    g.add_argument("--reward-model", default=None, help="score each sample with this reward model directory")
+    g.add_argument("--max-model-len", type=int, default=2048, help="prompt + response tokens")
+    g.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="engine dtype (default float32, as rollout.engine.dtype)")
+    g.add_argument("--prompt-column", default=None, help="column of plain-text prompts (default prompt)")
+    g.add_argument("--messages-column", default=None, help="column of chat conversations (default messages)")
+    g.add_argument("--quiet", action="store_true", help="print only the summary line")
+    g.set_defaults(func=_cmd_generate)
 
     m = sub.add_parser("make-tiny-models", help="write tiny random-init policy/reward models and a tokenizer")
     m.add_argument("out", help="output directory")

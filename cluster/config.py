@@ -19,6 +19,7 @@ from actors.config import RolloutConfig
 from cluster.job.evaluation import EvalConfig
 from cluster.job.produce import DynamicSamplingConfig
 from contract.config_base import ConfigError, Section, describe_validation_errors
+from contract.datasets import Columns
 from learner.config import LearnerConfig
 from reward_service.config import RewardConfig
 
@@ -35,10 +36,13 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    prompts: str = Field(..., description="Parquet or JSONL file with a `prompt` column (and an optional unique "
-                                          "`id`)")
+    prompts: str = Field(..., description="Parquet, JSONL or datasets save_to_disk directory with a `prompt` "
+                                          "or chat `messages` column (and an optional unique `id`)")
     prompts_per_step: int = Field(8, ge=1, description="prompts drawn per step (each sampled rollout.sampling.n "
                                                        "times); seeded, reshuffled every epoch")
+    columns: Columns = Field(default_factory=Columns, description="column names of data.prompts: a plain `prompt`, "
+                                                                  "or chat `messages` rendered with the policy's "
+                                                                  "chat template; a DatasetDict directory's split")
 
 
 class LoopConfig(Section):

@@ -296,16 +296,18 @@ def load_examples(cfg: SFTConfig, tok) -> tuple[Encoded, Encoded]:
     return train, held
 
 
-def train_sft(cfg: SFTConfig, device, log=print, namespace: str | None = None) -> dict:
+def train_sft(cfg: SFTConfig, device, log=print, namespace: str | None = None,
+              examples: tuple[Encoded, Encoded] | None = None) -> dict:
     """Fine-tune cfg.base_model on cfg.data with Ray already initialised; write cfg.output_dir
-    atomically; return the metrics (held-out loss before and after, per-epoch train loss)."""
+    atomically; return the metrics (held-out loss before and after, per-epoch train loss).
+    `examples`: (train, held-out) from `load_examples` when the caller already encoded them."""
     import ray
     from transformers import AutoTokenizer
 
     from contract.atomic import staged_dir
 
     tok = AutoTokenizer.from_pretrained(cfg.base_model)
-    train, held = load_examples(cfg, tok)
+    train, held = examples or load_examples(cfg, tok)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     step_rows = cfg.batch_size
     eval_rows = math.ceil(len(held) / (cfg.num_ranks * cfg.micro_batch_size)) * cfg.num_ranks * cfg.micro_batch_size

@@ -95,14 +95,19 @@ class RewardClient:
             self._feedback = serve.get_deployment_handle("RewardFeedback", app_name=self.name)
         return self._feedback
 
-    def score(self, prompts: list[str], responses: list[str]) -> pa.Table:
-        """One row per pair, in order: reward, reward_valid, reward_parts (see `reward_errors`)."""
-        if len(prompts) != len(responses):
-            raise RewardServiceError(f"score: {len(prompts)} prompts but {len(responses)} responses")
+    def score(self, prompts: list[str], responses: list[str], messages: list[str | None] | None = None) -> pa.Table:
+        """One row per pair, in order: reward, reward_valid, reward_parts (see `reward_errors`).
+        `messages`: per pair the prompt's chat conversation as JSON (or None), which the reward model
+        re-renders in its own chat template (reward_service/model.py)."""
+        if len(prompts) != len(responses) or (messages is not None and len(messages) != len(prompts)):
+            raise RewardServiceError(f"score: {len(prompts)} prompts but {len(responses)} responses"
+                                     + (f" and {len(messages)} messages" if messages is not None else ""))
         if not prompts:
             return REWARD_SCHEMA.empty_table()
         b = self.cfg.max_batch_size
-        chunks = [(list(prompts[i:i + b]), list(responses[i:i + b])) for i in range(0, len(prompts), b)]
+        chunks = [(list(prompts[i:i + b]), list(responses[i:i + b]))
+                  + ((list(messages[i:i + b]),) if messages is not None and any(m is not None for m in messages) else ())
+                  for i in range(0, len(prompts), b)]
         outs = self._call_all(lambda c: self.scorer.score.remote(*c), chunks)
         return to_table(outs)
 

@@ -134,7 +134,7 @@ async def handle(scorer, request: Request) -> Response:
             return ok(await scorer.add_feedback(body))
         if not isinstance(body, dict):
             raise DatasetError("score: expected an object {\"prompts\": [...], \"responses\": [...]}")
-        return ok(wire_to_json(await scorer.score(body.get("prompts"), body.get("responses"))))
+        return ok(wire_to_json(await scorer.score(body.get("prompts"), body.get("responses"), body.get("messages"))))
     except (ValueError, DatasetError) as e:
         return error(e, 400)
 

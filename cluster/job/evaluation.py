@@ -19,7 +19,7 @@ from actors.config import SamplingConfig
 from cluster.errors import JobFailed, failing_as
 from cluster.job.rollout_table import provenance, with_rewards
 from contract.config_base import Section
-from contract.datasets import load_prompts
+from contract.datasets import Columns, load_prompts
 
 
 class EvalConfig(Section):
@@ -32,12 +32,17 @@ class EvalConfig(Section):
                                                         "most likely answer, so evals are comparable across steps")
     max_new_tokens: int | None = Field(None, ge=1, description="None: rollout.sampling.max_new_tokens")
     seed: int = Field(0, description="per-prompt sampling seed base, so evals at different steps draw alike")
+    columns: Columns = Field(default_factory=Columns, description="column names of eval.prompts (chat "
+                                                                  "`messages` are rendered with the policy's chat "
+                                                                  "template), as data.columns for data.prompts")
 
 
 class Evaluator:
     def __init__(self, cfg: EvalConfig, rollout_sampling: SamplingConfig, services, gold, steps: int):
         self.cfg, self.services, self.gold, self.steps = cfg, services, gold, steps
-        self.prompts = load_prompts(cfg.prompts)
+        from transformers import AutoTokenizer
+
+        self.prompts = load_prompts(cfg.prompts, cfg.columns, AutoTokenizer.from_pretrained(services.pool.model_dir))
         self.sampling = SamplingConfig(n=cfg.n, temperature=cfg.temperature, seed=cfg.seed,
                                        max_new_tokens=cfg.max_new_tokens or rollout_sampling.max_new_tokens,
                                        stop=rollout_sampling.stop)
@@ -52,7 +57,8 @@ class Evaluator:
         rollouts = self.services.pool.generate(self.prompts, self.sampling)
         with failing_as(f"reward service failed in the eval at step {step}"):
             rewards = self.services.reward.score(rollouts.column("prompt").to_pylist(),
-                                                 rollouts.column("response").to_pylist())
+                                                 rollouts.column("response").to_pylist(),
+                                                 rollouts.column("messages").to_pylist())
         table = with_rewards(rollouts, rewards)
         valid = table.column("reward_valid").to_numpy(zero_copy_only=False).astype(bool)
         if not valid.any():

@@ -125,7 +125,8 @@ class StepProducer:
         t1 = time.perf_counter()
         with failing_as(f"reward service failed at step {step}"):
             rewards = self.services.reward.score(rollouts.column("prompt").to_pylist(),
-                                                 rollouts.column("response").to_pylist())
+                                                 rollouts.column("response").to_pylist(),
+                                                 rollouts.column("messages").to_pylist())
         t2 = time.perf_counter()
         if rewards.num_rows and not any(rewards.column("reward_valid").to_pylist()):
             from reward_service.client import reward_errors

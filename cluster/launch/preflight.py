@@ -93,35 +93,39 @@ def check_models(cfg, problems: list[str]) -> dict | None:
 
 
 def check_prompts(cfg, policy_ok: bool, problems: list[str]) -> None:
-    """Prompt files load; the longest prompt leaves room for a whole response in max_model_len."""
+    """Prompt files load (chat `messages` render with the policy's chat template); the longest prompt
+    leaves room for a whole response in max_model_len."""
+    from contract.chat import encode_prompts
     from contract.datasets import DatasetError, load_prompts
 
-    sets = [("data.prompts", cfg.data.prompts, cfg.rollout.sampling.max_new_tokens)]
+    tok = None
+    if policy_ok:
+        from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        try:
+            tok = AutoTokenizer.from_pretrained(cfg.model.policy)
+        except Exception as e:  # noqa: BLE001 - any loader failure is the same user-facing problem
+            problems.append(f"model.policy: cannot load its tokenizer ({str(e).splitlines()[0][:200]})")
+    sets = [("data.prompts", cfg.data.prompts, cfg.data.columns, cfg.rollout.sampling.max_new_tokens)]
     ev = getattr(cfg, "eval", None)
     if ev is not None and getattr(ev, "prompts", None):
-        sets.append(("eval.prompts", ev.prompts, getattr(ev, "max_new_tokens", None)
+        sets.append(("eval.prompts", ev.prompts, getattr(ev, "columns", None), getattr(ev, "max_new_tokens", None)
                      or cfg.rollout.sampling.max_new_tokens))
     tables = []
-    for key, path, new_tokens in sets:
+    for key, path, columns, new_tokens in sets:
         try:
-            tables.append((key, load_prompts(path), new_tokens))
+            tables.append((key, load_prompts(path, columns, tok), new_tokens))
         except DatasetError as e:
             problems.append(f"{key}: {e}")
-    if not policy_ok or not tables:
-        return
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    try:
-        tok = AutoTokenizer.from_pretrained(cfg.model.policy)
-    except Exception as e:  # noqa: BLE001 - any loader failure is the same user-facing problem
-        problems.append(f"model.policy: cannot load its tokenizer ({str(e).splitlines()[0][:200]})")
+    if tok is None or not tables:
         return
     limit = cfg.rollout.engine.max_model_len
     for key, table, new_tokens in tables:
-        texts = sorted(table.column("prompt").to_pylist(), key=len, reverse=True)[:LONGEST_CHECKED]
-        longest = max(len(ids) for ids in tok(texts)["input_ids"])
+        rows = sorted(zip(table.column("prompt").to_pylist(), table.column("messages").to_pylist()),
+                      key=lambda r: len(r[0]), reverse=True)[:LONGEST_CHECKED]
+        longest = max(len(ids) for ids in encode_prompts(tok, [t for t, _ in rows], [m for _, m in rows]))
         if longest + new_tokens > limit:
             problems.append(f"rollout.engine.max_model_len: {limit} is too short for {key}: its longest prompt has "
                             f"{longest} tokens, + {new_tokens} new tokens = {longest + new_tokens}; raise it or "
