@@ -54,14 +54,34 @@ class Plan:
     """What an update needs beyond the learner config, resolved once by `make_plan` from the config
     and from what the job says about its rollouts (which other config sections own)."""
 
-    temperature: float = 1.0  # the scoring temperature (`scoring_temperature` of the sampler's)
-    correction: str = "off"   # rollout_correction.mode resolved: off | tis | mis
+    temperature: float = 1.0          # the scoring temperature (`scoring_temperature` of the sampler's)
+    correction: str = "off"           # rollout_correction.mode resolved: off | tis | mis
+    max_new_tokens: int | None = None  # the sampler's response limit (overlong penalty's L_max)
+    norm_tokens: int | None = None     # seq_sum_norm's constant C
+    overlong_buffer: int | None = None  # overlong penalty's L_cache
 
 
-def make_plan(cfg: PPOConfig, sampling_temperature: float = 1.0, async_rollouts: bool = False) -> Plan:
+def make_plan(cfg: PPOConfig, sampling_temperature: float = 1.0, async_rollouts: bool = False,
+              max_new_tokens: int | None = None) -> Plan:
     """`sampling_temperature`: rollout.sampling.temperature; `async_rollouts`: the loop is async
-    (decides rollout_correction.mode null). Raises ValueError on what cannot be resolved."""
-    return Plan(scoring_temperature(sampling_temperature), cfg.rollout_correction.effective_mode(async_rollouts))
+    (decides rollout_correction.mode null); `max_new_tokens`: rollout.sampling.max_new_tokens
+    (seq_sum_norm's default C, the overlong penalty's L_max). Raises ValueError, naming the key,
+    on what cannot be resolved."""
+    norm = cfg.loss_norm_tokens or max_new_tokens
+    if cfg.loss_aggregation == "seq_sum_norm" and norm is None:
+        raise ValueError("learner.ppo.loss_norm_tokens: seq_sum_norm needs its constant C; set it, or pass the "
+                         "sampler's max_new_tokens to the learner")
+    buffer = None
+    if cfg.overlong.mode == "penalty":
+        if max_new_tokens is None:
+            raise ValueError("learner.ppo.overlong.mode: penalty needs the sampler's max_new_tokens (L_max), "
+                             "which was not passed to the learner")
+        buffer = cfg.overlong.buffer_tokens or max(1, max_new_tokens // 5)
+        if buffer >= max_new_tokens:
+            raise ValueError(f"learner.ppo.overlong.buffer_tokens: {buffer} must be below max_new_tokens "
+                             f"({max_new_tokens})")
+    return Plan(scoring_temperature(sampling_temperature), cfg.rollout_correction.effective_mode(async_rollouts),
+                max_new_tokens, norm, buffer)
 
 
 def _kept_log_softmax(model, mb: Batch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -125,10 +145,13 @@ class Targets:
         return Targets(*(None if (t := getattr(self, f.name)) is None else t.to(device) for f in fields(self)))
 
 
+TOKEN_REWARD_ALGORITHMS = ("ppo", "reinforce_pp", "reinforce_pp_baseline")
+
+
 def kl_as_reward(cfg: PPOConfig) -> bool:
     """Token-reward algorithms (PPO, REINFORCE++) fold the KL into the reward when asked; GRPO and
     RLOO (sequence advantages) always use it as a loss term, as the GRPO paper does."""
-    return cfg.kl_in_reward and cfg.algorithm in ("ppo", "reinforce_pp") and cfg.kl_coef > 0
+    return cfg.kl_in_reward and cfg.algorithm in TOKEN_REWARD_ALGORITHMS and cfg.kl_coef > 0
 
 
 def old_is_first_forward(cfg: PPOConfig, batch_rows: int, plan: Plan = Plan()) -> bool:
@@ -143,23 +166,30 @@ def old_is_first_forward(cfg: PPOConfig, batch_rows: int, plan: Plan = Plan()) -
 
 def compute_targets(cfg: PPOConfig, b: Batch, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
                     values: torch.Tensor | None, plan: Plan = Plan()) -> Targets:
-    mask = b.mask
+    mask, score = b.mask, b.score
+    if cfg.overlong.mode == "penalty":  # DAPO's Soft Overlong Punishment, added to the reward
+        length_penalty = pm.overlong_penalty(mask.sum(-1), plan.max_new_tokens, plan.overlong_buffer)
+        score = score + cfg.overlong.penalty * length_penalty * b.real
     returns = None
-    if cfg.algorithm in ("ppo", "reinforce_pp"):
+    if cfg.algorithm in TOKEN_REWARD_ALGORITHMS:
         shaped = kl_as_reward(cfg) and ref_logp is not None
         kl = pm.kl_estimate(old_logp, ref_logp, cfg.kl_estimator) if shaped else torch.zeros(mask.shape)
-        rewards = pm.kl_shaped_rewards(b.score, kl, mask, cfg.kl_coef if shaped else 0.0)
+        if cfg.algorithm == "reinforce_pp_baseline":
+            score = pm.group_mean_baseline(score, b.group)
+        rewards = pm.kl_shaped_rewards(score, kl, mask, cfg.kl_coef if shaped else 0.0)
     if cfg.algorithm == "ppo":
         adv, returns = pm.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             adv = pm.masked_whiten(adv, mask)
-    elif cfg.algorithm == "reinforce_pp":
+    elif cfg.algorithm in ("reinforce_pp", "reinforce_pp_baseline"):
         adv = pm.reinforce_pp_advantages(rewards, mask, cfg.gamma)
     elif cfg.algorithm == "grpo":
-        adv = pm.grpo_advantages(b.score, b.group).unsqueeze(1) * mask
+        adv = pm.grpo_advantages(score, b.group, std_normalize=cfg.grpo_std_normalize).unsqueeze(1) * mask
     else:
-        adv = pm.rloo_advantages(b.score, b.group).unsqueeze(1) * mask
+        adv = pm.rloo_advantages(score, b.group).unsqueeze(1) * mask
     keep = torch.ones(len(b))
+    if cfg.overlong.mode == "mask":  # DAPO's overlong filtering
+        keep = keep * (~b.truncated).float()
     if plan.correction == "mis":
         rc = cfg.rollout_correction
         keep = keep * pm.mis_keep(old_logp, b.rollout_logprobs, mask, rc.mis_low, rc.mis_high)
@@ -167,9 +197,11 @@ def compute_targets(cfg: PPOConfig, b: Batch, old_logp: torch.Tensor | None, ref
 
 
 def loss_normaliser(cfg: PPOConfig, mb: Batch, keep: torch.Tensor) -> float:
-    """The minibatch's sample count the loss is divided by: real samples not masked out. Computed
-    over the whole minibatch before it is cut into micro-batches and ranks."""
-    return float((mb.real * keep).sum())
+    """What a minibatch's loss is divided by (`pm.per_sample_loss`): its kept real tokens for
+    token_mean, else its kept real samples. Computed over the whole minibatch before it is cut
+    into micro-batches and ranks, which is what keeps the loss scale independent of that cut."""
+    kept = mb.real * keep
+    return float((kept * mb.mask.sum(-1)).sum() if cfg.loss_aggregation == "token_mean" else kept.sum())
 
 
 def sample_weights(mb: Batch, norm: float, keep: torch.Tensor | None = None) -> torch.Tensor:
@@ -182,7 +214,8 @@ MAX_METRICS = ("is_weight_max",)  # reduced by max over micro-batches and ranks;
 
 def actor_loss(cfg: PPOConfig, model, mb: Batch, tg: Targets, w: torch.Tensor, plan: Plan = Plan()
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """sum_i w_i * token-mean(c_t * policy loss - c_ent * entropy + beta * KL-loss term), c_t the
+    """sum_i w_i * agg_i(c_t * policy loss - c_ent * entropy + beta * KL-loss term), agg_i sample i's
+    part of `loss_aggregation` (`pm.per_sample_loss`; w_i divides by `loss_normaliser`), c_t the
     rollout correction's weight (TIS: min(pi_old / pi_sampler, cap); else 1). Returns the loss and
     per-sample metrics (already weighted by `real`, to be summed; MAX_METRICS: to be maxed): the KL
     to the reference, the rollout engine's logprob gap and the importance ratios
@@ -192,13 +225,17 @@ def actor_loss(cfg: PPOConfig, model, mb: Batch, tg: Targets, w: torch.Tensor, p
     is_masked_frac the share of samples whose geometric-mean rho is outside [mis_low, mis_high]."""
     logp, ent = policy_logprobs_and_entropy(model, mb, entropy_grad=cfg.entropy_coef > 0, temperature=plan.temperature)
     old = logp.detach() if tg.old_logprobs is None else tg.old_logprobs
-    pl, clipped, approx_kl = pm.policy_loss(logp, old, tg.advantages, cfg.clip, cfg.dual_clip)
+    eps_low, eps_high = cfg.clip_range()
+    if cfg.ratio_level == "sequence":
+        pl, clipped, approx_kl = pm.gspo_policy_loss(logp, old, tg.advantages, mb.mask, eps_low, eps_high)
+    else:
+        pl, clipped, approx_kl = pm.policy_loss(logp, old, tg.advantages, eps_low, cfg.dual_clip, eps_high)
     rc = cfg.rollout_correction
     is_w, rho = pm.tis_weights(old, mb.rollout_logprobs, rc.cap)
     per_token = (is_w * pl if plan.correction == "tis" else pl) - cfg.entropy_coef * ent
     if tg.ref_logprobs is not None and not kl_as_reward(cfg) and cfg.kl_coef > 0:
         per_token = per_token + cfg.kl_coef * pm.kl_estimate(logp, tg.ref_logprobs, cfg.kl_estimator)
-    per_sample = pm.seq_mean_token_mean(per_token, mb.mask)
+    per_sample = pm.per_sample_loss(per_token, mb.mask, cfg.loss_aggregation, plan.norm_tokens)
     kl = torch.zeros_like(old) if tg.ref_logprobs is None else pm.kl_estimate(old, tg.ref_logprobs, cfg.kl_estimator)
     m = {name: pm.seq_mean_token_mean(x.detach(), mb.mask) * mb.real
          for name, x in (("policy_loss", pl), ("clip_frac", clipped), ("approx_kl", approx_kl), ("entropy", ent),
@@ -209,10 +246,13 @@ def actor_loss(cfg: PPOConfig, model, mb: Batch, tg: Targets, w: torch.Tensor, p
     return (w * per_sample).sum(), m
 
 
-def critic_loss(cfg: PPOConfig, values: torch.Tensor, mb: Batch, tg: Targets, w: torch.Tensor
+def critic_loss(cfg: PPOConfig, values: torch.Tensor, mb: Batch, tg: Targets, w: torch.Tensor, plan: Plan = Plan()
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    vl = pm.seq_mean_token_mean(pm.value_loss(values, tg.old_values, tg.returns, cfg.value_clip), mb.mask)
-    return cfg.vf_coef * (w * vl).sum(), {"value_loss": vl.detach() * mb.real}
+    """vf_coef * sum_i w_i * agg_i(clipped value loss), aggregated like the policy loss; the metric
+    is each sample's token mean."""
+    vl = pm.value_loss(values, tg.old_values, tg.returns, cfg.value_clip)
+    per_sample = pm.per_sample_loss(vl, mb.mask, cfg.loss_aggregation, plan.norm_tokens)
+    return cfg.vf_coef * (w * per_sample).sum(), {"value_loss": pm.seq_mean_token_mean(vl.detach(), mb.mask) * mb.real}
 
 
 def minibatches(n_real: int, n_total: int, size: int, generator: torch.Generator) -> list[torch.Tensor]:

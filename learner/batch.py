@@ -27,6 +27,7 @@ class Batch:
     score: torch.Tensor             # [B] sequence reward
     group: torch.Tensor             # [B] prompt index (GRPO/RLOO groups); padding rows get groups of one
     real: torch.Tensor              # [B] 1 for a real sample, 0 for padding
+    truncated: torch.Tensor         # [B] bool: cut at max_new_tokens (finish_reason "length"); padding False
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -98,7 +99,9 @@ def to_batch(table: pa.Table, multiple_of: int, pad_id: int = 0) -> Batch:
     index = {pid: k for k, pid in enumerate(dict.fromkeys(pids))}
     group = torch.tensor([index[pid] for pid in pids] + list(range(len(index), len(index) + B - n)))
     real = (torch.arange(B) < n).float()
-    return Batch(input_ids, attention_mask, prompt_lens, response_ids, mask, rollout_lp, score, group, real)
+    truncated = torch.zeros(B, dtype=torch.bool)
+    truncated[:n] = torch.tensor([r == "length" for r in table.column("finish_reason").to_pylist()], dtype=torch.bool)
+    return Batch(input_ids, attention_mask, prompt_lens, response_ids, mask, rollout_lp, score, group, real, truncated)
 
 
 def prepare(table: pa.Table, version: int, max_staleness: int, multiple_of: int) -> Prepared:

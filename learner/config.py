@@ -46,11 +46,28 @@ class RolloutCorrectionConfig(Section):
         return "tis" if async_rollouts else "off"
 
 
+class OverlongConfig(Section):
+    """Responses cut at the sampler's max_new_tokens (DAPO sec. 3.4)."""
+
+    mode: Literal["none", "mask", "penalty"] = Field("none", description=(
+        "none: truncated responses train like any other; mask: they are left out of the loss (DAPO's overlong "
+        "filtering: a cut response's reward is noise); penalty: DAPO's Soft Overlong Punishment, a length "
+        "penalty ramping from 0 to -penalty over the last buffer_tokens before max_new_tokens, added to the "
+        "reward. none: the plain algorithm, as before"))
+    buffer_tokens: int | None = Field(None, ge=1, description=(
+        "penalty: L_cache, the tokens before max_new_tokens over which the penalty ramps (tokens). null: a fifth "
+        "of max_new_tokens, DAPO's 4096 of 20480"))
+    penalty: float = Field(1.0, ge=0, description=(
+        "penalty: the largest length penalty, reached at max_new_tokens (reward units). 1.0: DAPO's R_length "
+        "as published (verl's overlong_penalty_factor)"))
+
+
 class PPOConfig(Section):
-    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp"] = Field("ppo", description=(
+    algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field("ppo", description=(
         "ppo: critic + GAE; grpo: group-normalised sequence advantages; rloo: leave-one-out baseline; "
-        "reinforce_pp: KL-shaped token returns whitened over the batch. ppo by default: the one that needs no "
-        "group of samples per prompt"))
+        "reinforce_pp: KL-shaped token returns whitened over the batch; reinforce_pp_baseline: the same after "
+        "subtracting each prompt's mean reward. ppo by default: the one that needs no group of samples per "
+        "prompt"))
     epochs: int = Field(1, ge=1, description=(
         "passes over each step's batch. 1: every sample used once, the update stays near the sampling "
         "policy (and a one-minibatch update skips the old-policy pass)"))
@@ -60,9 +77,30 @@ class PPOConfig(Section):
     micro_batch_size: int = Field(8, ge=1, description=(
         "samples per forward/backward on one rank (gradients are accumulated up to the minibatch); bounds "
         "activation memory, does not change the update. 8 fits the demo models on CPU"))
-    clip: float = Field(0.2, gt=0, description=(
+    clip: float = Field(0.2, gt=0, lt=1, description=(
         "PPO's clip range eps: the ratio pi / pi_old is clipped to [1 - eps, 1 + eps]. 0.2: the PPO paper's "
         "value and everyone's default"))
+    clip_low: float | None = Field(None, gt=0, lt=1, description=(
+        "eps_low, the lower side of the clip range [1 - eps_low, 1 + eps_high] (DAPO's Clip-Higher decouples "
+        "the two). null: clip"))
+    clip_high: float | None = Field(None, gt=0, description=(
+        "eps_high, the upper side of the clip range; DAPO raises it alone (0.28) so unlikely tokens can gain "
+        "probability, against entropy collapse. null: clip"))
+    ratio_level: Literal["token", "sequence"] = Field("token", description=(
+        "token: PPO's per-token ratio pi / pi_old; sequence: GSPO's s_i = exp(mean_t log ratio), clipped per "
+        "sequence (GSPO uses a far smaller clip range, e.g. clip_low 3e-4, clip_high 4e-4). token: PPO/GRPO as "
+        "published"))
+    loss_aggregation: Literal["token_mean", "seq_mean_token_mean", "seq_sum_norm"] = Field(
+        "seq_mean_token_mean", description=(
+            "how token losses make a minibatch's loss: seq_mean_token_mean, each sample's token mean averaged "
+            "over samples (GRPO as published); token_mean, the mean over all tokens of the minibatch (DAPO: long "
+            "responses weigh by length); seq_sum_norm, each sample's token sum over a constant C averaged over "
+            "samples (Dr. GRPO: no length bias). The default keeps today's behaviour"))
+    loss_norm_tokens: int | None = Field(None, ge=1, description=(
+        "seq_sum_norm: the constant C (tokens). null: the sampler's max_new_tokens, Dr. GRPO's choice"))
+    grpo_std_normalize: bool = Field(True, description=(
+        "grpo: divide each group's centred rewards by their std. false: Dr. GRPO's A = r - mean(group) (the std "
+        "division favours prompts whose rewards barely differ). true: GRPO as published"))
     dual_clip: float | None = Field(None, gt=1, description=(
         "dual-clip c (Ye et al. 2020): for A < 0 the loss is capped at -c A, so a huge ratio on a bad action "
         "cannot dominate. null: off, as in plain PPO; 3.0 is the paper's value"))
@@ -95,6 +133,19 @@ class PPOConfig(Section):
         "global gradient-norm clip before each optimizer step (L2 norm). 1.0: the common RLHF default"))
     rollout_correction: RolloutCorrectionConfig = Field(default_factory=RolloutCorrectionConfig, description=(
         "correction for samples drawn by another policy than the learner's (engine kernels, dtype, staleness)"))
+    overlong: OverlongConfig = Field(default_factory=OverlongConfig, description=(
+        "what happens to responses cut at max_new_tokens"))
+
+    @model_validator(mode="after")
+    def _sequence_ratio_has_no_dual_clip(self) -> "PPOConfig":
+        if self.ratio_level == "sequence" and self.dual_clip is not None:
+            raise ValueError("dual_clip applies to token-level ratios only; unset it for ratio_level: sequence")
+        return self
+
+    def clip_range(self) -> tuple[float, float]:
+        """(eps_low, eps_high): clip_low / clip_high where set, else clip."""
+        return (self.clip if self.clip_low is None else self.clip_low,
+                self.clip if self.clip_high is None else self.clip_high)
 
 
 class LearnerConfig(Section):

@@ -77,13 +77,15 @@ def _rank_died(what: str, rank: int, e: RayActorError) -> RuntimeError:
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, policy_dir: str, device: DeviceProfile, critic_dir: str | None = None,
                  seed: int = 0, namespace: str | None = None, sampling_temperature: float = 1.0,
-                 async_rollouts: bool = False):
+                 async_rollouts: bool = False, max_new_tokens: int | None = None):
         """What the job knows about its rollouts and the learner config does not own:
         `sampling_temperature`: rollout.sampling.temperature; the learner scores
         log_softmax(logits / T) in every pass (T = 0, greedy, is scored at T = 1).
         `async_rollouts`: loop.mode == "async"; learner.ppo.rollout_correction.mode null means tis
-        then, off otherwise. See `learner.algorithm.make_plan`."""
-        make_plan(cfg.ppo, sampling_temperature, async_rollouts)  # a bad combination fails here, before any actor
+        then, off otherwise. `max_new_tokens`: rollout.sampling.max_new_tokens (the constant C of
+        loss_aggregation seq_sum_norm unless loss_norm_tokens is set; L_max of overlong.mode penalty).
+        See `learner.algorithm.make_plan`."""
+        make_plan(cfg.ppo, sampling_temperature, async_rollouts, max_new_tokens)  # a bad combination fails here, before any actor
         self.cfg, self.version = cfg, 0
         self._namespace = namespace
         self._joined = False
@@ -103,7 +105,7 @@ class LearnerGroup:
                              scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, r),
                              runtime_env={"env_vars": env})
             .remote(r, cfg.model_dump_json(), policy_dir, critic_dir or cfg.critic_model, device.kind, seed,
-                    sampling_temperature, async_rollouts)
+                    sampling_temperature, async_rollouts, max_new_tokens)
             for r in range(cfg.num_ranks)]
         try:
             host, port = wait_all([self._ranks[0].endpoint.remote(cfg.num_ranks == 1)], cfg.init_timeout_s, "start")[0]
@@ -130,6 +132,7 @@ class LearnerGroup:
                             timeout_s=self.cfg.step_timeout_s, what="train_step")[0]
         self.version += 1
         return {**metrics, "policy_version": self.version, "num_samples": prep.num_samples,
+                "num_truncated": int(prep.batch.truncated.sum()),
                 "num_dropped": prep.num_dropped, "staleness": self.version - 1 - prep.min_policy_version}
 
     # ---- weight publishing ----------------------------------------------------------------------

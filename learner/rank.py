@@ -34,12 +34,13 @@ def deepspeed_config(cfg: LearnerConfig, lr: float) -> dict:
 
 class LearnerRank:
     def __init__(self, rank: int, cfg_json: str, policy_dir: str, critic_dir: str | None, device: str, seed: int,
-                 sampling_temperature: float = 1.0, async_rollouts: bool = False):
+                 sampling_temperature: float = 1.0, async_rollouts: bool = False, max_new_tokens: int | None = None):
         """`sampling_temperature`: the rollout sampler's temperature; every pass scores at it
         (0 = greedy: scored at 1, see `algorithm.scoring_temperature`). `async_rollouts`: the loop
-        is async (rollout correction's auto mode). See `algorithm.make_plan`."""
+        is async (rollout correction's auto mode). `max_new_tokens`: the sampler's response limit
+        (seq_sum_norm's default constant, the overlong penalty's L_max). See `algorithm.make_plan`."""
         self.rank, self.cfg = rank, LearnerConfig.model_validate_json(cfg_json)
-        self.plan = alg.make_plan(self.cfg.ppo, sampling_temperature, async_rollouts)
+        self.plan = alg.make_plan(self.cfg.ppo, sampling_temperature, async_rollouts, max_new_tokens)
         self.world = self.cfg.num_ranks
         self.policy_dir, self.critic_dir, self.device, self.seed = policy_dir, critic_dir, device, seed
         self.weight_group = None
@@ -160,7 +161,7 @@ class LearnerRank:
                 torch.stack([p.grad.norm() for p in self.actor.module.parameters() if p.grad is not None])).item()
         self.actor.step()
         if self.critic is not None:
-            vloss, vm = alg.critic_loss(self.cfg.ppo, alg.critic_values(self.critic, mb), mb, tg, w)
+            vloss, vm = alg.critic_loss(self.cfg.ppo, alg.critic_values(self.critic, mb), mb, tg, w, self.plan)
             self.critic.backward(vloss * self.world, scale_wrt_gas=False)
             self.critic.step()
             metrics.update(vm)

@@ -217,3 +217,67 @@ def test_mis_masks_sequences_by_their_geometric_mean_ratio():
     assert g == pytest.approx([5.0, math.sqrt(3), 1.0])
     close(pm.mis_keep(prox, behav, mask, 0.5, 2.0), [float(0.5 <= v <= 2.0) for v in g])
     close(pm.mis_keep(prox, behav, mask, 0.5, 2.0), [0.0, 1.0, 1.0])
+
+
+# ---- the knobs: Clip-Higher, GSPO, loss aggregation, Dr. GRPO, REINFORCE++-baseline, overlong --
+
+
+def test_clip_higher_decouples_the_two_sides_of_the_clip_range():
+    """DAPO: clip(r, 1 - eps_low, 1 + eps_high), eps_low 0.2, eps_high 0.28."""
+    ratios = [1.25, 1.35, 0.75, 0.7]
+    adv = T(1.0, 1.0, -1.0, -1.0)
+    loss, clipped, _ = pm.policy_loss(torch.log(T(*ratios)), torch.zeros(4, dtype=torch.float64), adv,
+                                      clip=0.2, clip_high=0.28)
+    close(loss, [max(-1.25, -1.25), max(-1.35, -1.28), max(0.75, 0.8), max(0.7, 0.8)])
+    close(clipped, [0, 1, 1, 1])
+    symmetric, _, _ = pm.policy_loss(torch.log(T(*ratios)), torch.zeros(4, dtype=torch.float64), adv, clip=0.2)
+    close(symmetric[:1], [max(-1.25, -1.2)])  # the symmetric range clips 1.25; Clip-Higher does not
+
+
+def test_gspo_sequence_ratio_loss_and_gradient():
+    """s_i = exp(mean_t log(pi / pi_old)); L_i = max(-A s_i, -A clip(s_i)). GSPO's gradient w.r.t.
+    log pi_t is -A s_i / |y_i| on every token of an unclipped sequence, 0 on a clipped one."""
+    logp = torch.tensor([[0.1, -0.3, 0.5], [0.4, 0.6, 9.0], [0.5, 0.5, 9.0]], dtype=torch.float64, requires_grad=True)
+    old, mask = torch.zeros(3, 3, dtype=torch.float64), T([1, 1, 1], [1, 1, 0], [1, 1, 0])
+    adv = T([1.0] * 3, [-1.0] * 3, [1.0] * 3)
+    loss, clipped, _ = pm.gspo_policy_loss(logp, old, adv * mask, mask, clip=0.2)
+    s = [math.exp((0.1 - 0.3 + 0.5) / 3), math.exp((0.4 + 0.6) / 2), math.exp((0.5 + 0.5) / 2)]  # padding left out
+    per_sample = pm.seq_mean_token_mean(loss, mask)
+    clip = [min(max(v, 0.8), 1.2) for v in s]
+    close(per_sample, [max(-s[0], -clip[0]), max(s[1], clip[1]), max(-s[2], -clip[2])])
+    close(per_sample, [-s[0], s[1], -1.2])  # A < 0 keeps the larger (unclipped) loss, as PPO does
+    close(clipped * mask, [[0, 0, 0], [1, 1, 0], [1, 1, 0]])  # s_1 = s_2 = e^0.5 is outside [0.8, 1.2]
+    per_sample.sum().backward()
+    close(logp.grad, [[-s[0] / 3] * 3, [s[1] / 2, s[1] / 2, 0.0], [0.0, 0.0, 0.0]])
+
+
+def test_loss_aggregations_per_sample_parts():
+    x, mask = T([1.0, 2.0, 100.0], [3.0, 5.0, 7.0]), T([1, 1, 0], [1, 1, 1])
+    close(pm.per_sample_loss(x, mask, "seq_mean_token_mean"), [(1 + 2) / 2, (3 + 5 + 7) / 3])
+    close(pm.per_sample_loss(x, mask, "token_mean"), [1 + 2, 3 + 5 + 7])  # / all tokens of the minibatch
+    close(pm.per_sample_loss(x, mask, "seq_sum_norm", norm_tokens=10), [(1 + 2) / 10, (3 + 5 + 7) / 10])
+    with pytest.raises(ValueError, match="seq_sum_norm"):
+        pm.per_sample_loss(x, mask, "seq_sum_norm")
+
+
+def test_dr_grpo_advantage_is_the_unscaled_centred_reward():
+    want = [1 - 2, 0.0, 3 - 2, 0 - 2, 4 - 2, 0.0]
+    close(pm.grpo_advantages(SCORES, GROUPS, std_normalize=False), want)
+
+
+def test_reinforce_pp_baseline_subtracts_the_group_mean_then_whitens_the_batch():
+    score, group, mask = T(1.0, 3.0, 2.0), torch.tensor([0, 0, 1]), T([1, 1], [1, 0], [1, 1])
+    centred = pm.group_mean_baseline(score, group)
+    close(centred, [1 - 2, 3 - 2, 0.0])  # a group of one has no baseline
+    rewards = pm.kl_shaped_rewards(centred, T([0.2, 0.4], [0.0, 0.0], [0.2, 0.2]), mask, kl_coef=0.5)
+    g = [-0.1 + (-0.2 - 1.0), -0.2 - 1.0, 1.0, -0.1 + (-0.1 + 0.0), -0.1 + 0.0]  # returns-to-go, gamma 1
+    mean = sum(g) / 5
+    std = math.sqrt(sum((v - mean) ** 2 for v in g) / 5 + 1e-8)
+    close(pm.reinforce_pp_advantages(rewards, mask, 1.0),
+          [[(g[0] - mean) / std, (g[1] - mean) / std], [(g[2] - mean) / std, 0.0], [(g[3] - mean) / std, (g[4] - mean) / std]])
+
+
+def test_dapo_soft_overlong_punishment():
+    """L_max 100, L_cache 20: 0 up to 80 tokens, ((100 - 20) - |y|) / 20 in (80, 100], -1 past 100."""
+    got = pm.overlong_penalty(torch.tensor([50, 80, 81, 90, 100, 101]), max_len=100, buffer=20)
+    close(got, [0.0, 0.0, (80 - 81) / 20, (80 - 90) / 20, (80 - 100) / 20, -1.0])
