@@ -162,3 +162,17 @@ def test_a_conversation_needs_a_tokenizer_with_a_template(tmp_path, tiny_models)
     path = jsonl(tmp_path / "p.jsonl", [{"prompt": "x"}, {"messages": [{"role": "user", "content": "q"}]}])
     with pytest.raises(DatasetError, match="row 1 is a conversation, but the policy tokenizer .* has no chat template"):
         load_prompts(path, tokenizer=plain_tok)
+
+
+def test_a_template_that_writes_bos_is_not_given_a_second_one(tmp_path, tiny_chat_models):
+    """Llama-3-style: the template writes <|begin_of_text|> and plain tokenization adds it too."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat_models["reward"])  # the Llama-3-template tokenizer
+    t = load_prompts(jsonl(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": "hi"}]},
+                                                  {"prompt": "plain"}]), tokenizer=tok)
+    assert t.column("prompt")[0].as_py().startswith("<|begin_of_text|><|start_header_id|>user")
+    ids = chat.encode_prompts(tok, t.column("prompt").to_pylist(), t.column("messages").to_pylist())
+    assert tok(t.column("prompt")[0].as_py())["input_ids"][:2] == [tok.bos_token_id] * 2  # the trap
+    assert ids[0][0] == tok.bos_token_id and ids[0][1] != tok.bos_token_id
+    assert ids[1][0] == tok.bos_token_id  # a plain prompt keeps the tokenizer's BOS

@@ -129,10 +129,16 @@ def chatml_tokenizer(vocab_size: int, seed: int = 0):
 
 def llama3_tokenizer(vocab_size: int, seed: int = 0):
     """Llama-3-Instruct-style: BOS `<|begin_of_text|>` written by the template, `<|eot_id|>` ends a turn."""
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=_train_bpe(vocab_size, LLAMA3_SPECIAL, seed, _CHAT_LINES),
-                                   bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+    bpe = _train_bpe(vocab_size, LLAMA3_SPECIAL, seed, _CHAT_LINES)
+    bos = ("<|begin_of_text|>", bpe.token_to_id("<|begin_of_text|>"))
+    # As the real one: plain `tok(text)` prepends BOS, so rendered chat text (whose template wrote
+    # BOS already) must be tokenized without special tokens (contract/chat.py).
+    bpe.post_processor = processors.TemplateProcessing(single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B",
+                                                       special_tokens=[bos])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                                    pad_token="<|finetune_right_pad_id|>",
                                    additional_special_tokens=["<|end_of_text|>", "<|start_header_id|>",
                                                               "<|end_header_id|>"],
