@@ -89,3 +89,29 @@ def test_sft_on_two_deepspeed_ranks_lowers_held_out_loss_and_writes_an_hf_dir(ti
     base = AutoModelForCausalLM.from_pretrained(tiny_chat_models["policy"])
     assert tuned.config.tie_word_embeddings and tuned.lm_head.weight.data_ptr() == tuned.model.embed_tokens.weight.data_ptr()
     assert not torch.equal(tuned.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_cli_bad_inputs_are_one_line_exit_2_and_write_nothing(tiny_chat_models, tmp_path, capsys):
+    from cluster.cli import main
+
+    out = tmp_path / "out"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"content": "a"}]}) + "\n")
+    cases = [
+        ({"base_model": str(tiny_chat_models["policy"]), "data": str(bad)},
+         f"{bad}: row 0: field 'messages'[1].role must be a string (got missing)"),
+        ({"base_model": str(tiny_chat_models["reward"]), "data": str(bad)},
+         "base_model: " + str(tiny_chat_models["reward"]) + " is a LlamaForSequenceClassification, not a causal LM"),
+        ({"base_model": str(tiny_chat_models["policy"]), "data": str(bad), "epochs": 0},
+         "epochs: input should be greater than or equal to 1"),
+    ]
+    for i, (cfg, message) in enumerate(cases):
+        path = tmp_path / f"sft{i}.yaml"
+        path.write_text(json.dumps({**cfg, "output_dir": str(out)}))
+        assert main(["train-sft", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert main(["generate", str(tmp_path / "nowhere"), "hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"CHECKPOINT {tmp_path / 'nowhere'} does not exist" in err and len(err.splitlines()) == 1
+    assert not out.exists()
