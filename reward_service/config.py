@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from contract.config_base import Section
+from contract.datasets import Columns
 
 
 class RewardFunctionConfig(Section):
@@ -81,6 +82,10 @@ class RewardModelTrainConfig(Section):
                                                               "accuracy")
     max_length: int = Field(128, ge=8, description="input tokens, prompt + response, cut from the left")
     seed: int = Field(0, description="split, shuffle and init seed")
+    columns: Columns = Field(default_factory=Columns, description="column names of `data` (prompt, chosen, rejected, "
+                                                                  "response, label; conversations in messages form "
+                                                                  "are re-rendered in base_model's chat template) "
+                                                                  "and the split of a DatasetDict directory")
 
     @property
     def num_ranks(self) -> int:

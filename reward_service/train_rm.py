@@ -25,9 +25,9 @@ from reward_service.model import encode_pairs, load_classifier, load_tokenizer, 
 def _examples(cfg: RewardModelTrainConfig) -> dict[str, list]:
     """Columns as lists; `messages` holds each row's prompt conversation (JSON) or None."""
     if cfg.objective == "bradley_terry":
-        t = load_preferences(cfg.data)
+        t = load_preferences(cfg.data, cfg.columns)
         return {k: t.column(k).to_pylist() for k in ("prompt", "messages", "chosen", "rejected")}
-    t = load_labels(cfg.data)
+    t = load_labels(cfg.data, cfg.columns)
     return {k: t.column(k).to_pylist() for k in ("prompt", "messages", "response", "label")}
 
 

@@ -61,12 +61,13 @@ def test_train_rm_on_conversations_in_its_own_template(tiny_chat_models, tiny_mo
     from reward_service.train_rm import train_reward_model
 
     user = {"role": "user", "content": "Name colours"}
-    rows = [{"chosen": [user, {"role": "assistant", "content": "red blue green"}],
-             "rejected": [user, {"role": "assistant", "content": "cat dog"}]}] * 24
+    rows = [{"good": [user, {"role": "assistant", "content": "red blue green"}],  # configurable column names
+             "bad": [user, {"role": "assistant", "content": "cat dog"}]}] * 24
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = RewardModelTrainConfig(base_model=str(tiny_chat_models["reward"]), data=str(data),
-                                 output_dir=str(tmp_path / "rm"), epochs=2, batch_size=8, lr=3e-3, eval_fraction=0.25)
+                                 output_dir=str(tmp_path / "rm"), epochs=2, batch_size=8, lr=3e-3, eval_fraction=0.25,
+                                 columns={"chosen": "good", "rejected": "bad"})
     out = train_reward_model(cfg)
     assert out["eval_accuracy"] == 1.0 and (tmp_path / "rm" / "chat_template.jinja").is_file()
     with pytest.raises(ConfigError, match=r"row 0 is a conversation, but base_model .* has no chat template"):
