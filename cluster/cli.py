@@ -37,6 +37,12 @@ def _cmd_make_tiny_models(args) -> int:
 
 
 def _cmd_train_rm(args) -> int:
+    if args.from_run:
+        from cluster.launch.control import train_rm_from_run_command
+
+        return train_rm_from_run_command(args.from_run, args.config, args.overrides)
+    if args.config is None:
+        raise UsageError("train-rm: give a CONFIG (rlhf config train-rm prints one) or --from-run RUN_DIR")
     from cluster.config import load_config
     from cluster.launch.preflight import check_train_rm
     from reward_service.config import RewardModelTrainConfig
@@ -64,6 +70,12 @@ def _cmd_generate(args) -> int:
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed, limit=args.limit,
                             out=args.out, reward_model=args.reward_model, max_model_len=args.max_model_len,
                             dtype=args.dtype, columns=cols, quiet=args.quiet)
+
+
+def _cmd_reward_model_update(args) -> int:
+    from cluster.launch.control import reward_model_update_command
+
+    return reward_model_update_command(args.target, address=args.address, name=args.name)
 
 
 def _cmd_scale(args) -> int:
@@ -128,9 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_cmd_config)
 
     r = sub.add_parser("train-rm", help="train a reward model on preference pairs (Bradley-Terry) or labels (BCE)")
-    r.add_argument("config")
+    r.add_argument("config", nargs="?", help="train-rm YAML (with --from-run: optional settings and original data)")
     r.add_argument("overrides", nargs="*")
+    r.add_argument("--from-run", metavar="RUN_DIR", help="train the next reward model on the ratings collected "
+                   "on RUN_DIR's review page; reports accuracy on held-out ratings")
     r.set_defaults(func=_cmd_train_rm)
+
+    rm = sub.add_parser("reward-model", help="the reward model of a running job")
+    rm_sub = rm.add_subparsers(dest="action", required=True)
+    u = rm_sub.add_parser("update", help="replace a running job's reward model without a restart: "
+                          "rlhf reward-model update RUN_DIR NEW_DIR, or --address HOST:PORT NEW_DIR")
+    u.add_argument("target", nargs="+", metavar="DIR", help="RUN_DIR NEW_DIR, or NEW_DIR alone with --address")
+    u.add_argument("--address", help="Ray cluster address (default: RUN_DIR/cluster.json, else RAY_ADDRESS)")
+    u.add_argument("--name", default=None, help="the job's ray.namespace (default: the only running job)")
+    u.set_defaults(func=_cmd_reward_model_update)
+
 
     f = sub.add_parser("train-sft", help="supervised fine-tuning (the stage before the reward model and RL) on "
                                         "DeepSpeed ranks; loss on assistant tokens only; HF directory out")

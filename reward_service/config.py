@@ -51,10 +51,19 @@ class RewardConfig(Section):
                                                     "loopback: not reachable from other machines")
     http_port: int = Field(8000, ge=1, le=65535, description="port of the HTTP endpoint (Ray Serve's default)")
     token_env: str = Field("RLHF_REWARD_TOKEN", description="environment variable holding the bearer token the "
-                                                            "HTTP endpoint requires; unset or empty: no auth")
+                                                            "HTTP endpoint and the review page require; unset or "
+                                                            "empty: a random token kept in RUN/reward_store/token")
     request_timeout_s: float = Field(120.0, gt=0, description="seconds; one scoring call, retries included, "
                                                               "before the step fails")
     max_retries: int = Field(5, ge=0, description="re-sends of a chunk whose replica died or was restarting")
+    retrain_every: int = Field(0, ge=0, description="after every N new ratings from the review page (A/B picks, "
+                                                    "likes, scores), train the next reward model on the run's "
+                                                    "ratings (as `rlhf train-rm --from-run`) and swap it in without a "
+                                                    "restart; 0: only by hand (`rlhf reward-model update`)")
+    retrain_config: str | None = Field(None, description="an `rlhf train-rm` YAML whose settings (epochs, lr, ..., "
+                                                         "and original `data` trained on beside the ratings) the "
+                                                         "automatic retraining uses; null: defaults, ratings only")
+
 
     @model_validator(mode="after")
     def _something_scores(self):

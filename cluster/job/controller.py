@@ -39,6 +39,7 @@ class Controller:
         self._stop_requested = False
         self._thread: threading.Thread | None = None
         self.messages: list[str] = []
+        self.refresh = None  # reward.retrain_every (cluster/job/reward_refresh.py)
 
     # -- the remote API --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -58,6 +59,8 @@ class Controller:
                 "tokens_per_s": self.last.get("rollout_tokens_per_s", 0.0),
                 "first": self.first, "last": self.last,
                 "latest_checkpoint": str(latest) if latest else None, "uptime_s": time.time() - self.started,
+                "review_url": self.services.reward.review_url if self.services and self.services.reward else None,
+                "review_sign_in": self.services.reward.sign_in_hint() if self.services and self.services.reward else None,
                 "messages": self.messages[messages_from:], "num_messages": len(self.messages)}
 
     def scale(self, workers: int) -> dict:
@@ -72,6 +75,16 @@ class Controller:
         return {"requested": workers, "num_workers": self.services.pool.num_workers if self.services and self.services.pool
                 else 0}
 
+    def update_reward_model(self, model_dir: str) -> dict:
+        """`rlhf reward-model update`: the running reward app scores with `model_dir` from now on (no
+        restart; every sample's provenance names the version that scored it)."""
+        if self.services is None or self.services.reward is None or self.phase in ("done", "failed"):
+            raise RuntimeError(f"job {self.cfg.name} is {self.phase}: no running reward service to update")
+        entry = self.services.reward.update_model(model_dir)
+        self._log(f"reward model v{entry['version']} <- {entry['model_dir']} (during step "
+                  f"{self.loop.state.step if self.loop else 0})")
+        return entry
+
     def stop(self) -> dict:
         """Finish the step in flight, checkpoint, and end the job as done (resumable)."""
         self._stop_requested = True
@@ -83,6 +96,7 @@ class Controller:
 
     # -- the loop thread -------------------------------------------------------------------------------
     def _main(self) -> None:
+        from cluster.job.reward_refresh import review_paths, reward_started
         from cluster.job.services import start_services, stop_services
         from cluster.outputs.report import write_report
         from contract.datasets import PromptIterator, load_prompts
@@ -96,7 +110,9 @@ class Controller:
             prompts = PromptIterator(load_prompts(self.cfg.data.prompts, self.cfg.data.columns, policy_tok),
                                      seed=self.cfg.seed)
             device = resolve_device(self.cfg.device)
-            self.services = start_services(self.cfg, device, str(self.run.root / "reward_store"), log=self._log)
+            self.services = start_services(self.cfg, device, str(self.run.root / "reward_store"), log=self._log,
+                                           review=review_paths(self.run.root))
+            self.refresh = reward_started(self.cfg, self.run.root, self.services.reward, self._log)
             state = self._restore(prompts) if self.resume else LoopState()
             self.loop = TrainingLoop(self.cfg, self.run, self.services, prompts, state, on_step=self._on_step,
                                    log=self._log)
@@ -140,6 +156,8 @@ class Controller:
             self.first = m
         self.last = {**m, "step": step}
         self.gauges.update({**m, "step": step})
+        if self.refresh is not None:
+            self.refresh.after_step(step)
 
     def _log(self, msg: str) -> None:
         """To the actor's log (dashboard) and to the driver, which prints it above the progress bar."""

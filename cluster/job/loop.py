@@ -110,6 +110,8 @@ class TrainingLoop:
                   "sampling_draws": p.draws, "uniform_groups": p.groups_uniform})
         if gold is not None:
             m["gold_mean"] = float(np.mean(gold))
+        if p.table.num_rows:  # the newest reward model version that scored this step (report marks switches)
+            m["reward_model_version"] = int(p.table.column("reward_model_version").to_numpy().max())
         m["wall_s"] = time.perf_counter() - wall_start
         return m
 

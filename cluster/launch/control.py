@@ -1,10 +1,34 @@
-"""`rlhf scale` and `rlhf status`: talk to a running job's named controller actor from any process."""
+"""`rlhf scale`, `status`, `stop` and `reward-model update`: talk to a running job's named controller
+actor from any process; `rlhf train-rm --from-run`: the next reward model from a run's ratings."""
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 from cluster.errors import UsageError, one_line
 from cluster.launch.ray_session import check_reachable
+
+_session: dict = {}  # what ray.init said about the cluster this process attached to
+
+
+def dashboard_access(url: str | None) -> str:
+    """How a person gets into the Ray dashboard at `url`: with token auth (Ray's default), the
+    token it asks for is what `ray get-auth-token` prints (RAY_AUTH_TOKEN, else ~/.ray/auth_token)."""
+    if not url:
+        return "no dashboard on this cluster"
+    url = url if url.startswith("http") else f"http://{url}"
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+        token_auth = is_token_auth_enabled()
+    except Exception:  # noqa: BLE001 - another Ray version: go by the setting
+        token_auth = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    if not token_auth:
+        return f"{url} (no token needed)"
+    where = "$RAY_AUTH_TOKEN" if os.environ.get("RAY_AUTH_TOKEN") else (
+        os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token"))
+    return f"{url} (its token prompt wants the output of `ray get-auth-token`, i.e. {where})"
 
 
 def _controller(address: str | None, name: str | None):
@@ -18,9 +42,10 @@ def _controller(address: str | None, name: str | None):
     if address != "auto" and not address.startswith(("ray://", "http://", "https://")):
         check_reachable(address)
     try:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        ctx = ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     except ConnectionError as e:
         raise UsageError(f"--address {address}: {one_line(e)}") from None
+    _session["dashboard_url"] = getattr(ctx, "dashboard_url", None)
     try:
         return find_controller(name)
     except LookupError as e:
@@ -62,6 +87,51 @@ def status_command(address: str | None = None, name: str | None = None) -> int:
     print(f"  throughput {st['samples_per_s']:.1f} samples/s, {st['tokens_per_s']:.0f} rollout tokens/s; "
           f"reward {last.get('reward_mean', float('nan')):.3f}, kl {last.get('kl', float('nan')):.4f}")
     print(f"  run dir {st['run_dir']}; last checkpoint {st['latest_checkpoint']}")
+    if st.get("review_url"):
+        print(f"  review page {st['review_url']}: {st['review_sign_in']}")
+    print(f"  Ray dashboard {dashboard_access(_session.get('dashboard_url'))}")
     if st["error"]:
         print(f"  error: {st['error']}")
+    return 0
+
+
+def reward_model_update_command(target: list[str], address: str | None = None, name: str | None = None) -> int:
+    """`rlhf reward-model update RUN_DIR NEW_DIR` (the cluster from RUN_DIR/cluster.json) or
+    `rlhf reward-model update --address HOST:PORT NEW_DIR`."""
+    import ray
+
+    if len(target) not in (1, 2):
+        raise UsageError("expected RUN_DIR NEW_DIR, or NEW_DIR with --address HOST:PORT")
+    model_dir = str(Path(target[-1]).expanduser().resolve())
+    if len(target) == 2:
+        info = Path(target[0]) / "cluster.json"
+        if not info.is_file():
+            raise UsageError(f"{target[0]}: no cluster.json (not a run directory, or its job never started its "
+                             f"reward service); pass --address HOST:PORT instead")
+        where = json.loads(info.read_text())
+        address, name = address or where["address"], name or where["namespace"]
+    ctl = _controller(address, name)
+    try:
+        entry = ray.get(ctl.update_reward_model.remote(model_dir), timeout=900)
+    except ray.exceptions.RayTaskError as e:
+        raise UsageError(one_line(e.cause)) from None
+    print(f"rlhf reward-model: the job scores with reward model v{entry['version']} ({entry['model_dir']}) on "
+          f"{len(entry['replicas'])} replica(s) from now on; no request was dropped or scored twice")
+    return 0
+
+
+def train_rm_from_run_command(run_dir: str, config: str | None, overrides: list[str]) -> int:
+    """`rlhf train-rm --from-run RUN_DIR [CONFIG] [key=value ...]` (cluster/job/reward_refresh.py)."""
+    from cluster.job.reward_refresh import train_next
+
+    if config is not None and "=" in config and not Path(config).exists():
+        config, overrides = None, [config, *overrides]
+    if not Path(run_dir).is_dir():
+        raise UsageError(f"--from-run {run_dir}: not a directory")
+    out = train_next(run_dir, config, overrides)
+    extra = f" + {out['num_original']} original examples" if out["num_original"] else ""
+    print(f"reward model saved to {out['output_dir']}: held-out accuracy {out['heldout_accuracy']:.3f} on "
+          f"{out['num_heldout']} held-out ratings ({out['heldout_metric']}, {out['objective']}; trained on "
+          f"{out['num_train_ratings']} ratings{extra})")
+    print(f"  use it in the running job: rlhf reward-model update {run_dir} {out['output_dir']}")
     return 0

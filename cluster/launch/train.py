@@ -93,7 +93,9 @@ def train_command(config: str | None, overrides: list[str], resume: str | None =
         run = RunDir(root).create(dump_config(cfg))
         print(f"rlhf train: run dir {root}", flush=True)
         if session.dashboard_url:
-            print(f"rlhf train: Ray dashboard {session.dashboard_url}  metrics "
+            from cluster.launch.control import dashboard_access
+
+            print(f"rlhf train: Ray dashboard {dashboard_access(session.dashboard_url)}  metrics "
                   f"http://127.0.0.1:{session.metrics_port}/metrics", flush=True)
         try:
             ctl = ray.remote(Controller).options(**controller_options(cfg, env)).remote(

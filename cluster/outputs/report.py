@@ -15,6 +15,17 @@ PANELS = [
 ]
 
 
+def reward_model_switches(rows: list[dict]) -> list[tuple[int, int]]:
+    """(step, version) of each step that first scored with a new reward model version."""
+    out, last = [], None
+    for r in rows:
+        v = r.get("reward_model_version")
+        if v is not None and last is not None and v != last:
+            out.append((r["step"], v))
+        last = v if v is not None else last
+    return out
+
+
 def write_report(run: RunDir) -> str | None:
     rows = run.read_metrics()
     if not rows:
@@ -30,6 +41,10 @@ def write_report(run: RunDir) -> str | None:
         for k in keys:
             if any(k in r for r in rows):
                 ax.plot(steps, [r.get(k, float("nan")) for r in rows], label=k)
+        for step, version in reward_model_switches(rows) if keys == ["reward_mean"] else []:
+            ax.axvline(step, color="grey", linestyle="--", linewidth=0.8)  # `rlhf reward-model update`
+            ax.annotate(f"RM v{version}", (step, 1), xycoords=("data", "axes fraction"), fontsize=7,
+                        ha="left", va="top", color="grey")
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)

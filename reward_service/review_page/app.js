@@ -16,7 +16,9 @@ function el(tag, text, cls) {
 }
 
 function fmt(v) {
-  return typeof v === "number" ? (Number.isInteger(v) ? String(v) : v.toFixed(3)) : (v === null ? "-" : String(v));
+  if (typeof v !== "number") return v === null || v === undefined ? "-" : String(v);
+  if (Number.isInteger(v)) return String(v);
+  return Math.abs(v) >= 0.001 || v === 0 ? v.toFixed(3) : v.toExponential(1);
 }
 
 function status(msg, isError) {
@@ -74,8 +76,8 @@ function sampleRow(s) {
   tr.append(el("td", `v${fmt(s.policy_version)} / RM v${fmt(s.reward_model_version ?? 0)}`));
   tr.append(el("td", s.worker_id));
   const act = el("td", null, "rate");
-  const like = el("button", "\u{1F44D}", "like"); like.title = "like";
-  const dislike = el("button", "\u{1F44E}", "dislike"); dislike.title = "dislike";
+  const like = el("button", "like", "like");
+  const dislike = el("button", "dislike", "dislike");
   const base = { prompt: s.prompt, response: s.response, step: s.step };
   like.onclick = async () => { if (await rate({ kind: "like", value: true, ...base }, "like")) like.classList.add("chosen"); };
   dislike.onclick = async () => { if (await rate({ kind: "like", value: false, ...base }, "dislike")) dislike.classList.add("chosen"); };
