@@ -186,6 +186,7 @@ def test_a_cookie_post_must_be_json(app):
     assert r.status_code == 415 and "application/json" in r.json()["error"]
 
 
+@pytest.mark.slow  # a real browser
 def test_page_lists_samples_newest_first_filters_and_shows_markup_as_text(app, browser):
     from selenium.webdriver.common.by import By
 
@@ -213,6 +214,7 @@ def test_page_lists_samples_newest_first_filters_and_shows_markup_as_text(app, b
     wait(browser, lambda d: len(rows(d)) == len(want))
 
 
+@pytest.mark.slow  # a real browser
 def test_like_score_and_ab_pick_through_the_page_are_stored_and_fused(app, browser):
     from selenium.webdriver.common.by import By
 

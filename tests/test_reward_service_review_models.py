@@ -13,9 +13,12 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 import requests
 
 from test_reward_service_review import AUTH, app, parts  # noqa: F401 - app: this module's own reward app
+
+pytestmark = pytest.mark.slow  # trains reward models, swaps them under load
 
 
 def rule_following_picks(policy_dir: Path, n: int, seed: int = 3) -> list[dict]:
