@@ -4,6 +4,7 @@ from __future__ import annotations
 from pydantic import Field, model_validator
 
 from contract.config_base import Section
+from contract.placement import CustomResources
 
 
 class SamplingConfig(Section):
@@ -51,6 +52,14 @@ class RolloutConfig(Section):
                                                           "ignored on CPU); fractions share a GPU")
     threads_per_worker: int = Field(1, ge=1, description="OpenMP/torch threads of a worker's process; 1 because "
                                                          "workers share cores with the learner on small boxes")
+    resources: CustomResources = Field(default_factory=dict, description=(
+        "Ray custom resources each worker reserves, e.g. {rollout: 1}: workers start only on nodes that offer "
+        "them (the rollout node type of cluster/manifests/), spread over those nodes. Unit: amount per worker. "
+        "Default {}: no constraint, so the single-node demo runs anywhere as before"))
+    placement_timeout_s: float = Field(120.0, gt=0, description=(
+        "seconds a worker added by `rlhf scale` or as a replacement may wait for a node before a warning names "
+        "it; it keeps waiting in the background (the job runs on the others), so a node added later is used. "
+        "120 s: longer than a node takes to boot and join, shorter than anyone waits without knowing why"))
     engine: EngineConfig = Field(default_factory=EngineConfig, description="the vLLM engine of each worker")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="how responses are sampled")
     request_timeout_s: float = Field(600.0, gt=0, description="seconds; limit of every remote call (generate "

@@ -5,13 +5,17 @@ whose worker dies goes back to the queue (survivors or the replacement take it);
 while busy finishes its chunk and is killed after. Each chunk's result is accepted once, so the
 table holds every (prompt_id, sample_idx) exactly once. Thread-safe: scaling and weight updates
 may come from other threads while a generate runs.
+
+Workers go only where `rollout.resources` allows, spread over those nodes (`launch.py`). Growing
+the pool (`scale_to`, replacements) never blocks the caller: a new worker waits for a node in the
+background, loads the current weights and only then serves; one with no node after
+`rollout.placement_timeout_s` is named in a warning and keeps waiting, so a node added later is used.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +26,8 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from actors.balance import expected_tokens, split_balanced
 from actors.config import RolloutConfig, SamplingConfig
+from actors.dispatch import ChunkRun
+from actors.launch import Cancelled, name_taken, wait_placed, worker_options
 from actors.prompts import check_prompt_lengths, check_prompt_table
 from actors.worker import RolloutWorker
 from contract.devices import DeviceProfile
@@ -29,7 +35,6 @@ from contract.chat import encode_prompts
 from contract.experience import attach_messages, concat, ordered_exactly_once
 
 log = logging.getLogger(__name__)
-POLL_S = 0.2  # how often a waiting generate looks for new/freed workers
 
 
 @dataclass
@@ -38,28 +43,27 @@ class _Member:
     busy: bool = False
 
 
-@dataclass
-class _Chunk:
-    rows: list[int]
-    attempts: int = 0
-
-
 class RolloutPool:
     def __init__(self, cfg: RolloutConfig, model_dir: str, device: DeviceProfile,
                  weights_source: Callable[[], tuple[int, Any] | None] | None = None, name_prefix: str = "rollout",
-                 namespace: str | None = None):
+                 namespace: str | None = None, log: Callable[[str], None] | None = None,
+                 engine_factory=None):
+        """`log`: also receives the pool's warnings and membership news (the controller relays them to
+        the user). `engine_factory`: see `worker.WorkerState` (benchmarks only)."""
         from transformers import AutoTokenizer
 
         self.cfg, self.model_dir, self.device = cfg, str(model_dir), device
         self.weights_source, self.name_prefix, self.namespace = weights_source, name_prefix, namespace
+        self._log, self._engine_factory = log, engine_factory
         # Same tokenizer files as the engines: used to check lengths and balance before dispatch.
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self._lock = threading.RLock()
         self._members: dict[str, _Member] = {}
+        self._starting: dict[str, Any] = {}  # spawned, not serving yet: waiting for a node, or loading
         self._retiring: dict[str, Any] = {}  # removed while busy: killed once their chunk returns
         self._next_index = 0
-        self._replacing = 0
         self.membership_epoch = 0
+        self.last_run: ChunkRun | None = None
         self.add_workers(cfg.num_workers)
 
     # ---- membership -------------------------------------------------------------------------
@@ -76,21 +80,34 @@ class RolloutPool:
         with self._lock:
             return [(wid, m.handle) for wid, m in self._members.items()]
 
+    @property
+    def num_starting(self) -> int:
+        """Workers asked for but not serving yet (waiting for a node, or loading)."""
+        with self._lock:
+            return len(self._starting)
+
     def add_workers(self, k: int) -> list[str]:
-        """Start k workers, load the current weights into each, and only then let them serve."""
+        """Start k workers and wait until they serve: placed (all within rollout.start_timeout_s), engine
+        up, current weights loaded. `scale_to` is the non-blocking way."""
         if k < 0:
             raise ValueError(f"add_workers: k must be >= 0 (got {k})")
         if k == 0:
             return []
-        started = [self._spawn() for _ in range(k)]
+        return self._bring_up([self._spawn() for _ in range(k)], deadline=time.monotonic() + self.cfg.start_timeout_s)
+
+    def _bring_up(self, started: list[tuple[str, Any]], deadline: float | None) -> list[str]:
         try:
-            self._get([h.ping.remote() for _, h in started], "start", "start_timeout_s")
+            wait_placed(started, self.cfg, self.device, deadline, self._wanted, self._warn)
+            self._get([h.start_engine.remote() for _, h in started], "start", "start_timeout_s")
             loaded = None
             while True:
                 with self._lock:
                     current = self._current_weights()
                     if current is None or (loaded is not None and current[0] == loaded):
+                        if not all(self._wanted(wid) for wid, _ in started):
+                            raise Cancelled(", ".join(wid for wid, _ in started))
                         for wid, h in started:
+                            del self._starting[wid]
                             self._members[wid] = _Member(h)
                         self.membership_epoch += 1
                         return [wid for wid, _ in started]
@@ -99,9 +116,28 @@ class RolloutPool:
                           "request_timeout_s")
                 loaded = current[0]
         except BaseException:
+            with self._lock:
+                for wid, _ in started:
+                    self._starting.pop(wid, None)
             for _, h in started:
                 ray.kill(h, no_restart=True)
             raise
+
+    def _start_in_background(self, k: int, why: str) -> None:
+        for _ in range(k):
+            wid, h = self._spawn()
+            threading.Thread(target=self._background_start, args=(wid, h, why), name=f"start-{wid}",
+                             daemon=True).start()
+
+    def _background_start(self, wid: str, handle, why: str) -> None:
+        try:
+            self._bring_up([(wid, handle)], deadline=None)  # a node may come much later: no limit to wait for one
+        except Exception as e:  # noqa: BLE001 - a start that fails is reported, the pool serves on
+            if not isinstance(e, Cancelled) and not self._wanted(wid):
+                self._warn(f"rollout worker {wid} ({why}) failed to start: {_line(e)}; "
+                           f"{self.num_workers} serving")
+            return
+        self._note(f"rollout worker {wid} ({why}) serving: {self.num_workers} serving, {self.num_starting} starting")
 
     def remove_workers(self, k: int) -> list[str]:
         """Idle workers go first; a busy one finishes its current chunk, then is killed."""
@@ -120,11 +156,19 @@ class RolloutPool:
             return order
 
     def scale_to(self, n: int) -> None:
-        have = self.num_workers
-        if n > have:
-            self.add_workers(n - have)
-        elif n < have:
-            self.remove_workers(have - n)
+        """Ask for n workers (serving + starting) and return at once. Growth starts workers in the
+        background; shrinking cancels starting workers first (newest first), then removes serving ones."""
+        if n < 0:
+            raise ValueError(f"scale_to: n must be >= 0 (got {n})")
+        with self._lock:
+            extra = len(self._members) + len(self._starting) - n
+            for wid in sorted(self._starting, key=self._index, reverse=True)[:max(0, extra)]:
+                ray.kill(self._starting.pop(wid), no_restart=True)
+                extra -= 1
+            if extra > 0:
+                self.remove_workers(extra)
+        if extra < 0:
+            self._start_in_background(-extra, "scale-up")
 
     # ---- generation -------------------------------------------------------------------------
     def generate(self, prompts: pa.Table, sampling: SamplingConfig | None = None) -> pa.Table:
@@ -141,65 +185,10 @@ class RolloutPool:
                           "prompt_ids": pa.array(token_ids, pa.list_(pa.int32()))})
         costs = expected_tokens([len(t) for t in token_ids], sampling.max_new_tokens, sampling.n)
         chunks = split_balanced(costs, max(1, self.num_workers) * self.cfg.chunks_per_worker)
-        batches = self._run(table, deque(_Chunk(c) for c in chunks), sampling)
+        self.last_run = ChunkRun(self, table, chunks, sampling)  # kept for its timings (benchmarks/scale.py)
+        batches = self.last_run.run()
         # a chat prompt's conversation rejoins its samples (the Parquet and the reward model use it)
         return attach_messages(ordered_exactly_once(concat(batches), ids, sampling.n), prompts)
-
-    def _run(self, table: pa.Table, queue: deque[_Chunk], sampling: SamplingConfig) -> list[pa.RecordBatch]:
-        inflight: dict[Any, tuple[str, _Chunk, float]] = {}
-        results: list[pa.RecordBatch] = []
-        try:
-            while queue or inflight:
-                self._dispatch(table, queue, inflight, sampling)
-                if not inflight:
-                    with self._lock:
-                        if not self._members and not self._replacing:
-                            raise RuntimeError("rollout pool: no live workers left to generate "
-                                               f"{sum(len(c.rows) for c in queue)} prompt(s)")
-                    time.sleep(POLL_S)
-                    continue
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
-                for ref in ready:
-                    wid, chunk, _ = inflight.pop(ref)
-                    try:
-                        results.append(ray.get(ref, timeout=self.cfg.request_timeout_s))
-                    except RayActorError as err:
-                        self._retry(wid, chunk, err, queue)
-                    finally:
-                        self._release(wid)
-                now = time.monotonic()
-                for ref, (wid, chunk, t) in list(inflight.items()):
-                    if now - t > self.cfg.request_timeout_s:  # hung, not dead: treated as dead
-                        del inflight[ref]
-                        self._release(wid)
-                        self._retry(wid, chunk, TimeoutError(
-                            f"rollout worker {wid}: no result within rollout.request_timeout_s="
-                            f"{self.cfg.request_timeout_s}"), queue)
-        finally:
-            for wid, _, _ in inflight.values():
-                self._release(wid)
-        return results
-
-    def _retry(self, wid: str, chunk: _Chunk, err: Exception, queue: deque[_Chunk]) -> None:
-        """The worker failed this chunk (died, or hung past the request timeout): it is killed and
-        replaced, and the chunk goes back in the queue. A late result of the killed worker is never
-        read, so every row is still counted once."""
-        self._on_death(wid, err)
-        if chunk.attempts >= self.cfg.max_retries:
-            raise RuntimeError(f"rollout pool: {len(chunk.rows)} prompt(s) failed on a worker {chunk.attempts + 1} "
-                               f"time(s) (rollout.max_retries={self.cfg.max_retries}); last: {err}") from err
-        queue.append(_Chunk(chunk.rows, chunk.attempts + 1))
-
-    def _dispatch(self, table, queue, inflight, sampling) -> None:
-        with self._lock:
-            for wid, m in self._members.items():
-                if not queue:
-                    return
-                if not m.busy:
-                    chunk = queue.popleft()
-                    m.busy = True
-                    ref = m.handle.generate.remote(table.take(chunk.rows), sampling)
-                    inflight[ref] = (wid, chunk, time.monotonic())
 
     def _release(self, wid: str) -> None:
         with self._lock:
@@ -218,18 +207,8 @@ class RolloutPool:
                 return
             ray.kill(m.handle, no_restart=True)
             self.membership_epoch += 1
-            self._replacing += 1
-        log.warning("rollout worker %s failed (%s); starting a replacement", wid, err)
-        threading.Thread(target=self._replace, name=f"replace-{wid}", daemon=True).start()
-
-    def _replace(self) -> None:
-        try:
-            self.add_workers(1)
-        except Exception:  # noqa: BLE001 - surfaced through the log; generate fails if nobody is left
-            log.exception("rollout pool: replacement worker failed to start")
-        finally:
-            with self._lock:
-                self._replacing -= 1
+        self._warn(f"rollout worker {wid} failed ({_line(err)}); starting a replacement")
+        self._start_in_background(1, f"replaces {wid}")
 
     # ---- weights, health, teardown ----------------------------------------------------------
     def update_weights(self, version: int, ref) -> None:
@@ -285,9 +264,11 @@ class RolloutPool:
 
     def shutdown(self) -> None:
         with self._lock:
-            handles = [m.handle for m in self._members.values()] + list(self._retiring.values())
+            handles = ([m.handle for m in self._members.values()] + list(self._retiring.values())
+                       + list(self._starting.values()))
             self._members.clear()
             self._retiring.clear()
+            self._starting.clear()
             self.membership_epoch += 1
         for h in handles:
             ray.kill(h, no_restart=True)
@@ -300,17 +281,31 @@ class RolloutPool:
         return int(wid.rsplit("-", 1)[1])
 
     def _spawn(self) -> tuple[str, Any]:
+        """A worker actor with its engine deferred, registered as starting."""
         with self._lock:
             while True:
                 wid = f"{self.name_prefix}-{self._next_index}"
                 self._next_index += 1
-                if not _name_taken(wid, self.namespace):
+                if not name_taken(wid, self.namespace):
                     break
-        opts = dict(name=wid, runtime_env={"env_vars": self.device.actor_env(self.cfg.threads_per_worker)},
-                    **self.device.ray_resources(self.cfg.cpus_per_worker, self.cfg.gpus_per_worker))
-        if self.namespace is not None:
-            opts["namespace"] = self.namespace
-        return wid, RolloutWorker.options(**opts).remote(wid, self.model_dir, self.cfg, self.device.kind)
+            handle = RolloutWorker.options(**worker_options(wid, self.cfg, self.device, self.namespace)).remote(
+                wid, self.model_dir, self.cfg, self.device.kind, defer_engine=True,
+                engine_factory=self._engine_factory)
+            self._starting[wid] = handle
+        return wid, handle
+
+    def _wanted(self, wid: str) -> bool:
+        return wid in self._starting
+
+    def _warn(self, msg: str) -> None:
+        log.warning(msg)
+        if self._log is not None:
+            self._log(msg)
+
+    def _note(self, msg: str) -> None:
+        log.info(msg)
+        if self._log is not None:
+            self._log(msg)
 
     def _get(self, refs: list, what: str, limit: str):
         timeout_s = getattr(self.cfg, limit)
@@ -320,9 +315,6 @@ class RolloutPool:
             raise TimeoutError(f"rollout pool: worker {what} took longer than rollout.{limit}={timeout_s}") from err
 
 
-def _name_taken(name: str, namespace: str | None) -> bool:
-    try:
-        ray.get_actor(name, namespace=namespace)
-        return True
-    except ValueError:
-        return False
+def _line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:200]}" if text else type(err).__name__

@@ -19,24 +19,52 @@ from contract.weights import (GroupAddress, PackedStateDict, StaleVersionError, 
 
 
 class WorkerState:
-    """The actor's logic as a plain class, so one process can also host it (benchmarks)."""
+    """The actor's logic as a plain class, so one process can also host it (benchmarks).
 
-    def __init__(self, worker_id: str, model_dir: str, cfg: RolloutConfig, device_kind: str = "cpu"):
+    `defer_engine=True` (what the pool uses): the constructor only records its arguments, so `ping`
+    answers as soon as Ray has placed the actor on a node and started its process, and the engine
+    loads in `start_engine`: the pool can tell "waiting for a node" from "loading the model".
+    `engine_factory` (a callable or "module:attr", called like `RolloutEngine(model_dir, cfg.engine,
+    device)`) replaces vLLM: only benchmarks/scale.py (a simulated engine) and tests set it, never
+    a job config."""
+
+    def __init__(self, worker_id: str, model_dir: str, cfg: RolloutConfig, device_kind: str = "cpu",
+                 defer_engine: bool = False, engine_factory=None):
         device = DeviceProfile(kind=device_kind)  # type: ignore[arg-type]
         for k, v in device.actor_env(cfg.threads_per_worker).items():
             os.environ.setdefault(k, v)  # direct construction (no runtime_env): still before vllm import
-        from actors.engine import RolloutEngine
-
         self.worker_id, self.cfg, self.device = worker_id, cfg, device
-        self.engine = RolloutEngine(model_dir, cfg.engine, device)
+        self._model_dir, self._engine_factory = model_dir, engine_factory
+        self.engine = None
         self.version = 0
         self._group = None
         self._samples = self._tokens = 0
         self._gen_s = 0.0
+        if not defer_engine:
+            self.start_engine()
+
+    def start_engine(self) -> dict:
+        """Load the engine (idempotent); the worker can generate once this returns."""
+        if self.engine is None:
+            if isinstance(self._engine_factory, str):
+                from contract.functions import load_function
+
+                factory = load_function(self._engine_factory, "engine_factory")
+            elif self._engine_factory is not None:
+                factory = self._engine_factory
+            else:
+                from actors.engine import RolloutEngine as factory
+            self.engine = factory(self._model_dir, self.cfg.engine, self.device)
+        return self.ping()
 
     @ray.method(concurrency_group="health")
     def ping(self) -> dict:
         return {"worker_id": self.worker_id, "version": self.version, "alive": True, "pid": os.getpid()}
+
+    @ray.method(concurrency_group="health")
+    def node_id(self) -> str:
+        """The Ray node this worker runs on (placement by role is checked against it)."""
+        return ray.get_runtime_context().get_node_id()
 
     def generate(self, prompts: pa.Table, sampling: SamplingConfig | None = None) -> pa.RecordBatch:
         t0 = time.perf_counter()

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from contract.config_base import Section
+from contract.placement import CustomResources
 
 
 class RolloutCorrectionConfig(Section):
@@ -155,6 +156,10 @@ class LearnerConfig(Section):
         "Ray CPUs each rank reserves (and its torch threads). 1: leaves the demo box's other core to rollout"))
     gpus_per_rank: float = Field(1.0, ge=0, description=(
         "Ray GPUs each rank reserves (device cuda only; ignored on CPU). 1: one GPU per rank"))
+    resources: CustomResources = Field(default_factory=dict, description=(
+        "Ray custom resources each rank's placement-group bundle reserves, e.g. {learner: 1}: ranks start only "
+        "on nodes that offer them (the learner node type of cluster/manifests/), packed together. Unit: amount "
+        "per rank. Default {}: no constraint (the single-node demo)"))
     zero_stage: int = Field(0, ge=0, le=3, description=(
         "DeepSpeed ZeRO stage: 0 replicates everything, 2 shards optimizer state and gradients, 3 also the "
         "parameters. 0: one rank has nothing to shard"))

@@ -90,7 +90,8 @@ class LearnerGroup:
         self._namespace = namespace
         self._joined = False
         res = device.ray_resources(cfg.cpus_per_rank, cfg.gpus_per_rank)
-        bundle = {"CPU": res["num_cpus"], **({"GPU": res["num_gpus"]} if "num_gpus" in res else {})}
+        bundle = {"CPU": res["num_cpus"], **({"GPU": res["num_gpus"]} if "num_gpus" in res else {}),
+                  **cfg.resources}  # learner.resources: only nodes of the learner role (contract.placement)
         self._pg = placement_group([bundle] * cfg.num_ranks, strategy="PACK")
         try:
             ray.get(self._pg.ready(), timeout=cfg.init_timeout_s)
@@ -114,6 +115,13 @@ class LearnerGroup:
         except Exception:
             self.shutdown()
             raise
+
+    def node_ids(self) -> list[str]:
+        """Ray node ids the ranks' bundles are reserved on (rank order): where checkpoints are written."""
+        from ray.util.placement_group import placement_group_table
+
+        on = placement_group_table(self._pg)["bundles_to_node_id"]
+        return [on[r] for r in range(self.cfg.num_ranks)]
 
     def _all(self, method: str, *args, timeout_s: float, what: str) -> list:
         return wait_all([getattr(a, method).remote(*args) for a in self._ranks], timeout_s, what)

@@ -96,7 +96,8 @@ def deploy(cfg: RewardConfig, store_dir: str | Path, name: str = "reward",
     scorer = RewardScorer.options(
         max_ongoing_requests=2 * cfg.max_batch_size,  # >= the batch size, or Serve caps batches at 5
         ray_actor_options={"num_cpus": cfg.cpus_per_replica,
-                           "runtime_env": {"env_vars": _replica_env(cfg, device, threads)}},
+                           "runtime_env": {"env_vars": _replica_env(cfg, device, threads)},
+                           **({"resources": dict(cfg.resources)} if cfg.resources else {})},  # reward.resources
         **scaling,
     ).bind(cfg.model_dump(), token_sha, feedback, model)
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
