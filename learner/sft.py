@@ -80,6 +80,7 @@ class Encoded:
     ids: list[list[int]]
     labels: list[list[int]]
     dropped: int  # examples left with no target token after the cut
+    end_of_turn: frozenset[int] = frozenset()  # special tokens that close an assistant turn in the targets
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -87,7 +88,8 @@ class Encoded:
 
 def encode_table(tok, table, max_length: int, source: str) -> Encoded:
     """Every row of a `load_sft` table; an example that cannot be encoded is an SFTDataError naming it."""
-    ids, labels, dropped = [], [], 0
+    ids, labels, dropped, ends = [], [], 0, set()
+    special = set(tok.all_special_ids)
     for i, row in enumerate(table.to_pylist()):
         try:
             x, y = encode_example(tok, row, max_length)
@@ -98,7 +100,41 @@ def encode_table(tok, table, max_length: int, source: str) -> Encoded:
             continue
         ids.append(x)
         labels.append(y)
-    return Encoded(ids, labels, dropped)
+        ends |= turn_ends(y, special)
+    return Encoded(ids, labels, dropped, frozenset(ends))
+
+
+def turn_ends(labels: list[int], special: set[int]) -> set[int]:
+    """The last special token of each run of targets: what ends an assistant turn (<|im_end|>,
+    <|eot_id|>, EOS)."""
+    ends, last = set(), None
+    for y in [*labels, IGNORE]:
+        if y == IGNORE:
+            if last is not None:
+                ends.add(last)
+            last = None
+        elif y in special:
+            last = y
+    return ends
+
+
+def stop_at_turn_ends(model_dir: Path, ends: frozenset[int]) -> list[int]:
+    """Make `generation_config.json` end generation at every token that ends an assistant turn in
+    the SFT targets, as instruct checkpoints ship it (vLLM and `generate` stop at its eos_token_id
+    list): a base model whose EOS is not its template's end of turn would otherwise run on."""
+    from transformers import GenerationConfig
+
+    try:
+        gen = GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        gen = GenerationConfig()
+    eos = gen.eos_token_id if isinstance(gen.eos_token_id, list) else (
+        [] if gen.eos_token_id is None else [gen.eos_token_id])
+    merged = eos + sorted(set(ends) - set(eos))
+    if merged != eos:
+        gen.eos_token_id = merged
+        gen.save_pretrained(model_dir)
+    return merged
 
 
 def pad_examples(ids: list[list[int]], labels: list[list[int]], n_rows: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -336,6 +372,8 @@ def train_sft(cfg: SFTConfig, device, log=print, namespace: str | None = None,
         with staged_dir(Path(cfg.output_dir)) as tmp:
             group.save(str(tmp))
             tok.save_pretrained(tmp)
+            stops = stop_at_turn_ends(tmp, train.end_of_turn)
+        log(f"sft: generation ends at {[tok.convert_ids_to_tokens(t) for t in stops]}")
     finally:
         group.shutdown()
     return {"eval_loss_before": eval_before, "eval_loss": eval_now, "train_loss": epoch_losses, "steps": steps,

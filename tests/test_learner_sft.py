@@ -53,6 +53,19 @@ def test_a_prompt_tokens_logit_gets_no_gradient(tok, tiny_chat_models):
     assert torch.all(grad_norm[predicts_target] > 0)
 
 
+def test_turn_ends_become_generation_stops(tmp_path, tok):
+    from transformers import GenerationConfig
+
+    from learner.sft import stop_at_turn_ends, turn_ends
+
+    ids, labels = conversation_labels(tok, CONV)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert turn_ends(labels, set(tok.all_special_ids)) == {im_end}
+    GenerationConfig(eos_token_id=7).save_pretrained(tmp_path)  # a base model whose EOS is not the turn end
+    assert stop_at_turn_ends(tmp_path, frozenset({im_end})) == [7, im_end]
+    assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == [7, im_end]
+
+
 def test_bad_examples_and_config_are_one_line(tok, tiny_models, tmp_path):
     import pyarrow as pa
 
@@ -85,6 +98,10 @@ def test_sft_on_two_deepspeed_ranks_lowers_held_out_loss_and_writes_an_hf_dir(ti
     assert {"model.safetensors", "config.json", "generation_config.json", "chat_template.jinja",
             "tokenizer.json"} <= {p.name for p in d.iterdir()}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sft.tmp")]
+    from transformers import GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(d)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in GenerationConfig.from_pretrained(d).eos_token_id
     tuned = AutoModelForCausalLM.from_pretrained(d)
     base = AutoModelForCausalLM.from_pretrained(tiny_chat_models["policy"])
     assert tuned.config.tie_word_embeddings and tuned.lm_head.weight.data_ptr() == tuned.model.embed_tokens.weight.data_ptr()
