@@ -1,2 +1,20 @@
-"""The learner: DeepSpeed PPO-family training on Ray actors (group.py), the RL math (ppo_math.py),
-and weight publishing to the rollout workers by side-group broadcast or the Ray object store."""
+"""`learner`: PPO-family updates on DeepSpeed ranks (Ray actors) and weight publishing.
+
+Where a reader starts: `algorithm.py` is the whole update, top to bottom (the forward passes,
+advantages for the configured algorithm, the micro-batch losses); `ppo_math.py` holds every
+formula as a pure function with its paper and equation.
+
+| module | what it holds |
+|---|---|
+| `config.py`    | the `learner` config section (`rlhf config learner` prints it) |
+| `ppo_math.py`  | the RL math: GAE, KL estimators, GRPO/RLOO/REINFORCE++ advantages, clipped losses, DAPO/Dr. GRPO/GSPO variants, rollout correction |
+| `algorithm.py` | one update over any torch modules; what the ranks and the single-process paths run |
+| `batch.py`     | experience table -> padded tensors, after the checks that make a table trainable |
+| `micro.py`     | token-budget micro-batches |
+| `models.py`, `lora.py` | the modules as configured: activation checkpointing, LoRA adapters, HF-named weights |
+| `rank.py`      | `LearnerRank`: one DeepSpeed rank inside a Ray actor |
+| `group.py`     | `LearnerGroup`: the controller's handle on the ranks (placement group, timeouts, checkpoints, publish) |
+| `sft.py`       | supervised fine-tuning on the same ranks |
+
+Imports only `contract` and third-party libraries; `cluster` drives it.
+"""
