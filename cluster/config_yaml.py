@@ -14,6 +14,7 @@ import yaml
 
 from cluster.config import DERIVED, JobConfig
 from contract.config_base import ConfigError, Section, did_you_mean, section_type
+from cluster.launch.sft import SFTJobConfig
 from reward_service.config import RewardModelTrainConfig
 
 WIDTH = 110
@@ -26,6 +27,9 @@ HEADERS = {
     RewardModelTrainConfig: ("rlhf train-rm config: every key with its default (printed by `rlhf config train-rm`).\n"
                              "Fill in the <...> values and run: rlhf train-rm rm.yaml [key=value ...]\n"
                              "Example: cluster/configs/train_rm.yaml."),
+    SFTJobConfig: ("rlhf train-sft config: every key with its default (printed by `rlhf config train-sft`).\n"
+                   "Fill in the <...> values and run: rlhf train-sft sft.yaml [key=value ...]\n"
+                   "Example: cluster/configs/train_sft.yaml."),
 }
 
 
@@ -68,6 +72,11 @@ def render_fields(model: type[Section], values: Section | None = None, indent: i
         if sub is not None and not _is_list_of_sections(field.annotation):
             if indent == 0 and out:
                 out.append("")
+            if value is None:  # an optional section, off by default: null, its keys commented
+                out += _keyed(pad, f"{name}: null", desc)
+                out.append(f"{pad}#   when set:")
+                out += [f"{pad}#     {line}" for line in render_fields(sub, None, 0, key + ".")]
+                continue
             out += _keyed(pad, f"{name}:", desc)
             out += render_fields(sub, value if isinstance(value, Section) else None, indent + 2, key + ".")
             continue
@@ -119,8 +128,10 @@ def render(model: type[Section] = JobConfig, section: str | None = None) -> str:
 
 
 def config_command(section: str | None) -> int:
-    """`rlhf config [SECTION]`; `train-rm` is the reward-model training config."""
-    if section in ("train-rm", "train_rm"):
+    """`rlhf config [SECTION]`; `train-rm` / `train-sft` are the reward-model / SFT training configs."""
+    if section in ("train-sft", "train_sft"):
+        text = render(SFTJobConfig)
+    elif section in ("train-rm", "train_rm"):
         text = render(RewardModelTrainConfig)
     elif section is not None and section.startswith(("train-rm.", "train_rm.")):
         text = render(RewardModelTrainConfig, section.split(".", 1)[1])
