@@ -6,6 +6,7 @@ from pydantic import Field, model_validator
 
 from contract.config_base import Section
 from contract.datasets import Columns
+from contract.placement import CustomResources
 
 
 class RewardFunctionConfig(Section):
@@ -47,6 +48,10 @@ class RewardConfig(Section):
                                                        "...) instead of num_replicas; null: fixed num_replicas")
     cpus_per_replica: float = Field(1.0, gt=0, description="Ray CPUs each replica reserves (also its torch "
                                                            "threads)")
+    resources: CustomResources = Field(default_factory=dict, description=(
+        "Ray custom resources each scoring replica reserves, e.g. {reward: 1}: replicas start only on nodes that "
+        "offer them (cluster/manifests/ give learner nodes a reward resource). Unit: amount per replica. Default "
+        "{}: no constraint (the single-node demo)"))
     http_host: str = Field("127.0.0.1", description="host of the HTTP endpoint (/reward/score, /reward/feedback); "
                                                     "loopback: not reachable from other machines")
     http_port: int = Field(8000, ge=1, le=65535, description="port of the HTTP endpoint (Ray Serve's default)")
@@ -63,7 +68,6 @@ class RewardConfig(Section):
     retrain_config: str | None = Field(None, description="an `rlhf train-rm` YAML whose settings (epochs, lr, ..., "
                                                          "and original `data` trained on beside the ratings) the "
                                                          "automatic retraining uses; null: defaults, ratings only")
-
 
     @model_validator(mode="after")
     def _something_scores(self):
