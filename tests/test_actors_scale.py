@@ -15,7 +15,8 @@ from contract.devices import DeviceProfile
 from contract.experience import rollout_batch
 from learner.config import LearnerConfig
 from reward_service.config import RewardConfig
-from test_rollout_helpers import keys, prompts
+from support_rollout import keys, prompts
+
 
 CPU, CUDA = DeviceProfile("cpu"), DeviceProfile("cuda")
 

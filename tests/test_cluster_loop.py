@@ -70,11 +70,11 @@ def test_async_k2_dynamic_sampling_and_eval_on_the_real_stack(tiny_models, ray_l
         "name": "loop-modes", "model": {"policy": str(tiny_models["policy"])},
         "data": {"prompts": str(prompts), "prompts_per_step": per_step},
         "rollout": {"num_workers": 1, "sampling": {"n": n, "max_new_tokens": 6, "temperature": 0.7}},
-        "reward": {"functions": [{"path": "loop_rewards:flat_or_colour"}], "python_path": [str(HERE)],
+        "reward": {"functions": [{"path": "support_rewards:flat_or_colour"}], "python_path": [str(HERE)],
                    "http_port": free_port(), "max_retries": 1},
         "learner": {"num_ranks": 1, "lr": 1e-3,
                     "ppo": {"algorithm": "grpo", "kl_coef": 0.0, "minibatch_size": 8, "micro_batch_size": 8}},
-        "loop": {"steps": steps, "mode": "async", "max_staleness": 2, "gold_function": "loop_rewards:colour_only",
+        "loop": {"steps": steps, "mode": "async", "max_staleness": 2, "gold_function": "support_rewards:colour_only",
                  "dynamic_sampling": {"enabled": True, "max_draws": 3}},
         "eval": {"prompts": str(held_out), "every_steps": 2, "n": 1, "max_new_tokens": 4},
     })

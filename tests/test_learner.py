@@ -7,47 +7,11 @@ import pyarrow as pa
 import pytest
 import torch
 
-from contract.devices import DeviceProfile
-from contract.experience import EXPERIENCE_SCHEMA, ExperienceError
+from contract.experience import ExperienceError
 from learner.batch import prepare
-from learner.config import LearnerConfig, PPOConfig
+from learner.config import PPOConfig
 from learner.group import LearnerGroup
-
-CPU = DeviceProfile("cpu")
-
-
-def experience_table(n: int = 16, version: int = 0, seed: int = 0, group_size: int = 4, **columns) -> pa.Table:
-    """Random prompts/responses of varied lengths, directly in EXPERIENCE_SCHEMA; `columns`
-    overrides whole columns (name -> list of values)."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for i in range(n):
-        prompt, response = torch.randint(4, 400, (3 + i % 3,), generator=g), torch.randint(4, 400, (2 + i % 5,), generator=g)
-        rows.append(dict(prompt_id=f"p{i // group_size}", sample_idx=i % group_size, prompt="p",
-                         prompt_ids=prompt.tolist(), response="r", response_ids=response.tolist(),
-                         logprobs=[-6.0] * len(response), finish_reason="length", policy_version=version,
-                         worker_id="w0", gen_s=0.1, reward=float(i % 3), reward_valid=True, reward_parts={"fn": 1.0}))
-    for name, values in columns.items():
-        for row, v in zip(rows, values):
-            row[name] = v
-    return pa.Table.from_pylist(rows, schema=EXPERIENCE_SCHEMA)
-
-
-def learner_cfg(**kw) -> LearnerConfig:
-    cfg = LearnerConfig(lr=1e-3, critic_lr=1e-3, **kw)
-    cfg.ppo.minibatch_size, cfg.ppo.micro_batch_size = 8, 8 // cfg.num_ranks // 2
-    return cfg
-
-
-def make_group(tiny_models, **kw) -> LearnerGroup:
-    return LearnerGroup(learner_cfg(**kw), str(tiny_models["policy"]), CPU, namespace=f"learner-{uuid.uuid4().hex[:6]}")
-
-
-def params(group: LearnerGroup) -> dict[str, torch.Tensor]:
-    import ray
-
-    return dict(ray.get(group.publish_object_store()[1], timeout=60).tensors())
-
+from support_learner import CPU, experience_table, learner_cfg, make_group, params
 
 # ---- bad input --------------------------------------------------------------------------------
 

@@ -9,8 +9,8 @@ import torch
 
 from learner import algorithm as alg
 from learner.batch import prepare
-from learner.config import LearnerConfig, PPOConfig, RolloutCorrectionConfig
-from test_learner import CPU, experience_table, learner_cfg
+from learner.config import PPOConfig, RolloutCorrectionConfig
+from support_learner import CPU, experience_table, learner_cfg
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import torch
 from learner import algorithm as alg
 from learner.batch import prepare
 from learner.config import PPOConfig
-from test_learner import experience_table
+from support_learner import experience_table
+
 
 LENGTHS = [3, 2]
 
@@ -22,7 +23,8 @@ def policy(tiny_models):
 
 
 def batch(lengths=LENGTHS, **columns):
-    table = experience_table(n=len(lengths), group_size=len(lengths), response_ids=[[7 + t for t in range(n)] for n in lengths],
+    table = experience_table(n=len(lengths), group_size=len(lengths),
+                             response_ids=[[7 + t for t in range(n)] for n in lengths],
                              logprobs=[[-1.0] * n for n in lengths], **columns)
     return prepare(table, 0, 0, 1).batch
 
@@ -133,7 +135,8 @@ def test_plan_needs_what_the_job_must_pass():
     with pytest.raises(ValueError, match="loss_norm_tokens"):
         alg.make_plan(PPOConfig(loss_aggregation="seq_sum_norm"))
     assert alg.make_plan(PPOConfig(loss_aggregation="seq_sum_norm"), max_new_tokens=64).norm_tokens == 64
-    assert alg.make_plan(PPOConfig(loss_aggregation="seq_sum_norm", loss_norm_tokens=8), max_new_tokens=64).norm_tokens == 8
+    explicit = PPOConfig(loss_aggregation="seq_sum_norm", loss_norm_tokens=8)
+    assert alg.make_plan(explicit, max_new_tokens=64).norm_tokens == 8
     with pytest.raises(ValueError, match="overlong.mode"):
         alg.make_plan(PPOConfig(overlong={"mode": "penalty"}))
     assert alg.make_plan(PPOConfig(overlong={"mode": "penalty"}), max_new_tokens=100).overlong_buffer == 20
@@ -147,7 +150,7 @@ def test_learner_group_takes_max_new_tokens_and_counts_truncated_samples(tiny_mo
     import uuid
 
     from learner.group import LearnerGroup
-    from test_learner import CPU, learner_cfg
+    from support_learner import CPU, learner_cfg
 
     cfg = learner_cfg(num_ranks=1, zero_stage=0)
     cfg.ppo.algorithm, cfg.ppo.loss_aggregation, cfg.ppo.overlong.mode = "grpo", "seq_sum_norm", "penalty"

@@ -1,7 +1,7 @@
 """Weights from a 2-rank ZeRO-3 learner into a live vLLM engine, by both transports: afterwards the
 engine's log-probs of a fixed sequence equal the learner's own (HF forward of its published weights).
 
-The engine here is a minimal Ray actor of this module (the project's rollout worker lives in
+The engine is a minimal Ray actor (`support_learner.Engine`; the project's rollout worker lives in
 actors/, which the learner must not import); it receives exactly as a worker does: join the side
 group, `contract.weights.receive_weights`, then vLLM `reload_weights` + `reset_prefix_cache`.
 """
@@ -9,72 +9,13 @@ import uuid
 
 import pytest
 import ray
-import torch
 
 from contract.devices import DeviceProfile
 from contract.weights import GroupAddress
 from contract.net import free_port
-from test_learner import experience_table, make_group
+from support_learner import Engine, experience_table, hf_logprobs, make_group, PROMPT, RESPONSE, TOLERANCE
 
-PROMPT, RESPONSE = [5, 17, 42, 99, 7], [300, 12, 250, 8, 77, 131]
 # fp32 on both sides; vLLM's CPU attention/matmul order differs from transformers' (measured below 1e-5).
-TOLERANCE = 2e-5
-
-
-@ray.remote(num_cpus=1)
-class Engine:
-    def __init__(self, model_dir: str):
-        import vllm
-
-        self.llm = vllm.LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=128,
-                            kv_cache_memory_bytes=64 << 20, seed=0)
-        self.version, self.group = 0, None
-
-    def join(self, addr: GroupAddress, rank: int) -> None:
-        from contract.weights import join_group
-
-        self.group = join_group(addr, rank)
-
-    def leave(self) -> None:
-        from contract.weights import leave_group
-
-        leave_group(self.group)
-
-    def _reload(self, named, version: int) -> int:
-        from contract.weights import check_version
-
-        if check_version(self.version, version):
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
-            self.llm.reset_prefix_cache()
-            self.version = version
-        return self.version
-
-    def receive(self, manifest, version: int) -> int:
-        from contract.weights import receive_weights
-
-        return self._reload([(n, t.clone()) for n, t in receive_weights(self.group, manifest)], version)
-
-    def load_state_dict(self, wrapped: list, version: int) -> int:
-        return self._reload(list(ray.get(wrapped[0], timeout=60).tensors()), version)
-
-    def logprobs(self, prompt: list[int], response: list[int]) -> list[float]:
-        from vllm import SamplingParams, TokensPrompt
-
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=prompt + response)],
-                                SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
-        plp = out[0].prompt_logprobs
-        return [plp[len(prompt) + i][tok].logprob for i, tok in enumerate(response)]
-
-
-def hf_logprobs(policy_dir, packed) -> list[float]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
-    model.load_state_dict(dict(packed.tensors()))
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([PROMPT + RESPONSE])).logits[0]
-    lp = torch.log_softmax(logits.float(), -1)
-    return [lp[len(PROMPT) - 1 + i, t].item() for i, t in enumerate(RESPONSE)]
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-tied"])

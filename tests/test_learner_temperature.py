@@ -11,7 +11,8 @@ import torch
 
 from learner import algorithm as alg
 from learner.batch import prepare
-from test_learner import experience_table
+from support_learner import experience_table
+
 
 T = 0.7
 
@@ -71,7 +72,8 @@ def engine_batch(engine, **sampling):
     rows = pa.Table.from_batches([engine.generate(prompts, SamplingConfig(n=2, max_new_tokens=8, seed=0, **sampling),
                                                   version=0, worker_id="w")])
     n = rows.num_rows
-    table = experience_table(n=n, prompt_ids=rows["prompt_ids"].to_pylist(), response_ids=rows["response_ids"].to_pylist(),
+    table = experience_table(n=n, prompt_ids=rows["prompt_ids"].to_pylist(),
+                             response_ids=rows["response_ids"].to_pylist(),
                              logprobs=rows["logprobs"].to_pylist())
     return prepare(table, 0, 0, 1).batch
 
@@ -109,7 +111,7 @@ def test_learner_group_scores_at_its_sampling_temperature(tiny_models, ray_local
     import uuid
 
     from learner.group import LearnerGroup
-    from test_learner import CPU, learner_cfg
+    from support_learner import CPU, learner_cfg
 
     table = experience_table(n=8)
     b = prepare(table, 0, 0, 1).batch

@@ -26,7 +26,8 @@ import requests
 import yaml
 
 from contract.net import free_port
-from test_reward_service_review import apply_filters, chromium, rows, sign_in, wait
+from support_review import apply_filters, chromium, rows, sign_in, wait
+
 
 pytestmark = pytest.mark.slow
 VENV_BIN = str(Path(sys.executable).parent)

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import requests
 
-from test_reward_service_review import AUTH, app, parts  # noqa: F401 - app: this module's own reward app
+from support_review import AUTH, app, parts
+
 
 pytestmark = pytest.mark.slow  # trains reward models, swaps them under load
 

@@ -1,4 +1,6 @@
-"""Shared bits of the rollout tests (no tests here): configs, prompt tables, weights, a sender actor."""
+"""Shared test helpers (not a test module): rollout configs, prompt tables, published weights and a weight sender."""
+from __future__ import annotations
+
 from pathlib import Path
 
 import pyarrow as pa
@@ -7,7 +9,7 @@ import torch
 
 from actors.config import EngineConfig, RolloutConfig, SamplingConfig
 from contract.weights import PackedStateDict, join_group, leave_group, make_manifest, send_weights, specs_of
-from contract.net import free_port
+
 
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12, n=1)
 

@@ -12,7 +12,9 @@ from actors.worker import RolloutWorker
 from contract.devices import DeviceProfile
 from contract.experience import ROLLOUT_SCHEMA, check_lengths
 from contract.weights import GroupAddress, StaleVersionError
-from test_rollout_helpers import GREEDY, free_port, keys, prompts, put_state, rollout_cfg, start_sender
+from support_rollout import GREEDY, keys, prompts, put_state, rollout_cfg, start_sender
+from contract.net import free_port
+
 
 TIMEOUT = 120
 

@@ -13,7 +13,8 @@ from actors.pool import RolloutPool
 from actors.prompts import PromptError
 from contract.devices import DeviceProfile
 from contract.experience import check_lengths
-from test_rollout_helpers import keys, prompts, put_state, rollout_cfg
+from support_rollout import keys, prompts, put_state, rollout_cfg
+
 
 LONG = SamplingConfig(max_new_tokens=48, n=4, seed=0)  # enough work (~12k tokens) to act mid-run
 

@@ -1,5 +1,5 @@
 """Reward and gold functions for tests/test_cluster_loop.py, imported by the reward replicas by path
-(`loop_rewards:flat_or_colour`): not a test module."""
+(`support_rewards:flat_or_colour`): not a test module."""
 import zlib
 
 from reward_service.functions import colour_fraction
