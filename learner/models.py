@@ -33,12 +33,12 @@ def prepare(model: torch.nn.Module, cfg: LearnerConfig, task: str = "CAUSAL_LM")
     """`model` (fp32, eval mode, from from_pretrained) with the config's checkpointing and LoRA.
     `task`: PEFT task type, CAUSAL_LM (policy) or TOKEN_CLS (critic: its value head trains whole)."""
     model.eval()
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model)
     if cfg.lora is not None:
         from learner.lora import wrap
 
         model = wrap(model, cfg.lora, task)
+    if cfg.gradient_checkpointing:  # after the wrap, whose eval() would clear the layers' training flag
+        enable_checkpointing(model.get_base_model() if is_adapted(model) else model)
     return model
 
 
