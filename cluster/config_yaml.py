@@ -72,7 +72,7 @@ def render_fields(model: type[Section], values: Section | None = None, indent: i
         if sub is not None and not _is_list_of_sections(field.annotation):
             if indent == 0 and out:
                 out.append("")
-            if value is None:  # an optional section, off by default: null, its keys commented
+            if value is None and not field.is_required():  # an optional section, off by default: null, keys commented
                 out += _keyed(pad, f"{name}: null", desc)
                 out.append(f"{pad}#   when set:")
                 out += [f"{pad}#     {line}" for line in render_fields(sub, None, 0, key + ".")]
