@@ -85,11 +85,11 @@ def make_plan(cfg: PPOConfig, sampling_temperature: float = 1.0, async_rollouts:
 
 
 def _kept_log_softmax(model, mb: Batch, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """fp32 log pi_T(. | s) = log_softmax(z / T) [b, N, V] at the positions from the first response position on, the next
-    input token at each [b, N], and where each response token's position sits among them [b, T].
-    The LM head runs only on those positions (`logits_to_keep`) and tokens are scored before the
-    [b, T] alignment: with a real vocabulary every pass over the logits costs like a layer, so none
-    is spent on prompt positions or on re-indexing [b, T, V]."""
+    """fp32 log pi_T(. | s) = log_softmax(z / T) [b, N, V] at the positions from the first response
+    position on, the next input token at each [b, N], and where each response token's position
+    sits among them [b, T]. The LM head runs only on those positions (`logits_to_keep`) and tokens
+    are scored before the [b, T] alignment: with a real vocabulary every pass over the logits costs
+    like a layer, so none is spent on prompt positions or on re-indexing [b, T, V]."""
     idx = response_hidden_index(mb)
     first = int(idx.min())
     logits = model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,

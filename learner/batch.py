@@ -35,6 +35,9 @@ class Batch:
     def rows(self, idx: torch.Tensor | slice) -> "Batch":
         return Batch(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
 
+    def to(self, device) -> "Batch":
+        return Batch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
 
 @dataclass(frozen=True)
 class Prepared:

@@ -85,7 +85,7 @@ class LearnerGroup:
         then, off otherwise. `max_new_tokens`: rollout.sampling.max_new_tokens (the constant C of
         loss_aggregation seq_sum_norm unless loss_norm_tokens is set; L_max of overlong.mode penalty).
         See `learner.algorithm.make_plan`."""
-        make_plan(cfg.ppo, sampling_temperature, async_rollouts, max_new_tokens)  # a bad combination fails here, before any actor
+        make_plan(cfg.ppo, sampling_temperature, async_rollouts, max_new_tokens)  # fails here, before any actor
         self.cfg, self.version = cfg, 0
         self._namespace = namespace
         self._joined = False

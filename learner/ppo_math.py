@@ -94,7 +94,8 @@ def per_sample_loss(x: torch.Tensor, mask: torch.Tensor, aggregation: str, norm_
         if not norm_tokens:
             raise ValueError("loss_aggregation seq_sum_norm needs its constant token count C (got none)")
         return masked_sum(x, mask, dim=-1) / norm_tokens
-    raise ValueError(f"loss_aggregation: expected token_mean, seq_mean_token_mean or seq_sum_norm (got {aggregation!r})")
+    raise ValueError(f"loss_aggregation: expected token_mean, seq_mean_token_mean or seq_sum_norm "
+                     f"(got {aggregation!r})")
 
 
 # ---------------------------------------------------------------------------------------------

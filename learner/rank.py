@@ -10,13 +10,14 @@ import datetime as dt
 import json
 import os
 import shutil
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from learner import algorithm as alg
+from learner import micro as micro_batches
+from learner import update
 from learner.batch import Batch
 from learner.config import LearnerConfig
 
@@ -76,6 +77,7 @@ class LearnerRank:
             self.ref.requires_grad_(False)
         self.critic = None
         if self.cfg.ppo.algorithm == "ppo":
+            torch.manual_seed(self.seed)  # the critic's new value head starts the same wherever it is built
             critic = AutoModelForTokenClassification.from_pretrained(
                 self.critic_dir or self.policy_dir, num_labels=1, dtype=torch.float32)
             self.critic, *_ = deepspeed.initialize(model=critic, model_parameters=critic.parameters(),
@@ -83,95 +85,50 @@ class LearnerRank:
 
     # ---- training -----------------------------------------------------------------------------
 
-    def _to_device(self, b: Batch) -> Batch:
-        return Batch(**{k: v.to(self.device) for k, v in vars(b).items()})
+    def train_step(self, b: Batch, n_real: int, version: int) -> dict:
+        """The update (learner/update.py, read it top to bottom) with this rank as its `Engines`."""
+        return update.train_step(self.cfg.ppo, self.plan, self, b, n_real, version, self.seed)
 
-    def _all_gather(self, local: torch.Tensor) -> torch.Tensor:
+    # ---- update.Engines: DeepSpeed owns the optimizers -------------------------------------------
+
+    @property
+    def collective(self) -> bool:
+        return self.cfg.zero_stage == 3  # ZeRO-3 forwards gather parameters from every rank
+
+    def backward(self, which: str, loss: torch.Tensor) -> None:
+        """DeepSpeed averages gradients over ranks, so the loss is scaled by the world size (and not
+        by the accumulation steps: the sample weights already make it a minibatch mean). Its
+        step() after every backward applies the optimizer at the accumulation boundary only, i.e.
+        after the minibatch's last micro-batch."""
+        engine = self.actor if which == "actor" else self.critic
+        engine.backward(loss * self.world, scale_wrt_gas=False)
+        if which == "actor" and engine.is_gradient_accumulation_boundary() and self.cfg.zero_stage == 0:
+            self._own_grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in engine.module.parameters() if p.grad is not None])).item()
+        engine.step()
+
+    def set_boundary(self, last: bool) -> None:
+        micro_batches.set_boundary((self.actor, self.critic), last)
+
+    def optimizer_step(self) -> float:
+        """The engines stepped in `backward`; the pre-clipping global norm of the policy's step.
+        DeepSpeed records it except for ZeRO-0 in fp32, where `backward` measured the (already
+        all-reduced) gradients itself."""
+        norm = self.actor.get_global_grad_norm()
+        return float(norm) if norm is not None else self._own_grad_norm
+
+    def all_gather(self, local: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
         parts = [torch.empty_like(local) for _ in range(self.world)]
         dist.all_gather(parts, local.contiguous())
         return torch.cat(parts)
 
-    @torch.no_grad()
-    def _targets(self, b: Batch) -> alg.Targets:
-        """Old logprobs (unless the update's first forward gives them), reference logprobs and values
-        on this rank's shard, gathered to the full batch."""
-        micro, shard = self.cfg.ppo.micro_batch_size, len(b) // self.world
-        outs: dict[str, list[torch.Tensor]] = {"old": [], "ref": [], "val": []}
-        need_old = not alg.old_is_first_forward(self.cfg.ppo, len(b), self.plan)
-        for start in range(self.rank * shard, (self.rank + 1) * shard, micro):
-            mb = self._to_device(b.rows(slice(start, start + micro)))
-            if need_old:
-                outs["old"].append(alg.response_logprobs(self.actor, mb, self.plan.temperature))
-            if self.ref is not None:
-                outs["ref"].append(alg.response_logprobs(self.ref, mb, self.plan.temperature))
-            if self.critic is not None:
-                outs["val"].append(alg.critic_values(self.critic, mb))
-        full = {k: self._all_gather(torch.cat(v)).cpu() if v else None for k, v in outs.items()}
-        return alg.compute_targets(self.cfg.ppo, b, full["old"], full["ref"], full["val"], self.plan)
-
-    def train_step(self, b: Batch, n_real: int, version: int) -> dict:
+    def all_reduce(self, t: torch.Tensor, op: str) -> torch.Tensor:
         import torch.distributed as dist
 
-        t0 = time.time()
-        p = self.cfg.ppo
-        tg = self._targets(b)
-        sums: dict[str, torch.Tensor] = {}
-        maxes: dict[str, float] = {}
-        grad_norms = []
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + version)
-        micro_per_rank = p.minibatch_size // (self.world * p.micro_batch_size)
-        for _ in range(p.epochs):
-            for rows in alg.minibatches(n_real, len(b), p.minibatch_size, gen):
-                norm = alg.loss_normaliser(p, b.rows(rows), tg.keep[rows])
-                mine = rows.split(p.micro_batch_size)[self.rank * micro_per_rank:(self.rank + 1) * micro_per_rank]
-                for idx in mine:
-                    for name, value in self._micro_step(b.rows(idx), tg.rows(idx), norm).items():
-                        if name in alg.MAX_METRICS:
-                            maxes[name] = max(maxes.get(name, 0.0), float(value.max()))
-                        else:
-                            sums[name] = sums.get(name, 0) + value.sum()
-                grad_norms.append(self._grad_norm())
-        names, max_names = sorted(sums), sorted(maxes)
-        totals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64) for k in names])
-        dist.all_reduce(totals)
-        peaks = torch.tensor([maxes[k] for k in max_names], dtype=torch.float64)
-        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
-        # logprob_gap (rollout engine vs learner on the same tokens) is a health signal: dtype,
-        # kernels or stale weights show up there first.
-        metrics = {k: float(v) / (n_real * p.epochs) for k, v in zip(names, totals)}
-        metrics.update({k: float(v) for k, v in zip(max_names, peaks)})
-        metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
-        metrics["step_s"] = time.time() - t0
-        metrics.setdefault("value_loss", 0.0)
-        return metrics
-
-    def _micro_step(self, mb: Batch, tg: alg.Targets, norm: float) -> dict[str, torch.Tensor]:
-        """Forward/backward one micro-batch; DeepSpeed steps the optimizer at the minibatch boundary.
-        DeepSpeed averages gradients over ranks, so the loss is scaled by the world size (and not by
-        the accumulation steps: the sample weights already make it a minibatch mean)."""
-        mb = self._to_device(mb)
-        tg = tg.to(self.device)
-        w = alg.sample_weights(mb, norm, tg.keep)
-        loss, metrics = alg.actor_loss(self.cfg.ppo, self.actor, mb, tg, w, self.plan)
-        self.actor.backward(loss * self.world, scale_wrt_gas=False)
-        if self.actor.is_gradient_accumulation_boundary() and self.cfg.zero_stage == 0:
-            self._own_grad_norm = torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in self.actor.module.parameters() if p.grad is not None])).item()
-        self.actor.step()
-        if self.critic is not None:
-            vloss, vm = alg.critic_loss(self.cfg.ppo, alg.critic_values(self.critic, mb), mb, tg, w, self.plan)
-            self.critic.backward(vloss * self.world, scale_wrt_gas=False)
-            self.critic.step()
-            metrics.update(vm)
-        return {k: v.cpu() for k, v in metrics.items()}
-
-    def _grad_norm(self) -> float:
-        """The pre-clipping global norm of the last policy step. DeepSpeed records it except for
-        ZeRO-0 in fp32, where _micro_step measures the (already all-reduced) gradients itself."""
-        norm = self.actor.get_global_grad_norm()
-        return float(norm) if norm is not None else self._own_grad_norm
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        return t
 
     # ---- full state dict (collective) -----------------------------------------------------------
 
