@@ -274,7 +274,8 @@ def test_reinforce_pp_baseline_subtracts_the_group_mean_then_whitens_the_batch()
     mean = sum(g) / 5
     std = math.sqrt(sum((v - mean) ** 2 for v in g) / 5 + 1e-8)
     close(pm.reinforce_pp_advantages(rewards, mask, 1.0),
-          [[(g[0] - mean) / std, (g[1] - mean) / std], [(g[2] - mean) / std, 0.0], [(g[3] - mean) / std, (g[4] - mean) / std]])
+          [[(g[0] - mean) / std, (g[1] - mean) / std], [(g[2] - mean) / std, 0.0],
+           [(g[3] - mean) / std, (g[4] - mean) / std]])
 
 
 def test_dapo_soft_overlong_punishment():
