@@ -17,6 +17,7 @@ import torch
 
 from learner import algorithm as alg
 from learner import micro as micro_batches
+from learner import ops
 from learner import update
 from learner.batch import Batch
 from learner.config import LearnerConfig
@@ -64,6 +65,7 @@ class LearnerRank:
         from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        ops.refuse_stale_lock()  # a killed compile's lock would hold init_distributed forever
         backend = "nccl" if self.device == "cuda" else "gloo"
         deepspeed.init_distributed(dist_backend=backend, timeout=dt.timedelta(seconds=self.cfg.dist_timeout_s))
         torch.manual_seed(self.seed)
