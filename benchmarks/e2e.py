@@ -80,7 +80,7 @@ def ours(models: dict, prompts_file: str, a, mode: str, work: Path) -> dict:
                     "engine": {"dtype": a.dtype}, "sampling": {"n": a.group, "max_new_tokens": a.max_new_tokens}},
         "reward": {"functions": [{"path": "reward_service.functions:colour_fraction"}], "max_batch_size": batch},
         "learner": {"num_ranks": 1, "cpus_per_rank": 2, "dtype": a.dtype, "lr": 1e-3,
-                    "ppo": {"algorithm": "grpo", "kl_coef": 0.0, "minibatch_size": batch, "micro_batch_size": batch}},
+                    "rl": {"algorithm": "grpo", "kl_coef": 0.0, "minibatch_size": batch, "micro_batch_size": batch}},
         "loop": {"steps": a.steps, "mode": mode, "max_staleness": 1},
     })
     device = resolve_device("cpu")

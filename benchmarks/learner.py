@@ -50,7 +50,7 @@ def experience(version: int, vocab: int) -> pa.Table:
 
 def step_config(ranks: int, stage: int) -> LearnerConfig:
     cfg = LearnerConfig(num_ranks=ranks, zero_stage=stage, cpus_per_rank=2 // ranks, lr=1e-5, critic_lr=1e-5)
-    cfg.ppo.minibatch_size, cfg.ppo.micro_batch_size = BATCH, 8
+    cfg.rl.minibatch_size, cfg.rl.micro_batch_size = BATCH, 8
     return cfg
 
 
@@ -69,7 +69,7 @@ def median_time(fn, reps: int) -> float:
 
 def plain_ppo_step(cfg: LearnerConfig, models: dict, opts: dict, b) -> None:
     """The same update as learner/rank.py without DeepSpeed: one process, torch AdamW, clipping."""
-    p = cfg.ppo
+    p = cfg.rl
     micro = [b.rows(slice(s, s + p.micro_batch_size)) for s in range(0, len(b), p.micro_batch_size)]
     old = None if alg.old_is_first_forward(p, len(b)) else torch.cat(
         [alg.response_logprobs(models["policy"], mb) for mb in micro])
@@ -175,7 +175,7 @@ def bench_publish(size: str, reps: int) -> list[str]:
 
     policy_dir = m500_dir() if size == "m500" else make_tiny_models(WORK / size, size=size)["policy"]
     cfg = LearnerConfig(num_ranks=1, zero_stage=0, cpus_per_rank=1)
-    cfg.ppo.algorithm, cfg.ppo.kl_coef = "grpo", 0.0  # policy only: the transport is what is measured
+    cfg.rl.algorithm, cfg.rl.kl_coef = "grpo", 0.0  # policy only: the transport is what is measured
     group = LearnerGroup(cfg, str(policy_dir), CPU, namespace=f"bench-{uuid.uuid4().hex[:6]}")
     sink, sender = Peer.remote(), Peer.remote()
     try:

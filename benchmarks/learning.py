@@ -23,19 +23,19 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 GOLD_TARGET = 0.8
-GRPO = ["learner.ppo.algorithm=grpo", "learner.ppo.kl_coef=0.01"]
+GRPO = ["learner.rl.algorithm=grpo", "learner.rl.kl_coef=0.01"]
 ASYNC2 = ["loop.mode=async", "loop.max_staleness=2"]
 ROWS: dict[str, list[str]] = {
     "sync PPO (demo)": [],
     "sync GRPO": GRPO,
-    "sync RLOO": ["learner.ppo.algorithm=rloo", "learner.ppo.kl_coef=0.01"],
-    "sync REINFORCE++": ["learner.ppo.algorithm=reinforce_pp"],
+    "sync RLOO": ["learner.rl.algorithm=rloo", "learner.rl.kl_coef=0.01"],
+    "sync REINFORCE++": ["learner.rl.algorithm=reinforce_pp"],
     "sync GRPO, temperature 0.7": GRPO + ["rollout.sampling.temperature=0.7"],
-    "async GRPO, staleness 2, no correction": GRPO + ASYNC2 + ["learner.ppo.rollout_correction.mode=off"],
-    "async GRPO, staleness 2, TIS correction": GRPO + ASYNC2 + ["learner.ppo.rollout_correction.mode=tis"],
+    "async GRPO, staleness 2, no correction": GRPO + ASYNC2 + ["learner.rl.rollout_correction.mode=off"],
+    "async GRPO, staleness 2, TIS correction": GRPO + ASYNC2 + ["learner.rl.rollout_correction.mode=tis"],
     "DAPO-style GRPO (clip-higher, token-mean, dynamic sampling, overlong penalty)": GRPO + [
-        "learner.ppo.clip_low=0.2", "learner.ppo.clip_high=0.28", "learner.ppo.loss_aggregation=token_mean",
-        "loop.dynamic_sampling.enabled=true", "learner.ppo.overlong.mode=penalty"],
+        "learner.rl.clip_low=0.2", "learner.rl.clip_high=0.28", "learner.rl.loss_aggregation=token_mean",
+        "loop.dynamic_sampling.enabled=true", "learner.rl.overlong.mode=penalty"],
 }
 
 

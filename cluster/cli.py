@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("config", help="print the default job config as commented YAML, the text to save and edit",
                        description="Print every key of a job config with its default and what it is, as YAML "
                                    "that `rlhf train` loads once the <required> values are filled in.")
-    c.add_argument("section", nargs="?", help="one section or key (learner, learner.ppo, rollout.num_workers); "
+    c.add_argument("section", nargs="?", help="one section or key (learner, learner.rl, rollout.num_workers); "
                                               "train-rm: the `rlhf train-rm` config")
     c.set_defaults(func=_cmd_config)
 

@@ -1,6 +1,6 @@
 """The job config: each package's own section composed into one typed model, from YAML + overrides.
 
-`rlhf train cfg.yaml rollout.num_workers=4 learner.ppo.clip=0.2` — overrides are dotted keys whose
+`rlhf train cfg.yaml rollout.num_workers=4 learner.rl.clip=0.2` — overrides are dotted keys whose
 values are parsed as YAML scalars/lists. A bad config raises one `ConfigError` listing every
 problem, one line each, naming the key. `rlhf config [SECTION]` prints the defaults as commented
 YAML, rendered from the models themselves (`cluster/config_yaml.py`).
@@ -108,7 +108,7 @@ class JobConfig(Section):
         if "max_staleness" in self.learner.model_fields_set and getattr(self.learner, "max_staleness") != lag:
             problems.append(f"learner.max_staleness: set by the loop ({DERIVED['learner.max_staleness']}, here "
                             f"{lag}); remove the key and set loop.max_staleness")
-        algorithm = getattr(getattr(self.learner, "ppo", None), "algorithm", None)
+        algorithm = getattr(getattr(self.learner, "rl", None), "algorithm", None)
         if algorithm in ("grpo", "rloo") and self.rollout.sampling.n < 2:
             problems.append(f"rollout.sampling.n: {algorithm} compares the samples of a prompt with each other and "
                             f"needs n >= 2 (got {self.rollout.sampling.n}); with 1 every advantage is 0")

@@ -96,7 +96,7 @@ def render_fields(model: type[Section], values: Section | None = None, indent: i
 
 
 def find_section(model: type[Section], dotted: str) -> tuple[type[Section], list[str]]:
-    """(model holding the last part, the parts) for `learner`, `learner.ppo`, `rollout.num_workers`."""
+    """(model holding the last part, the parts) for `learner`, `learner.rl`, `rollout.num_workers`."""
     parts = dotted.split(".")
     holder = model
     for i, part in enumerate(parts):

@@ -21,7 +21,7 @@ import torch
 
 from learner import ppo_math as pm
 from learner.batch import Batch
-from learner.config import PPOConfig
+from learner.config import RLConfig
 
 
 def response_hidden_index(mb: Batch) -> torch.Tensor:
@@ -61,7 +61,7 @@ class Plan:
     overlong_buffer: int | None = None  # overlong penalty's L_cache
 
 
-def make_plan(cfg: PPOConfig, sampling_temperature: float = 1.0, async_rollouts: bool = False,
+def make_plan(cfg: RLConfig, sampling_temperature: float = 1.0, async_rollouts: bool = False,
               max_new_tokens: int | None = None) -> Plan:
     """`sampling_temperature`: rollout.sampling.temperature; `async_rollouts`: the loop is async
     (decides rollout_correction.mode null); `max_new_tokens`: rollout.sampling.max_new_tokens
@@ -69,16 +69,16 @@ def make_plan(cfg: PPOConfig, sampling_temperature: float = 1.0, async_rollouts:
     on what cannot be resolved."""
     norm = cfg.loss_norm_tokens or max_new_tokens
     if cfg.loss_aggregation == "seq_sum_norm" and norm is None:
-        raise ValueError("learner.ppo.loss_norm_tokens: seq_sum_norm needs its constant C; set it, or pass the "
+        raise ValueError("learner.rl.loss_norm_tokens: seq_sum_norm needs its constant C; set it, or pass the "
                          "sampler's max_new_tokens to the learner")
     buffer = None
     if cfg.overlong.mode == "penalty":
         if max_new_tokens is None:
-            raise ValueError("learner.ppo.overlong.mode: penalty needs the sampler's max_new_tokens (L_max), "
+            raise ValueError("learner.rl.overlong.mode: penalty needs the sampler's max_new_tokens (L_max), "
                              "which was not passed to the learner")
         buffer = cfg.overlong.buffer_tokens or max(1, max_new_tokens // 5)
         if buffer >= max_new_tokens:
-            raise ValueError(f"learner.ppo.overlong.buffer_tokens: {buffer} must be below max_new_tokens "
+            raise ValueError(f"learner.rl.overlong.buffer_tokens: {buffer} must be below max_new_tokens "
                              f"({max_new_tokens})")
     return Plan(scoring_temperature(sampling_temperature), cfg.rollout_correction.effective_mode(async_rollouts),
                 max_new_tokens, norm, buffer)
@@ -148,13 +148,13 @@ class Targets:
 TOKEN_REWARD_ALGORITHMS = ("ppo", "reinforce_pp", "reinforce_pp_baseline")
 
 
-def kl_as_reward(cfg: PPOConfig) -> bool:
+def kl_as_reward(cfg: RLConfig) -> bool:
     """Token-reward algorithms (PPO, REINFORCE++) fold the KL into the reward when asked; GRPO and
     RLOO (sequence advantages) always use it as a loss term, as the GRPO paper does."""
     return cfg.kl_in_reward and cfg.algorithm in TOKEN_REWARD_ALGORITHMS and cfg.kl_coef > 0
 
 
-def old_is_first_forward(cfg: PPOConfig, batch_rows: int, plan: Plan = Plan()) -> bool:
+def old_is_first_forward(cfg: RLConfig, batch_rows: int, plan: Plan = Plan()) -> bool:
     """One epoch of one minibatch is one optimizer step: the "old" policy is the current one, so
     the old logprobs are the update's own forward, detached, and the separate no-grad pass (a
     third of the step's compute) is skipped, as TRL does for one iteration. Not when the KL
@@ -164,7 +164,7 @@ def old_is_first_forward(cfg: PPOConfig, batch_rows: int, plan: Plan = Plan()) -
             and plan.correction != "mis")
 
 
-def compute_targets(cfg: PPOConfig, b: Batch, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+def compute_targets(cfg: RLConfig, b: Batch, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
                     values: torch.Tensor | None, plan: Plan = Plan()) -> Targets:
     mask, score = b.mask, b.score
     if cfg.overlong.mode == "penalty":  # DAPO's Soft Overlong Punishment, added to the reward
@@ -196,7 +196,7 @@ def compute_targets(cfg: PPOConfig, b: Batch, old_logp: torch.Tensor | None, ref
     return Targets(old_logp, ref_logp, values, adv, returns, keep)
 
 
-def loss_normaliser(cfg: PPOConfig, mb: Batch, keep: torch.Tensor) -> float:
+def loss_normaliser(cfg: RLConfig, mb: Batch, keep: torch.Tensor) -> float:
     """What a minibatch's loss is divided by (`pm.per_sample_loss`): its kept real tokens for
     token_mean, else its kept real samples. Computed over the whole minibatch before it is cut
     into micro-batches and ranks, which is what keeps the loss scale independent of that cut."""
@@ -212,7 +212,7 @@ def sample_weights(mb: Batch, norm: float, keep: torch.Tensor | None = None) -> 
 MAX_METRICS = ("is_weight_max",)  # reduced by max over micro-batches and ranks; the others are sums
 
 
-def actor_loss(cfg: PPOConfig, model, mb: Batch, tg: Targets, w: torch.Tensor, plan: Plan = Plan()
+def actor_loss(cfg: RLConfig, model, mb: Batch, tg: Targets, w: torch.Tensor, plan: Plan = Plan()
                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """sum_i w_i * agg_i(c_t * policy loss - c_ent * entropy + beta * KL-loss term), agg_i sample i's
     part of `loss_aggregation` (`pm.per_sample_loss`; w_i divides by `loss_normaliser`), c_t the
@@ -246,7 +246,7 @@ def actor_loss(cfg: PPOConfig, model, mb: Batch, tg: Targets, w: torch.Tensor, p
     return (w * per_sample).sum(), m
 
 
-def critic_loss(cfg: PPOConfig, values: torch.Tensor, mb: Batch, tg: Targets, w: torch.Tensor, plan: Plan = Plan()
+def critic_loss(cfg: RLConfig, values: torch.Tensor, mb: Batch, tg: Targets, w: torch.Tensor, plan: Plan = Plan()
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """vf_coef * sum_i w_i * agg_i(clipped value loss), aggregated like the policy loss; the metric
     is each sample's token mean."""

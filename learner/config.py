@@ -63,7 +63,7 @@ class OverlongConfig(Section):
         "as published (verl's overlong_penalty_factor)"))
 
 
-class PPOConfig(Section):
+class RLConfig(Section):
     algorithm: Literal["ppo", "grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field("ppo", description=(
         "ppo: critic + GAE; grpo: group-normalised sequence advantages; rloo: leave-one-out baseline; "
         "reinforce_pp: KL-shaped token returns whitened over the batch; reinforce_pp_baseline: the same after "
@@ -138,7 +138,7 @@ class PPOConfig(Section):
         "what happens to responses cut at max_new_tokens"))
 
     @model_validator(mode="after")
-    def _sequence_ratio_has_no_dual_clip(self) -> "PPOConfig":
+    def _sequence_ratio_has_no_dual_clip(self) -> "RLConfig":
         if self.ratio_level == "sequence" and self.dual_clip is not None:
             raise ValueError("dual_clip applies to token-level ratios only; unset it for ratio_level: sequence")
         return self
@@ -173,7 +173,7 @@ class LearnerConfig(Section):
     critic_model: str | None = Field(None, description=(
         "ppo: HF directory the value model starts from (a one-output token-classification head is added). "
         "null: the policy, as most RLHF recipes do"))
-    ppo: PPOConfig = Field(default_factory=PPOConfig, description="the RL algorithm and its coefficients")
+    rl: RLConfig = Field(default_factory=RLConfig, description="the RL algorithm and its coefficients")
     weight_sync: Literal["broadcast", "object_store"] = Field("broadcast", description=(
         "how new weights reach the rollout engines: broadcast over a side torch.distributed group, or one "
         "ray.put workers fetch. broadcast: fastest when the learner and the engines share a fabric"))
@@ -194,8 +194,8 @@ class LearnerConfig(Section):
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "LearnerConfig":
-        per_step = self.num_ranks * self.ppo.micro_batch_size
-        if self.ppo.minibatch_size % per_step:
-            raise ValueError(f"ppo.minibatch_size ({self.ppo.minibatch_size}) must be a multiple of "
-                             f"num_ranks x ppo.micro_batch_size ({per_step})")
+        per_step = self.num_ranks * self.rl.micro_batch_size
+        if self.rl.minibatch_size % per_step:
+            raise ValueError(f"rl.minibatch_size ({self.rl.minibatch_size}) must be a multiple of "
+                             f"num_ranks x rl.micro_batch_size ({per_step})")
         return self

@@ -81,11 +81,11 @@ class LearnerGroup:
         """What the job knows about its rollouts and the learner config does not own:
         `sampling_temperature`: rollout.sampling.temperature; the learner scores
         log_softmax(logits / T) in every pass (T = 0, greedy, is scored at T = 1).
-        `async_rollouts`: loop.mode == "async"; learner.ppo.rollout_correction.mode null means tis
+        `async_rollouts`: loop.mode == "async"; learner.rl.rollout_correction.mode null means tis
         then, off otherwise. `max_new_tokens`: rollout.sampling.max_new_tokens (the constant C of
         loss_aggregation seq_sum_norm unless loss_norm_tokens is set; L_max of overlong.mode penalty).
         See `learner.algorithm.make_plan`."""
-        make_plan(cfg.ppo, sampling_temperature, async_rollouts, max_new_tokens)  # fails here, before any actor
+        make_plan(cfg.rl, sampling_temperature, async_rollouts, max_new_tokens)  # fails here, before any actor
         self.cfg, self.version = cfg, 0
         self._namespace = namespace
         self._joined = False
@@ -133,7 +133,7 @@ class LearnerGroup:
 
     def train_step(self, experience: pa.Table) -> dict:
         """Validate, then one PPO-family update on every rank. Raises ExperienceError on a bad table."""
-        p = self.cfg.ppo
+        p = self.cfg.rl
         prep = prepare(experience, self.version, self.cfg.max_staleness, multiple_of=p.minibatch_size)
         batch_ref = ray.put(prep.batch)
         metrics = self._all("train_step", batch_ref, prep.num_samples, self.version,

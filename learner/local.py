@@ -29,11 +29,11 @@ def load_models(cfg: LearnerConfig, policy_dir: str, critic_dir: str | None, see
     torch.manual_seed(seed)
     policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
     ref = None
-    if cfg.ppo.kl_coef > 0:
+    if cfg.rl.kl_coef > 0:
         ref = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=getattr(torch, cfg.dtype)).to(device).eval()
         ref.requires_grad_(False)
     critic = None
-    if cfg.ppo.algorithm == "ppo":
+    if cfg.rl.algorithm == "ppo":
         torch.manual_seed(seed)
         critic = AutoModelForTokenClassification.from_pretrained(critic_dir or policy_dir, num_labels=1,
                                                                  dtype=torch.float32)
@@ -53,7 +53,7 @@ class LocalLearner:
             raise ValueError(f"LocalLearner trains in float32 (learner.dtype {cfg.dtype!r} is DeepSpeed's mixed "
                              f"precision)")
         self.cfg, self.seed, self.device, self.version = cfg, seed, device, 0
-        self.plan = alg.make_plan(cfg.ppo, sampling_temperature, async_rollouts, max_new_tokens)
+        self.plan = alg.make_plan(cfg.rl, sampling_temperature, async_rollouts, max_new_tokens)
         policy, self.ref, critic = load_models(cfg, policy_dir, critic_dir or cfg.critic_model, seed, device)
         self.actor = policy.to(device)
         self.critic = None if critic is None else critic.to(device)
@@ -63,7 +63,7 @@ class LocalLearner:
 
     def train_step(self, experience: pa.Table) -> dict:
         """Validate, then one update; the metrics of `LearnerGroup.train_step`."""
-        p = self.cfg.ppo
+        p = self.cfg.rl
         prep = prepare(experience, self.version, self.cfg.max_staleness, multiple_of=p.minibatch_size)
         metrics = self.train_batch(prep.batch, prep.num_samples)
         return {**metrics, "policy_version": self.version, "num_samples": prep.num_samples,
@@ -71,8 +71,8 @@ class LocalLearner:
                 "staleness": self.version - 1 - prep.min_policy_version}
 
     def train_batch(self, b: Batch, n_real: int) -> dict:
-        """One update on a prepared batch (padded to a multiple of ppo.minibatch_size)."""
-        metrics = update.train_step(self.cfg.ppo, self.plan, self, b, n_real, self.version, self.seed)
+        """One update on a prepared batch (padded to a multiple of rl.minibatch_size)."""
+        metrics = update.train_step(self.cfg.rl, self.plan, self, b, n_real, self.version, self.seed)
         self.version += 1
         return metrics
 
@@ -88,11 +88,11 @@ class LocalLearner:
         """Nothing to do: the optimizers step in `optimizer_step`, at the minibatch end."""
 
     def optimizer_step(self) -> float:
-        """Each model's gradients clipped to ppo.max_grad_norm, a step, zeroed; the policy's pre-clip norm."""
+        """Each model's gradients clipped to rl.max_grad_norm, a step, zeroed; the policy's pre-clip norm."""
         norms = {}
         for which, opt in self.optimizers.items():
             model = self.actor if which == "actor" else self.critic
-            norms[which] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.ppo.max_grad_norm))
+            norms[which] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.rl.max_grad_norm))
             opt.step()
             opt.zero_grad(set_to_none=True)
         return norms["actor"]

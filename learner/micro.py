@@ -1,6 +1,6 @@
 """Token-budget micro-batches (`learner.max_tokens_per_micro_batch`).
 
-Instead of `ppo.micro_batch_size` samples padded to the batch's longest, a minibatch's samples are
+Instead of `rl.micro_batch_size` samples padded to the batch's longest, a minibatch's samples are
 sorted by length (prompt + response) and packed greedily, longest first: a micro-batch takes the
 next sample while rows x its longest <= the budget (a sample longer than the budget goes alone),
 and each micro-batch is cut to its own longest sample and longest response (`trim`).

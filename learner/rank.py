@@ -26,7 +26,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def deepspeed_config(cfg: LearnerConfig, lr: float) -> dict:
-    p = cfg.ppo
+    p = cfg.rl
     return {"train_batch_size": p.minibatch_size, "train_micro_batch_size_per_gpu": p.micro_batch_size,
             "gradient_accumulation_steps": p.minibatch_size // (cfg.num_ranks * p.micro_batch_size),
             "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.0, "torch_adam": True}},
@@ -42,7 +42,7 @@ class LearnerRank:
         is async (rollout correction's auto mode). `max_new_tokens`: the sampler's response limit
         (seq_sum_norm's default constant, the overlong penalty's L_max). See `algorithm.make_plan`."""
         self.rank, self.cfg = rank, LearnerConfig.model_validate_json(cfg_json)
-        self.plan = alg.make_plan(self.cfg.ppo, sampling_temperature, async_rollouts, max_new_tokens)
+        self.plan = alg.make_plan(self.cfg.rl, sampling_temperature, async_rollouts, max_new_tokens)
         self.world = self.cfg.num_ranks
         self.policy_dir, self.critic_dir, self.device, self.seed = policy_dir, critic_dir, device, seed
         self.weight_group = None
@@ -74,11 +74,11 @@ class LearnerRank:
         self.actor, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(),
                                               config=deepspeed_config(self.cfg, self.cfg.lr))
         self.ref = None
-        if self.cfg.ppo.kl_coef > 0:
+        if self.cfg.rl.kl_coef > 0:
             self.ref = AutoModelForCausalLM.from_pretrained(self.policy_dir, dtype=dtype).to(self.device).eval()
             self.ref.requires_grad_(False)
         self.critic = None
-        if self.cfg.ppo.algorithm == "ppo":
+        if self.cfg.rl.algorithm == "ppo":
             torch.manual_seed(self.seed)  # the critic's new value head starts the same wherever it is built
             critic = AutoModelForTokenClassification.from_pretrained(
                 self.critic_dir or self.policy_dir, num_labels=1, dtype=torch.float32)
@@ -89,7 +89,7 @@ class LearnerRank:
 
     def train_step(self, b: Batch, n_real: int, version: int) -> dict:
         """The update (learner/update.py, read it top to bottom) with this rank as its `Engines`."""
-        return update.train_step(self.cfg.ppo, self.plan, self, b, n_real, version, self.seed)
+        return update.train_step(self.cfg.rl, self.plan, self, b, n_real, version, self.seed)
 
     # ---- update.Engines: DeepSpeed owns the optimizers -------------------------------------------
 

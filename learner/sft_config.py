@@ -56,11 +56,11 @@ class SFTConfig(Section):
     def learner_config(self):
         """The RL learner's section with these settings: SFT ranks use the learner's DeepSpeed config
         builder, so the two stages run the same ZeRO/precision/clipping setup."""
-        from learner.config import LearnerConfig, PPOConfig
+        from learner.config import LearnerConfig, RLConfig
 
         return LearnerConfig(num_ranks=self.num_ranks, cpus_per_rank=self.cpus_per_rank,
                              gpus_per_rank=self.gpus_per_rank, zero_stage=self.zero_stage, dtype=self.dtype,
                              lr=self.lr, init_timeout_s=self.init_timeout_s, step_timeout_s=self.step_timeout_s,
                              dist_timeout_s=self.dist_timeout_s,
-                             ppo=PPOConfig(algorithm="grpo", kl_coef=0.0, minibatch_size=self.batch_size,
+                             rl=RLConfig(algorithm="grpo", kl_coef=0.0, minibatch_size=self.batch_size,
                                            micro_batch_size=self.micro_batch_size, max_grad_norm=self.max_grad_norm))

@@ -11,7 +11,7 @@ clip_grad_norm_): an `Engines` object is all that differs between them.
 
 Loss scale (learner/algorithm.py): every normaliser is computed over the whole minibatch before
 it is cut into ranks and micro-batches, so the cut changes nothing but summation order. The cut is
-`ppo.micro_batch_size` rows, or with a token budget (`learner.max_tokens_per_micro_batch`) the
+`rl.micro_batch_size` rows, or with a token budget (`learner.max_tokens_per_micro_batch`) the
 length-sorted packing of learner/micro.py.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from contract.devices import DeviceProfile
 from learner import algorithm as alg
 from learner import micro
 from learner.batch import Batch
-from learner.config import PPOConfig
+from learner.config import RLConfig
 
 
 class Engines(Protocol):
@@ -59,7 +59,7 @@ class Engines(Protocol):
 
 
 @torch.no_grad()
-def targets(cfg: PPOConfig, plan: alg.Plan, eng: Engines, b: Batch, budget: int | None = None) -> alg.Targets:
+def targets(cfg: RLConfig, plan: alg.Plan, eng: Engines, b: Batch, budget: int | None = None) -> alg.Targets:
     """Old logprobs (unless the update's first forward gives them), reference logprobs and values
     on this process's row shard, gathered to the full batch, then the targets."""
     micro_rows, shard = cfg.micro_batch_size, len(b) // eng.world
@@ -80,7 +80,7 @@ def targets(cfg: PPOConfig, plan: alg.Plan, eng: Engines, b: Batch, budget: int 
     return alg.compute_targets(cfg, b, full["old"], full["ref"], full["val"], plan)
 
 
-def micro_step(cfg: PPOConfig, plan: alg.Plan, eng: Engines, mb: Batch, tg: alg.Targets, norm: float
+def micro_step(cfg: RLConfig, plan: alg.Plan, eng: Engines, mb: Batch, tg: alg.Targets, norm: float
                ) -> dict[str, torch.Tensor]:
     """Forward, losses and backward of one micro-batch (policy, then critic); per-sample metrics."""
     mb, tg = mb.to(eng.device), tg.to(eng.device)
@@ -94,7 +94,7 @@ def micro_step(cfg: PPOConfig, plan: alg.Plan, eng: Engines, mb: Batch, tg: alg.
     return {k: v.detach().cpu() for k, v in metrics.items()}
 
 
-def my_micro_batches(cfg: PPOConfig, eng: Engines, b: Batch, rows: torch.Tensor, budget: int | None) -> list:
+def my_micro_batches(cfg: RLConfig, eng: Engines, b: Batch, rows: torch.Tensor, budget: int | None) -> list:
     """This process's micro-batches of the minibatch `rows` (every process gets as many)."""
     if budget is not None:
         return micro.plan(b, rows, eng.rank, eng.world, budget)
@@ -102,7 +102,7 @@ def my_micro_batches(cfg: PPOConfig, eng: Engines, b: Batch, rows: torch.Tensor,
     return list(rows.split(cfg.micro_batch_size)[eng.rank * per_rank:(eng.rank + 1) * per_rank])
 
 
-def train_step(cfg: PPOConfig, plan: alg.Plan, eng: Engines, b: Batch, n_real: int, version: int, seed: int,
+def train_step(cfg: RLConfig, plan: alg.Plan, eng: Engines, b: Batch, n_real: int, version: int, seed: int,
                budget: int | None = None) -> dict[str, float]:
     """The whole update on `b` (every process holds all of it and works on its share). Minibatch
     order is seeded by (seed, version): the same on every process and on a resumed run. `budget`:

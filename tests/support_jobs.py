@@ -42,7 +42,7 @@ def write_job(tmp: Path, tiny_models, name: str, run_dir: Path, **sections) -> P
         "data": {"prompts": str(prompts), "prompts_per_step": PROMPTS_PER_STEP},
         "rollout": {"num_workers": 1, "sampling": {"n": N, "max_new_tokens": 8}},
         "reward": {"model_dir": str(tiny_models["reward"]), "http_port": free_port(), "max_retries": 1},
-        "learner": {"num_ranks": 2, "lr": 1e-3, "critic_lr": 1e-3, "ppo": {"minibatch_size": 8, "micro_batch_size": 4}},
+        "learner": {"num_ranks": 2, "lr": 1e-3, "critic_lr": 1e-3, "rl": {"minibatch_size": 8, "micro_batch_size": 4}},
         "loop": {"gold_function": "reward_service.functions:colour_fraction"},
         "ray": {"dashboard_port": free_port(), "namespace": name},
     }

@@ -36,7 +36,7 @@ def experience_table(n: int = 16, version: int = 0, seed: int = 0, group_size: i
 
 def learner_cfg(**kw) -> LearnerConfig:
     cfg = LearnerConfig(lr=1e-3, critic_lr=1e-3, **kw)
-    cfg.ppo.minibatch_size, cfg.ppo.micro_batch_size = 8, 8 // cfg.num_ranks // 2
+    cfg.rl.minibatch_size, cfg.rl.micro_batch_size = 8, 8 // cfg.num_ranks // 2
     return cfg
 
 

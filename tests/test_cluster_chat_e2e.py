@@ -70,7 +70,7 @@ def test_sft_then_ppo_on_a_chat_model_with_a_different_template_rm(tiny_chat_mod
            "rollout": {"num_workers": 1, "sampling": {"n": 2, "max_new_tokens": 12}},
            "reward": {"model_dir": str(tiny_chat_models["reward"]), "http_port": free_port(), "max_retries": 1},
            "learner": {"num_ranks": 1, "lr": 1e-4, "critic_lr": 1e-3,
-                       "ppo": {"algorithm": "ppo", "minibatch_size": 8, "micro_batch_size": 8}},
+                       "rl": {"algorithm": "ppo", "minibatch_size": 8, "micro_batch_size": 8}},
            "loop": {"steps": 2},
            "ray": {"namespace": "chat-e2e"}}
     (tmp_path / "job.yaml").write_text(json.dumps(job))

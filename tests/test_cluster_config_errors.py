@@ -31,11 +31,11 @@ def problems(overrides, base=BASE) -> list[str]:
 
 def test_yaml_and_dotted_overrides(tmp_path):
     p = write(tmp_path, "model: {policy: m}\ndata: {prompts: p.jsonl}\nreward: {model_dir: r}\nrollout: {num_workers: 2}\n")
-    cfg = load_config(p, ["rollout.num_workers=4", "learner.ppo.clip=0.1", "rollout.sampling.stop=[a, b]",
+    cfg = load_config(p, ["rollout.num_workers=4", "learner.rl.clip=0.1", "rollout.sampling.stop=[a, b]",
                           "loop.mode=async"])
     assert isinstance(cfg, JobConfig)
     assert cfg.rollout.num_workers == 4
-    assert cfg.learner.ppo.clip == 0.1
+    assert cfg.learner.rl.clip == 0.1
     assert cfg.rollout.sampling.stop == ["a", "b"]
     assert cfg.loop.mode == "async"
     assert cfg.learner.zero_stage == 0  # defaults survive
@@ -44,7 +44,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["rollout.num_workrs=2"], "rollout.num_workrs: unknown key (did you mean num_workers?)"),
     (["rollot.num_workers=2"], "rollot: unknown key (did you mean rollout?)"),
-    (["learner.ppo.clip=-1"], "learner.ppo.clip: input should be greater than 0 (got -1)"),
+    (["learner.rl.clip=-1"], "learner.rl.clip: input should be greater than 0 (got -1)"),
     (["rollout.num_workers=two"], "rollout.num_workers: input should be a valid integer"),
     (["loop.mode=sideways"], "loop.mode: input should be 'sync' or 'async'"),
     (["learner.zero_stage=4"], "learner.zero_stage: input should be less than or equal to 3"),
@@ -60,16 +60,16 @@ def test_errors_name_the_key(overrides, message):
 
 
 def test_every_mistake_is_listed_one_line_each():
-    lines = problems(["learner.ppo.clipp=0.1", "rollout.sampling.n=0", "loop.stesp=3"],
+    lines = problems(["learner.rl.clipp=0.1", "rollout.sampling.n=0", "loop.stesp=3"],
                      {"data": {"prompts": "p"}, "reward": {"model_dir": "r"}})
     assert lines == ["config: model: field required",
                      "config: rollout.sampling.n: input should be greater than or equal to 1 (got 0)",
-                     "config: learner.ppo.clipp: unknown key (did you mean clip?)",
+                     "config: learner.rl.clipp: unknown key (did you mean clip?)",
                      "config: loop.stesp: unknown key (did you mean steps?)"]
 
 
 def test_settings_that_contradict_each_other_are_all_listed():
-    lines = problems(["learner.ppo.algorithm=grpo", "reward.max_length=16", "rollout.sampling.max_new_tokens=16"])
+    lines = problems(["learner.rl.algorithm=grpo", "reward.max_length=16", "rollout.sampling.max_new_tokens=16"])
     assert lines == [
         "config: rollout.sampling.n: grpo compares the samples of a prompt with each other and needs n >= 2 (got 1); "
         "with 1 every advantage is 0",
@@ -179,8 +179,8 @@ def test_rlhf_config_section_and_train_rm():
     assert list(tree) == ["learner"]
     assert JobConfig.model_fields["learner"].default_factory().model_dump() | tree["learner"] == \
         JobConfig.model_fields["learner"].default_factory().model_dump()
-    assert yaml.safe_load(render(section="learner.ppo")) == {"learner": {"ppo": yaml.safe_load(
-        render(section="learner"))["learner"]["ppo"]}}
+    assert yaml.safe_load(render(section="learner.rl")) == {"learner": {"rl": yaml.safe_load(
+        render(section="learner"))["learner"]["rl"]}}
     assert yaml.safe_load(render(section="rollout.num_workers")) == {"rollout": {"num_workers": 1}}
     r = rlhf("config", "train-rm")
     need = {"base_model": "b", "data": "d", "output_dir": "o"}
@@ -214,18 +214,18 @@ def test_shipped_yamls_validate_once_their_blanks_are_filled(name):
     assert "rlhf " in path.read_text().split("\n\n")[0]  # the header says how to run it
     cfg = load_config(path, [f"{k}={FILL[k]}" for k in blanks], model=model)
     if name == "grpo_async":
-        assert (cfg.learner.ppo.algorithm, cfg.loop.mode, cfg.rollout.sampling.n) == ("grpo", "async", 8)
+        assert (cfg.learner.rl.algorithm, cfg.loop.mode, cfg.rollout.sampling.n) == ("grpo", "async", 8)
         assert cfg.reward.model_dir is None and cfg.learner.max_staleness == 1
     if name == "gpu_cluster":
         assert (cfg.device, cfg.learner.num_ranks, cfg.rollout.num_workers) == ("cuda", 8, 4)
 
 
 def test_cli_lists_every_mistake_without_traceback(tmp_path):
-    p = write(tmp_path, "data: {prompts: p}\nreward: {model_dir: r}\nlearner: {ppo: {clipp: 0.2}}\n")
+    p = write(tmp_path, "data: {prompts: p}\nreward: {model_dir: r}\nlearner: {rl: {clipp: 0.2}}\n")
     r = rlhf("train", str(p))
     assert r.returncode == 2
     assert r.stderr.splitlines() == [f"rlhf train: error: {p}: model: field required",
-                                     f"rlhf train: error: {p}: learner.ppo.clipp: unknown key (did you mean clip?)"]
+                                     f"rlhf train: error: {p}: learner.rl.clipp: unknown key (did you mean clip?)"]
 
 
 def test_every_subcommand_has_help():

@@ -172,7 +172,7 @@ def test_async_run_resumes_after_its_driver_is_killed(tmp_path, tiny_models):
     # Endless until killed; the resumed run is told where to end (a resume may change loop.steps).
     job = write_job(tmp_path, tiny_models, "e2e-async", run,
                     loop={"steps": 100000, "mode": "async", "max_staleness": 1, "checkpoint_every": every},
-                    learner={"ppo": {"algorithm": "grpo", "minibatch_size": 8, "micro_batch_size": 4}})
+                    learner={"rl": {"algorithm": "grpo", "minibatch_size": 8, "micro_batch_size": 4}})
     driver = subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", str(job)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=cli_env(), start_new_session=True)
     try:
@@ -199,7 +199,7 @@ def test_a_killed_learner_rank_stops_the_job_in_one_line_and_resume_continues(tm
     every, dashboard = 2, free_port()
     run = tmp_path / "run"
     job = write_job(tmp_path, tiny_models, "e2e-rankkill", run, loop={"steps": 100000, "checkpoint_every": every},
-                    learner={"ppo": {"algorithm": "grpo", "minibatch_size": 8, "micro_batch_size": 4}},
+                    learner={"rl": {"algorithm": "grpo", "minibatch_size": 8, "micro_batch_size": 4}},
                     ray={"dashboard_port": dashboard})
     out, err = tmp_path / "driver.out", tmp_path / "driver.err"
     with open(out, "w") as o, open(err, "w") as e:

@@ -73,7 +73,7 @@ def test_async_k2_dynamic_sampling_and_eval_on_the_real_stack(tiny_models, ray_l
         "reward": {"functions": [{"path": "support_rewards:flat_or_colour"}], "python_path": [str(HERE)],
                    "http_port": free_port(), "max_retries": 1},
         "learner": {"num_ranks": 1, "lr": 1e-3,
-                    "ppo": {"algorithm": "grpo", "kl_coef": 0.0, "minibatch_size": 8, "micro_batch_size": 8}},
+                    "rl": {"algorithm": "grpo", "kl_coef": 0.0, "minibatch_size": 8, "micro_batch_size": 8}},
         "loop": {"steps": steps, "mode": "async", "max_staleness": 2, "gold_function": "support_rewards:colour_only",
                  "dynamic_sampling": {"enabled": True, "max_draws": 3}},
         "eval": {"prompts": str(held_out), "every_steps": 2, "n": 1, "max_new_tokens": 4},

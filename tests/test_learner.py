@@ -9,7 +9,7 @@ import torch
 
 from contract.experience import ExperienceError
 from learner.batch import prepare
-from learner.config import PPOConfig
+from learner.config import RLConfig
 from learner.group import LearnerGroup
 from support_learner import CPU, experience_table, learner_cfg, make_group, params
 
@@ -54,7 +54,7 @@ def test_one_step_update_reuses_its_own_forward_as_the_old_policy(tiny_models):
 
     from learner import algorithm as alg
 
-    cfg = PPOConfig(algorithm="grpo", kl_coef=0.05, minibatch_size=16, micro_batch_size=16)
+    cfg = RLConfig(algorithm="grpo", kl_coef=0.05, minibatch_size=16, micro_batch_size=16)
     assert alg.old_is_first_forward(cfg, 16)
     assert not alg.old_is_first_forward(cfg, 32)  # two minibatches: the second needs the old policy
     assert not alg.old_is_first_forward(cfg.model_copy(update={"epochs": 2}), 16)
@@ -208,7 +208,7 @@ def test_ppo_improves_reward_on_a_toy_task(tiny_models, ray_local):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["policy"], dtype=torch.float32)
     cfg = learner_cfg(num_ranks=2, zero_stage=2)
-    cfg.lr, cfg.critic_lr, cfg.ppo.epochs, cfg.ppo.kl_coef = 1e-2, 1e-2, 2, 0.01
+    cfg.lr, cfg.critic_lr, cfg.rl.epochs, cfg.rl.kl_coef = 1e-2, 1e-2, 2, 0.01
     group = LearnerGroup(cfg, str(tiny_models["policy"]), CPU, namespace=f"learner-{uuid.uuid4().hex[:6]}")
     prompts = [[5 + i, 40 + 3 * i, 77 + i] for i in range(8)]
     rewards = []

@@ -9,7 +9,7 @@ import torch
 
 from learner import algorithm as alg
 from learner.batch import prepare
-from learner.config import PPOConfig, RolloutCorrectionConfig
+from learner.config import RLConfig, RolloutCorrectionConfig
 from support_learner import CPU, experience_table, learner_cfg
 
 
@@ -46,7 +46,7 @@ def test_auto_mode_is_tis_when_async_and_off_when_sync():
     assert (auto.effective_mode(True), auto.effective_mode(False)) == ("tis", "off")
     for mode in ("off", "tis", "mis"):
         assert {RolloutCorrectionConfig(mode=mode).effective_mode(a) for a in (True, False)} == {mode}
-    cfg = PPOConfig()
+    cfg = RLConfig()
     assert alg.make_plan(cfg, async_rollouts=True).correction == "tis"
     assert alg.make_plan(cfg).correction == "off"
     with pytest.raises(ValueError, match="mis_low"):
@@ -56,7 +56,7 @@ def test_auto_mode_is_tis_when_async_and_off_when_sync():
 def test_tis_weighs_each_token_by_its_truncated_ratio(policy):
     rhos = [[0.5, 3.0, 1.0], [2.5, 1.5]]
     b, lp = planted(policy, rhos)
-    cfg = PPOConfig(algorithm="grpo", kl_coef=0.0, rollout_correction={"mode": "tis", "cap": 2.0})
+    cfg = RLConfig(algorithm="grpo", kl_coef=0.0, rollout_correction={"mode": "tis", "cap": 2.0})
     for old in (lp, None):  # the old pass, or the one-step update's own forward
         loss, m = unit_advantage_loss(cfg, policy, b, old, alg.Plan(correction="tis"))
         per_sample = [-(0.5 + 2.0 + 1.0) / 3, -(2.0 + 1.5) / 2]  # min(rho, 2), token mean
@@ -74,7 +74,7 @@ def test_mis_masks_a_sample_out_of_the_loss_and_its_normaliser(policy):
     (1.2 * 0.9)^(1/2) is kept. The loss is sample 1's alone, divided by one sample, not two."""
     rhos = [[0.5, 3.0, 4.0], [1.2, 0.9]]
     b, lp = planted(policy, rhos)
-    cfg = PPOConfig(algorithm="grpo", kl_coef=0.0, rollout_correction={"mode": "mis", "mis_high": 1.8})
+    cfg = RLConfig(algorithm="grpo", kl_coef=0.0, rollout_correction={"mode": "mis", "mis_high": 1.8})
     plan = alg.Plan(correction="mis")
     assert not alg.old_is_first_forward(cfg, len(b), plan)  # the mask needs the old pass up front
     loss, m = unit_advantage_loss(cfg, policy, b, lp, plan)
@@ -93,7 +93,7 @@ def test_learner_group_reports_correction_metrics_reduced_over_ranks(tiny_models
     lp = alg.response_logprobs(policy, b)
     logprobs = [(lp[i, :int(b.mask[i].sum())] - (math.log(3.0) if i == 5 else 0.0)).tolist() for i in range(8)]
     cfg = learner_cfg(num_ranks=2, zero_stage=2)
-    cfg.ppo.algorithm, cfg.ppo.kl_coef = "grpo", 0.0
+    cfg.rl.algorithm, cfg.rl.kl_coef = "grpo", 0.0
     group = LearnerGroup(cfg, str(tiny_models["policy"]), CPU, namespace=f"learner-{uuid.uuid4().hex[:6]}",
                          async_rollouts=True)
     try:

@@ -8,7 +8,7 @@ import torch
 
 from learner import algorithm as alg
 from learner.batch import prepare
-from learner.config import PPOConfig
+from learner.config import RLConfig
 from support_learner import experience_table
 
 
@@ -51,7 +51,7 @@ def test_finish_reason_length_marks_a_sample_truncated():
 ])
 def test_loss_aggregation(policy, aggregation, want):
     """r = 1 everywhere, A = (1, -2): each token's surrogate is -A."""
-    cfg = PPOConfig(algorithm="grpo", kl_coef=0.0, loss_aggregation=aggregation, loss_norm_tokens=10)
+    cfg = RLConfig(algorithm="grpo", kl_coef=0.0, loss_aggregation=aggregation, loss_norm_tokens=10)
     assert loss_of(cfg, policy, batch(), [1.0, -2.0], plan=alg.make_plan(cfg)) == pytest.approx(want, abs=1e-6)
 
 
@@ -63,7 +63,7 @@ def test_loss_aggregation(policy, aggregation, want):
 def test_the_loss_scale_does_not_depend_on_the_micro_batch_cut(policy, knobs):
     """One minibatch of 6 rows (one truncated), as one micro-batch or as three of two: the same
     gradient, because every normaliser is the minibatch's (`loss_normaliser`)."""
-    cfg = PPOConfig(algorithm="grpo", kl_coef=0.0, **knobs)
+    cfg = RLConfig(algorithm="grpo", kl_coef=0.0, **knobs)
     plan = alg.make_plan(cfg)
     b = batch([3, 2, 5, 1, 4, 2], finish_reason=["stop", "length", "stop", "stop", "stop", "stop"],
               reward=[0.0, 1.0, 2.0, 0.5, 3.0, 1.0])
@@ -84,7 +84,7 @@ def test_the_loss_scale_does_not_depend_on_the_micro_batch_cut(policy, knobs):
 
 
 def test_overlong_mask_leaves_truncated_samples_out_of_the_loss_and_its_normaliser(policy):
-    cfg = PPOConfig(algorithm="grpo", kl_coef=0.0, overlong={"mode": "mask"})
+    cfg = RLConfig(algorithm="grpo", kl_coef=0.0, overlong={"mode": "mask"})
     b = batch(finish_reason=["length", "stop"])
     assert loss_of(cfg, policy, b, [1.0, -2.0]) == pytest.approx(2.0, abs=1e-6)  # sample 1 alone: -(-2)
 
@@ -92,7 +92,7 @@ def test_overlong_mask_leaves_truncated_samples_out_of_the_loss_and_its_normalis
 def test_overlong_penalty_is_added_to_the_reward_before_the_advantage():
     """L_max 4, L_cache 2: a 3-token response gets ((4 - 2) - 3) / 2 * penalty, a 2-token one 0;
     Dr. GRPO advantages (r - group mean) show the shaped rewards directly."""
-    cfg = PPOConfig(algorithm="grpo", grpo_std_normalize=False, overlong={"mode": "penalty", "buffer_tokens": 2,
+    cfg = RLConfig(algorithm="grpo", grpo_std_normalize=False, overlong={"mode": "penalty", "buffer_tokens": 2,
                                                                           "penalty": 0.5})
     plan = alg.make_plan(cfg, max_new_tokens=4)
     b = batch(reward=[1.0, 1.0])
@@ -105,7 +105,7 @@ def test_overlong_penalty_is_added_to_the_reward_before_the_advantage():
 def test_reinforce_pp_baseline_advantages():
     """Rewards (1, 3) of one prompt, one token each, no KL: centred (-1, 1), returns (-1, 1),
     whitened over the batch: mean 0, variance 1."""
-    cfg = PPOConfig(algorithm="reinforce_pp_baseline", kl_coef=0.0)
+    cfg = RLConfig(algorithm="reinforce_pp_baseline", kl_coef=0.0)
     adv = alg.compute_targets(cfg, batch([1, 1], reward=[1.0, 3.0]), None, None, None).advantages
     torch.testing.assert_close(adv[:, 0], torch.tensor([-1.0, 1.0]) / math.sqrt(1.0 + 1e-8), rtol=0, atol=1e-6)
     assert alg.kl_as_reward(cfg.model_copy(update={"kl_coef": 0.1}))  # a token-reward algorithm
@@ -126,24 +126,24 @@ R = [math.exp(0.3), math.exp(-0.1), math.exp(0.1)]
 ])
 def test_clip_range_and_ratio_level(policy, knobs, per_token):
     """One 3-token sample, A = 1, log r = (0.3, -0.1, 0.1): the loss is the token mean of the surrogate."""
-    cfg = PPOConfig(algorithm="grpo", kl_coef=0.0, **knobs)
+    cfg = RLConfig(algorithm="grpo", kl_coef=0.0, **knobs)
     got = loss_of(cfg, policy, batch([3]), [1.0], delta=[[0.3, -0.1, 0.1]])
     assert got == pytest.approx(sum(per_token) / 3, abs=1e-5)
 
 
 def test_plan_needs_what_the_job_must_pass():
     with pytest.raises(ValueError, match="loss_norm_tokens"):
-        alg.make_plan(PPOConfig(loss_aggregation="seq_sum_norm"))
-    assert alg.make_plan(PPOConfig(loss_aggregation="seq_sum_norm"), max_new_tokens=64).norm_tokens == 64
-    explicit = PPOConfig(loss_aggregation="seq_sum_norm", loss_norm_tokens=8)
+        alg.make_plan(RLConfig(loss_aggregation="seq_sum_norm"))
+    assert alg.make_plan(RLConfig(loss_aggregation="seq_sum_norm"), max_new_tokens=64).norm_tokens == 64
+    explicit = RLConfig(loss_aggregation="seq_sum_norm", loss_norm_tokens=8)
     assert alg.make_plan(explicit, max_new_tokens=64).norm_tokens == 8
     with pytest.raises(ValueError, match="overlong.mode"):
-        alg.make_plan(PPOConfig(overlong={"mode": "penalty"}))
-    assert alg.make_plan(PPOConfig(overlong={"mode": "penalty"}), max_new_tokens=100).overlong_buffer == 20
+        alg.make_plan(RLConfig(overlong={"mode": "penalty"}))
+    assert alg.make_plan(RLConfig(overlong={"mode": "penalty"}), max_new_tokens=100).overlong_buffer == 20
     with pytest.raises(ValueError, match="buffer_tokens"):
-        alg.make_plan(PPOConfig(overlong={"mode": "penalty", "buffer_tokens": 8}), max_new_tokens=8)
+        alg.make_plan(RLConfig(overlong={"mode": "penalty", "buffer_tokens": 8}), max_new_tokens=8)
     with pytest.raises(ValueError, match="dual_clip"):
-        PPOConfig(ratio_level="sequence", dual_clip=3.0)
+        RLConfig(ratio_level="sequence", dual_clip=3.0)
 
 
 def test_learner_group_takes_max_new_tokens_and_counts_truncated_samples(tiny_models, ray_local):
@@ -153,7 +153,7 @@ def test_learner_group_takes_max_new_tokens_and_counts_truncated_samples(tiny_mo
     from support_learner import CPU, learner_cfg
 
     cfg = learner_cfg(num_ranks=1, zero_stage=0)
-    cfg.ppo.algorithm, cfg.ppo.loss_aggregation, cfg.ppo.overlong.mode = "grpo", "seq_sum_norm", "penalty"
+    cfg.rl.algorithm, cfg.rl.loss_aggregation, cfg.rl.overlong.mode = "grpo", "seq_sum_norm", "penalty"
     with pytest.raises(ValueError, match="loss_norm_tokens"):  # before any actor starts
         LearnerGroup(cfg, str(tiny_models["policy"]), CPU)
     group = LearnerGroup(cfg, str(tiny_models["policy"]), CPU, namespace=f"learner-{uuid.uuid4().hex[:6]}",

@@ -16,9 +16,9 @@ def test_local_update_equals_a_one_rank_zero0_group(tiny_models, ray_local):
     passes all run), TIS on planted sampler logprobs, DAPO's Clip-Higher, token-mean loss and
     overlong masking. fp32: every parameter within 1e-6 (measured: identical up to reduction order)."""
     cfg = learner_cfg(num_ranks=1, zero_stage=0)
-    cfg.ppo.epochs, cfg.ppo.minibatch_size, cfg.ppo.micro_batch_size = 2, 8, 4
-    cfg.ppo.clip_high, cfg.ppo.loss_aggregation = 0.28, "token_mean"
-    cfg.ppo.overlong.mode, cfg.ppo.rollout_correction.mode = "mask", "tis"
+    cfg.rl.epochs, cfg.rl.minibatch_size, cfg.rl.micro_batch_size = 2, 8, 4
+    cfg.rl.clip_high, cfg.rl.loss_aggregation = 0.28, "token_mean"
+    cfg.rl.overlong.mode, cfg.rl.rollout_correction.mode = "mask", "tis"
     table = experience_table(n=14, finish_reason=["stop"] * 10 + ["length"] * 4)
     args = dict(sampling_temperature=0.9, max_new_tokens=8)
     local = LocalLearner(cfg, str(tiny_models["policy"]), **args)

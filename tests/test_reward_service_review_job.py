@@ -84,7 +84,7 @@ def job(tiny_models, tmp_path_factory):
             "rollout": {"num_workers": 1, "sampling": {"n": 2, "max_new_tokens": 8, "seed": 0}},
             "reward": {"model_dir": str(tiny_models["reward"]), "http_port": free_port(), "token_env": TOKEN_ENV,
                        "feedback": {"alpha": ALPHA}},
-            "learner": {"num_ranks": 1, "lr": 1e-7, "critic_lr": 1e-7, "ppo": {"minibatch_size": 4, "micro_batch_size": 4}},
+            "learner": {"num_ranks": 1, "lr": 1e-7, "critic_lr": 1e-7, "rl": {"minibatch_size": 4, "micro_batch_size": 4}},
             "loop": {"steps": 100000, "gold_function": "reward_service.functions:colour_fraction"},
             "eval": {"prompts": str(prompts), "every_steps": 3},
             "ray": {"dashboard_port": free_port(), "namespace": NAME}}

@@ -96,6 +96,6 @@ def build_demo(work: Path, max_new_tokens: int = 16, steps: int = 60) -> dict:
         "rollout": {"num_workers": 1, "sampling": {"n": 4, "max_new_tokens": max_new_tokens, "temperature": 1.0}},
         "reward": {"model_dir": str(rm_dir), "max_batch_size": 64},
         "learner": {"num_ranks": 1, "lr": 3e-3, "critic_lr": 3e-3,
-                    "ppo": {"algorithm": "ppo", "minibatch_size": 64, "micro_batch_size": 64, "kl_coef": 0.01}},
+                    "rl": {"algorithm": "ppo", "minibatch_size": 64, "micro_batch_size": 64, "kl_coef": 0.01}},
         "loop": {"steps": steps, "gold_function": GOLD, "checkpoint_every": 10},
     }

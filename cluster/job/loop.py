@@ -6,7 +6,7 @@ async: the rollouts of the next `loop.max_staleness` steps are generated (and sc
        hidden behind its own step. With max_staleness = 1 this is one-step-off; with k, up to k
        batches are in flight and a sample may be k versions behind when it is trained on. Every
        sample keeps the version that produced it; the learner corrects for the lag with the
-       engine's own logprobs (learner.ppo.rollout_correction), and a sample more than
+       engine's own logprobs (learner.rl.rollout_correction), and a sample more than
        `loop.max_staleness` versions behind is not trained on and is counted.
 
 Held-out evaluation (`eval`, cluster/job/evaluation.py) runs on the policy the workers hold at the

@@ -38,7 +38,7 @@ PANELS = [
     ("Importance-sampling weights", "short", [("rlhf_is_weight_mean", "mean"), ("rlhf_is_weight_max", "max"),
                                               ("rlhf_is_truncated_fraction", "truncated"),
                                               ("rlhf_is_masked_fraction", "masked")],
-     "Rollout correction of off-policy samples (learner.ppo.rollout_correction)."),
+     "Rollout correction of off-policy samples (learner.rl.rollout_correction)."),
     ("Step time", "s", [("rlhf_step_seconds", "step"), ("rlhf_learner_step_seconds", "learner")],
      "Wall-clock seconds per step and of the learner's update."),
     ("Learner idle", "percentunit", [("rlhf_learner_idle_fraction", "idle")],
