@@ -1,5 +1,5 @@
-"""Learner benchmarks: (1) one PPO step of the DeepSpeed LearnerGroup vs a plain single-process torch
-implementation of the same step (same functions from learner/algorithm.py, same batch); (2) weight
+"""Learner benchmarks: (1) one PPO step of the DeepSpeed LearnerGroup vs the same update in one
+process with plain torch (learner/local.py's LocalLearner: learner/update.py with torch AdamW), same batch; (2) weight
 publish by each transport vs a raw torch.distributed broadcast of the same bytes.
 
     python -m benchmarks.learner [--sizes tiny,m100] [--publish m100,m500] [--reps 3]
@@ -28,10 +28,9 @@ from contract.devices import DeviceProfile  # noqa: E402
 from contract.experience import EXPERIENCE_SCHEMA  # noqa: E402
 from contract.weights import GroupAddress  # noqa: E402
 from contract.net import free_port  # noqa: E402
-from learner import algorithm as alg  # noqa: E402
-from learner.batch import prepare  # noqa: E402
 from learner.config import LearnerConfig  # noqa: E402
 from learner.group import LearnerGroup  # noqa: E402
+from learner.local import LocalLearner  # noqa: E402
 
 CPU = DeviceProfile("cpu")
 WORK = Path(os.environ.get("BENCH_DIR", "/tmp/bench-learner"))
@@ -67,48 +66,17 @@ def median_time(fn, reps: int) -> float:
 # ---- (1) PPO step ---------------------------------------------------------------------------
 
 
-def plain_ppo_step(cfg: LearnerConfig, models: dict, opts: dict, b) -> None:
-    """The same update as learner/rank.py without DeepSpeed: one process, torch AdamW, clipping."""
-    p = cfg.rl
-    micro = [b.rows(slice(s, s + p.micro_batch_size)) for s in range(0, len(b), p.micro_batch_size)]
-    old = None if alg.old_is_first_forward(p, len(b)) else torch.cat(
-        [alg.response_logprobs(models["policy"], mb) for mb in micro])
-    ref = torch.cat([alg.response_logprobs(models["ref"], mb) for mb in micro])
-    with torch.no_grad():
-        values = torch.cat([alg.critic_values(models["critic"], mb) for mb in micro])
-    tg = alg.compute_targets(p, b, old, ref, values)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(p.epochs):
-        for rows in alg.minibatches(int(b.real.sum()), len(b), p.minibatch_size, gen):
-            mb_real = float(b.real[rows].sum())
-            for idx in rows.split(p.micro_batch_size):
-                mb, mtg = b.rows(idx), tg.rows(idx)
-                w = alg.sample_weights(mb, mb_real)
-                alg.actor_loss(p, models["policy"], mb, mtg, w)[0].backward()
-                alg.critic_loss(p, alg.critic_values(models["critic"], mb), mb, mtg, w)[0].backward()
-            for name in ("policy", "critic"):
-                torch.nn.utils.clip_grad_norm_(models[name].parameters(), p.max_grad_norm)
-                opts[name].step()
-                opts[name].zero_grad()
-
-
 def bench_step(size: str, reps: int) -> list[str]:
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+    from transformers import AutoConfig
 
     from cluster.demo.tiny_models import make_tiny_models
 
     policy_dir = make_tiny_models(WORK / size, size=size)["policy"]
-    vocab = AutoModelForCausalLM.from_pretrained(policy_dir).config.vocab_size
-    cfg = step_config(1, 0)
+    vocab = AutoConfig.from_pretrained(policy_dir).vocab_size
     torch.set_num_threads(2)
-    models = {"policy": AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32),
-              "ref": AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval(),
-              "critic": AutoModelForTokenClassification.from_pretrained(policy_dir, num_labels=1)}
-    opts = {n: torch.optim.AdamW(models[n].parameters(), lr=1e-5, weight_decay=0.0) for n in ("policy", "critic")}
-    batch = prepare(experience(0, vocab), 0, 0, BATCH).batch
-    plain = median_time(lambda: plain_ppo_step(cfg, models, opts, batch), reps)
-    del models, opts
-    rows = [f"| {size} | plain torch, 1 process, 2 threads | {plain:.3f} s | 1.00x |"]
+    local = LocalLearner(step_config(1, 0), str(policy_dir))  # the update in this process (learner/local.py)
+    plain = median_time(lambda: local.train_step(experience(local.version, vocab)), reps)
+    rows = [f"| {size} | LocalLearner (plain torch), 1 process, 2 threads | {plain:.3f} s | 1.00x |"]
     for ranks, stage in [(1, 0), (2, 2)]:
         group = LearnerGroup(step_config(ranks, stage), str(policy_dir), CPU, namespace=f"bench-{uuid.uuid4().hex[:6]}")
         try:

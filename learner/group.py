@@ -110,8 +110,9 @@ class LearnerGroup:
             for r in range(cfg.num_ranks)]
         try:
             host, port = wait_all([self._ranks[0].endpoint.remote(cfg.num_ranks == 1)], cfg.init_timeout_s, "start")[0]
-            self._all("setup", host, port, timeout_s=cfg.init_timeout_s, what="DeepSpeed init")
-            self._manifest: WeightManifest = self._one("manifest", timeout_s=cfg.init_timeout_s)
+            self._all(lambda r: r.setup.remote(host, port), cfg.init_timeout_s, "DeepSpeed init")
+            self._manifest: WeightManifest = wait_all([self._ranks[0].manifest.remote()], cfg.init_timeout_s,
+                                                      "manifest")[0]
         except Exception:
             self.shutdown()
             raise
@@ -123,11 +124,9 @@ class LearnerGroup:
         on = placement_group_table(self._pg)["bundles_to_node_id"]
         return [on[r] for r in range(self.cfg.num_ranks)]
 
-    def _all(self, method: str, *args, timeout_s: float, what: str) -> list:
-        return wait_all([getattr(a, method).remote(*args) for a in self._ranks], timeout_s, what)
-
-    def _one(self, method: str, *args, timeout_s: float):
-        return wait_all([getattr(self._ranks[0], method).remote(*args)], timeout_s, method)[0]
+    def _all(self, call, timeout_s: float, what: str) -> list:
+        """`call(rank_handle)` -> ObjectRef on every rank at once (collective), awaited with `wait_all`."""
+        return wait_all([call(a) for a in self._ranks], timeout_s, what)
 
     # ---- training -------------------------------------------------------------------------------
 
@@ -136,8 +135,8 @@ class LearnerGroup:
         p = self.cfg.rl
         prep = prepare(experience, self.version, self.cfg.max_staleness, multiple_of=p.minibatch_size)
         batch_ref = ray.put(prep.batch)
-        metrics = self._all("train_step", batch_ref, prep.num_samples, self.version,
-                            timeout_s=self.cfg.step_timeout_s, what="train_step")[0]
+        metrics = self._all(lambda r: r.train_step.remote(batch_ref, prep.num_samples, self.version),
+                            self.cfg.step_timeout_s, "train_step")[0]
         self.version += 1
         return {**metrics, "policy_version": self.version, "num_samples": prep.num_samples,
                 "num_truncated": int(prep.batch.truncated.sum()),
@@ -151,7 +150,7 @@ class LearnerGroup:
     def weight_group_endpoint(self) -> tuple[str, int]:
         """Where the weight-sync group meets: rank 0 hosts its store, so rank 0's node address and a
         port free there (the controller's node would be wrong on a multi-node cluster)."""
-        return self._one("endpoint", False, timeout_s=self.cfg.init_timeout_s)
+        return wait_all([self._ranks[0].endpoint.remote(False)], self.cfg.init_timeout_s, "endpoint")[0]
 
     def join_weight_group(self, addr: GroupAddress) -> ray.ObjectRef:
         """Rank 0 joins as group rank 0; the caller awaits this together with the workers' joins."""
@@ -170,7 +169,7 @@ class LearnerGroup:
 
     def publish_object_store(self) -> tuple[int, ray.ObjectRef]:
         """(version, ref to the full HF-named state dict as a `PackedStateDict`), one ray.put on rank 0."""
-        wrapped = self._all("put_state_dict", timeout_s=self.cfg.sync_timeout_s, what="publish_object_store")[0]
+        wrapped = self._all(lambda r: r.put_state_dict.remote(), self.cfg.sync_timeout_s, "publish_object_store")[0]
         return self.version, wrapped[0]
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -179,14 +178,14 @@ class LearnerGroup:
         """All engines' DeepSpeed state plus HF exports, written to a temp dir renamed into place
         (the path must be on storage every rank can reach)."""
         with staged_dir(path) as tmp:
-            self._all("save_checkpoint", str(tmp), self.version, timeout_s=self.cfg.sync_timeout_s,
-                      what="save_checkpoint")
+            self._all(lambda r: r.save_checkpoint.remote(str(tmp), self.version), self.cfg.sync_timeout_s,
+                      "save_checkpoint")
 
     def load_checkpoint(self, path: str) -> None:
         state = Path(path) / "learner_state.json"
         if not state.is_file():
             raise FileNotFoundError(f"learner checkpoint {path}: missing learner_state.json")
-        versions = self._all("load_checkpoint", str(path), timeout_s=self.cfg.sync_timeout_s, what="load_checkpoint")
+        versions = self._all(lambda r: r.load_checkpoint.remote(str(path)), self.cfg.sync_timeout_s, "load_checkpoint")
         self.version = versions[0]
 
     def shutdown(self) -> None:

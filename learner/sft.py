@@ -273,25 +273,26 @@ class SFTGroup:
         try:
             host, port = self._wait([self._ranks[0].endpoint.remote(cfg.num_ranks == 1)], cfg.init_timeout_s,
                                     "start")[0]
-            self._all("setup", host, port, timeout_s=cfg.init_timeout_s, what="DeepSpeed init")
+            self._all(lambda r: r.setup.remote(host, port), cfg.init_timeout_s, "DeepSpeed init")
         except BaseException:
             self.shutdown()
             raise
 
-    def _all(self, method: str, *args, timeout_s: float, what: str) -> list:
-        return self._wait([getattr(a, method).remote(*args) for a in self._ranks], timeout_s, what)
+    def _all(self, call, timeout_s: float, what: str) -> list:
+        """`call(rank_handle)` -> ObjectRef on every rank at once (collective), awaited with `wait_all`."""
+        return self._wait([call(a) for a in self._ranks], timeout_s, what)
 
     def train_step(self, batch_ref, step_targets: int) -> float:
         """Mean token loss of the step (all ranks)."""
-        sums = self._all("train_step", batch_ref, step_targets, timeout_s=self.cfg.step_timeout_s, what="sft step")
+        sums = self._all(lambda r: r.train_step.remote(batch_ref, step_targets), self.cfg.step_timeout_s, "sft step")
         return sum(sums) / max(step_targets, 1)
 
     def eval_loss(self, batch_ref) -> float:
-        parts = self._all("eval_sums", batch_ref, timeout_s=self.cfg.step_timeout_s, what="sft eval")
+        parts = self._all(lambda r: r.eval_sums.remote(batch_ref), self.cfg.step_timeout_s, "sft eval")
         return sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))
 
     def save(self, path: str) -> None:
-        self._all("save", path, timeout_s=self.cfg.step_timeout_s, what="save")
+        self._all(lambda r: r.save.remote(path), self.cfg.step_timeout_s, "save")
 
     def shutdown(self) -> None:
         import ray
