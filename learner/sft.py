@@ -5,9 +5,9 @@ with the model's own chat template and only the assistant turns' tokens are targ
 end-of-turn token included, so the model learns to stop); a plain prompt/response pair is
 `prompt + response + EOS` with the response and EOS as targets. Every other label is -100.
 
-`SFTGroup` starts `num_ranks` `SFTRank` Ray actors in a placement group and initialises DeepSpeed
-on them with the RL learner's own config builder (`learner.rank.deepspeed_config`); every wait
-goes through the learner's `wait_all`, so a dead rank is a one-line error, never a hang. One
+`SFTGroup` starts `num_ranks` `SFTRank` Ray actors as the RL learner's do (`learner.ranks`: one
+placement group, every wait with a timeout, a dead rank a one-line error, never a hang) and
+initialises DeepSpeed with the RL learner's config builder (`learner.rank.deepspeed_config`). One
 optimizer step takes `batch_size` examples; each rank runs its micro-batches. The step's loss is
 the mean over all its target tokens (each micro-batch contributes sum(token NLL) / targets in the
 step), so the result does not depend on how the step is cut into ranks and micro-batches.
@@ -243,67 +243,32 @@ class SFTRank:
 # ---- the group (driver side) --------------------------------------------------------------------
 
 class SFTGroup:
-    """`num_ranks` SFTRank actors in one placement group, DeepSpeed initialised on all of them."""
+    """`num_ranks` SFTRank actors started as a `learner.ranks.Ranks` (one placement group, DeepSpeed
+    initialised on all of them); every call awaited with a timeout, a dead rank a one-line error."""
 
     def __init__(self, cfg: SFTConfig, device, namespace: str | None = None):
-        import ray
-        from ray.exceptions import GetTimeoutError
-        from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        from learner.ranks import start_ranks
 
-        from learner.group import wait_all
-
-        self.cfg, self._wait = cfg, wait_all
-        res = device.ray_resources(cfg.cpus_per_rank, cfg.gpus_per_rank)
-        bundle = {"CPU": res["num_cpus"], **({"GPU": res["num_gpus"]} if "num_gpus" in res else {})}
-        self._pg = placement_group([bundle] * cfg.num_ranks, strategy="PACK")
-        try:
-            ray.get(self._pg.ready(), timeout=cfg.init_timeout_s)
-        except GetTimeoutError as e:
-            remove_placement_group(self._pg)
-            self._pg = None
-            raise RuntimeError(f"sft: {cfg.num_ranks} x {bundle} could not be reserved within "
-                               f"{cfg.init_timeout_s:.0f}s") from e
-        env = device.actor_env(max(1, int(cfg.cpus_per_rank)))
-        cls = ray.remote(SFTRank)
-        self._ranks = [cls.options(name=f"sft-rank-{r}", namespace=namespace, max_restarts=0, **res,
-                                   scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, r),
-                                   runtime_env={"env_vars": env}).remote(r, cfg.model_dump_json(), device.kind)
-                       for r in range(cfg.num_ranks)]
-        try:
-            host, port = self._wait([self._ranks[0].endpoint.remote(cfg.num_ranks == 1)], cfg.init_timeout_s,
-                                    "start")[0]
-            self._all(lambda r: r.setup.remote(host, port), cfg.init_timeout_s, "DeepSpeed init")
-        except BaseException:
-            self.shutdown()
-            raise
-
-    def _all(self, call, timeout_s: float, what: str) -> list:
-        """`call(rank_handle)` -> ObjectRef on every rank at once (collective), awaited with `wait_all`."""
-        return self._wait([call(a) for a in self._ranks], timeout_s, what)
+        self.cfg = cfg
+        self._ranks = start_ranks(SFTRank, lambda r: (r, cfg.model_dump_json(), device.kind), cfg.num_ranks, device,
+                                  cfg.cpus_per_rank, cfg.gpus_per_rank, {}, cfg.init_timeout_s, namespace, "sft-rank")
 
     def train_step(self, batch_ref, step_targets: int) -> float:
         """Mean token loss of the step (all ranks)."""
-        sums = self._all(lambda r: r.train_step.remote(batch_ref, step_targets), self.cfg.step_timeout_s, "sft step")
+        sums = self._ranks.all(lambda r: r.train_step.remote(batch_ref, step_targets), self.cfg.step_timeout_s,
+                               "sft step")
         return sum(sums) / max(step_targets, 1)
 
     def eval_loss(self, batch_ref) -> float:
-        parts = self._all(lambda r: r.eval_sums.remote(batch_ref), self.cfg.step_timeout_s, "sft eval")
+        parts = self._ranks.all(lambda r: r.eval_sums.remote(batch_ref), self.cfg.step_timeout_s, "sft eval")
         return sum(p[0] for p in parts) / max(1, sum(p[1] for p in parts))
 
     def save(self, path: str) -> None:
-        self._all(lambda r: r.save.remote(path), self.cfg.step_timeout_s, "save")
+        self._ranks.all(lambda r: r.save.remote(path), self.cfg.step_timeout_s, "save")
 
     def shutdown(self) -> None:
-        import ray
-        from ray.util.placement_group import remove_placement_group
-
-        for a in getattr(self, "_ranks", []):
-            ray.kill(a, no_restart=True)
-        self._ranks = []
-        if getattr(self, "_pg", None) is not None:
-            remove_placement_group(self._pg)
-            self._pg = None
+        if getattr(self, "_ranks", None) is not None:
+            self._ranks.kill()
 
 
 def _split(n: int, cfg: SFTConfig) -> tuple[np.ndarray, np.ndarray]:
