@@ -52,34 +52,37 @@ def _controller(address: str | None, name: str | None):
         raise UsageError(str(e)) from None
 
 
-def scale_command(workers: int, address: str | None = None, name: str | None = None) -> int:
+def _ask(ref, timeout_s: float = 60.0):
+    """The controller's answer to one call; a refusal it raised (bad request) is a UsageError line,
+    a controller that does not answer in `timeout_s` one too."""
     import ray
 
-    if workers < 1:
-        raise UsageError(f"--workers: expected an integer >= 1 (got {workers})")
-    ctl = _controller(address, name)
     try:
-        r = ray.get(ctl.scale.remote(workers), timeout=60)
+        return ray.get(ref, timeout=timeout_s)
     except ray.exceptions.RayTaskError as e:
         raise UsageError(one_line(e.cause)) from None
+    except ray.exceptions.GetTimeoutError:
+        raise UsageError(f"the job's controller did not answer within {timeout_s:.0f}s") from None
+
+
+def scale_command(workers: int, address: str | None = None, name: str | None = None) -> int:
+    if workers < 1:
+        raise UsageError(f"--workers: expected an integer >= 1 (got {workers})")
+    r = _ask(_controller(address, name).scale.remote(workers))
     print(f"rlhf scale: requested {r['requested']} rollout worker(s) (now {r['num_workers']}); "
           f"applied before the next step")
     return 0
 
 
 def stop_command(address: str | None = None, name: str | None = None) -> int:
-    import ray
-
-    r = ray.get(_controller(address, name).stop.remote(), timeout=60)
+    r = _ask(_controller(address, name).stop.remote())
     print(f"rlhf stop: job {r['name']} stops after step {r['step']} with a checkpoint "
           f"(continue later with: rlhf train --resume {r['run_dir']})")
     return 0
 
 
 def status_command(address: str | None = None, name: str | None = None) -> int:
-    import ray
-
-    st = ray.get(_controller(address, name).status.remote(), timeout=60)
+    st = _ask(_controller(address, name).status.remote())
     last = st["last"] or {}
     print(f"job {st['name']} ({st['mode']}): {st['phase']}, step {st['step']}/{st['steps']}, "
           f"policy version {st['policy_version']}")
@@ -98,8 +101,6 @@ def status_command(address: str | None = None, name: str | None = None) -> int:
 def reward_model_update_command(target: list[str], address: str | None = None, name: str | None = None) -> int:
     """`rlhf reward-model update RUN_DIR NEW_DIR` (the cluster from RUN_DIR/cluster.json) or
     `rlhf reward-model update --address HOST:PORT NEW_DIR`."""
-    import ray
-
     if len(target) not in (1, 2):
         raise UsageError("expected RUN_DIR NEW_DIR, or NEW_DIR with --address HOST:PORT")
     model_dir = str(Path(target[-1]).expanduser().resolve())
@@ -110,11 +111,7 @@ def reward_model_update_command(target: list[str], address: str | None = None, n
                              f"reward service); pass --address HOST:PORT instead")
         where = json.loads(info.read_text())
         address, name = address or where["address"], name or where["namespace"]
-    ctl = _controller(address, name)
-    try:
-        entry = ray.get(ctl.update_reward_model.remote(model_dir), timeout=900)
-    except ray.exceptions.RayTaskError as e:
-        raise UsageError(one_line(e.cause)) from None
+    entry = _ask(_controller(address, name).update_reward_model.remote(model_dir), timeout_s=900)
     print(f"rlhf reward-model: the job scores with reward model v{entry['version']} ({entry['model_dir']}) on "
           f"{len(entry['replicas'])} replica(s) from now on; no request was dropped or scored twice")
     return 0
