@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from contract.config_base import Section
 from contract.placement import CustomResources
+from learner.lora_config import LoraConfig
 
 
 class RolloutCorrectionConfig(Section):
@@ -191,6 +192,19 @@ class LearnerConfig(Section):
         "seconds; limit of one train_step on every rank"))
     dist_timeout_s: float = Field(300.0, gt=0, description=(
         "seconds; torch.distributed collective timeout inside the group"))
+    gradient_checkpointing: bool = Field(False, description=(
+        "activation checkpointing of the policy and critic decoder layers (HF gradient_checkpointing_enable, "
+        "use_cache off): each layer's activations are recomputed in the backward instead of kept, about a third "
+        "more compute for far less activation memory. false: small models on CPU have the memory"))
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1, description=(
+        "token budget of one micro-batch per rank (tokens, counted as rows x padded length): samples sorted by "
+        "length and packed greedily under it (learner/micro.py) instead of rl.micro_batch_size samples padded "
+        "to the longest. Same gradient (the loss weighs samples, not micro-batches). null: the fixed count, "
+        "unchanged behaviour; a ragged batch wants roughly rl.micro_batch_size x its mean length"))
+    lora: LoraConfig | None = Field(None, description=(
+        "train low-rank adapters (PEFT LoRA) instead of every weight; the frozen base (adapters off) is the KL "
+        "reference and the engines get merged weights under the base names (learner/lora.py). null: full "
+        "fine-tuning"))
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "LearnerConfig":

@@ -14,29 +14,29 @@ import pyarrow as pa
 import torch
 
 from learner import algorithm as alg
-from learner import update
+from learner import lora, models, update
 from learner.batch import Batch, prepare
 from learner.config import LearnerConfig
 
 
 def load_models(cfg: LearnerConfig, policy_dir: str, critic_dir: str | None, seed: int, device: str = "cpu"):
     """(policy in fp32, frozen reference in cfg.dtype or None, critic or None), as LearnerRank.setup
-    builds them: the reference only when kl_coef > 0, the critic (a one-output token-classification
-    head on critic_dir, default the policy) only for ppo, the RNG re-seeded right before it so its
-    new head starts as on a rank."""
-    from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+    builds them (learner/models.py: checkpointing, LoRA): the reference only when kl_coef > 0 (with
+    LoRA the policy itself with its adapters off, no second model), the critic (a one-output
+    token-classification head on critic_dir, default the policy) only for ppo, the RNG re-seeded
+    right before each model so adapters and the new head start as on a rank."""
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
-    ref = None
-    if cfg.rl.kl_coef > 0:
+    policy = models.load_policy(cfg, policy_dir).to(device)
+    ref = lora.reference(policy, policy) if cfg.rl.kl_coef > 0 else None
+    if cfg.rl.kl_coef > 0 and ref is None:
         ref = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=getattr(torch, cfg.dtype)).to(device).eval()
         ref.requires_grad_(False)
     critic = None
     if cfg.rl.algorithm == "ppo":
         torch.manual_seed(seed)
-        critic = AutoModelForTokenClassification.from_pretrained(critic_dir or policy_dir, num_labels=1,
-                                                                 dtype=torch.float32)
+        critic = models.load_critic(cfg, critic_dir or policy_dir)
     return policy, ref, critic
 
 
@@ -57,9 +57,10 @@ class LocalLearner:
         policy, self.ref, critic = load_models(cfg, policy_dir, critic_dir or cfg.critic_model, seed, device)
         self.actor = policy.to(device)
         self.critic = None if critic is None else critic.to(device)
-        self.optimizers = {"actor": torch.optim.AdamW(self.actor.parameters(), lr=cfg.lr, weight_decay=0.0)}
+        self.optimizers = {"actor": torch.optim.AdamW(models.trainable(self.actor), lr=cfg.lr, weight_decay=0.0)}
         if self.critic is not None:
-            self.optimizers["critic"] = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic_lr, weight_decay=0.0)
+            self.optimizers["critic"] = torch.optim.AdamW(models.trainable(self.critic), lr=cfg.critic_lr,
+                                                          weight_decay=0.0)
 
     def train_step(self, experience: pa.Table) -> dict:
         """Validate, then one update; the metrics of `LearnerGroup.train_step`."""
@@ -72,12 +73,14 @@ class LocalLearner:
 
     def train_batch(self, b: Batch, n_real: int) -> dict:
         """One update on a prepared batch (padded to a multiple of rl.minibatch_size)."""
-        metrics = update.train_step(self.cfg.rl, self.plan, self, b, n_real, self.version, self.seed)
+        metrics = update.train_step(self.cfg.rl, self.plan, self, b, n_real, self.version, self.seed,
+                                    self.cfg.max_tokens_per_micro_batch)
         self.version += 1
         return metrics
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().clone() for n, p in self.actor.named_parameters()}
+        """The HF-named weights a group publishes (with LoRA: merged, under the base names)."""
+        return models.hf_state_dict(self.actor, {n: p.detach().clone() for n, p in self.actor.named_parameters()})
 
     # ---- update.Engines: torch owns the optimizers ----------------------------------------------
 
@@ -92,7 +95,7 @@ class LocalLearner:
         norms = {}
         for which, opt in self.optimizers.items():
             model = self.actor if which == "actor" else self.critic
-            norms[which] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.rl.max_grad_norm))
+            norms[which] = float(torch.nn.utils.clip_grad_norm_(models.trainable(model), self.cfg.rl.max_grad_norm))
             opt.step()
             opt.zero_grad(set_to_none=True)
         return norms["actor"]

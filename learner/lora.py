@@ -8,7 +8,7 @@
   (`merged_state_dict`: W + (alpha / r) B A per adapted layer), computed from the gathered
   parameters on rank 0, so they travel over the existing transports (contract/weights.py)
   unchanged; the bytes per sync are the full model's (vLLM's runtime LoRA would move only the
-  adapters: see benchmarks/RESULTS_learner.md for both figures).
+  adapters: see benchmarks/RESULTS_memory.md for both figures).
 """
 from __future__ import annotations
 
@@ -29,7 +29,10 @@ def wrap(model: torch.nn.Module, cfg: LoraConfig, task: str = "CAUSAL_LM") -> to
     head = ["score", "classifier"] if task == "TOKEN_CLS" else None  # trained whole (modules_to_save), no adapter
     lora = peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type=task,
                            target_modules=cfg.target_modules, exclude_modules=head, bias="none")
-    adapted = peft.get_peft_model(model, lora)
+    try:
+        adapted = peft.get_peft_model(model, lora)
+    except ValueError as e:  # e.g. a target module name the architecture does not have
+        raise ValueError(f"learner.lora.target_modules {cfg.target_modules!r}: {str(e).splitlines()[0]}") from None
     adapted.eval()
     if cfg.dropout > 0:  # the learner runs in eval mode: only the adapters' dropout is switched on
         for name, m in adapted.named_modules():

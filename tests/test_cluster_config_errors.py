@@ -169,6 +169,7 @@ def test_rlhf_config_is_the_whole_default_config_and_loads_back(tmp_path):
     assert cfg == load_config(None, [], base=BASE)
     off = tuple(k + "." for k, f in fields(JobConfig) if section_type(f.annotation) and f.default is None)
     every = {k for k, _ in fields(JobConfig) if "[]" not in k and not k.startswith(off)} - set(DERIVED)
+    assert "  lora: null" in text and "  #     r: 16" in text  # an optional section: null, its keys commented
     assert keys(yaml.safe_load(text)) == every
 
 
