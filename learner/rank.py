@@ -16,9 +16,8 @@ from pathlib import Path
 import torch
 
 from learner import algorithm as alg
+from learner import lora, models, ops, update
 from learner import micro as micro_batches
-from learner import ops
-from learner import update
 from learner.batch import Batch
 from learner.config import LearnerConfig
 
@@ -62,7 +61,7 @@ class LearnerRank:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world), LOCAL_RANK="0")
         import deepspeed
-        from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+        from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         ops.refuse_stale_lock()  # a killed compile's lock would hold init_distributed forever
@@ -70,26 +69,28 @@ class LearnerRank:
         deepspeed.init_distributed(dist_backend=backend, timeout=dt.timedelta(seconds=self.cfg.dist_timeout_s))
         torch.manual_seed(self.seed)
         dtype = getattr(torch, self.cfg.dtype)
-        policy = AutoModelForCausalLM.from_pretrained(self.policy_dir, dtype=torch.float32)
-        self.actor, *_ = deepspeed.initialize(model=policy, model_parameters=policy.parameters(),
+        policy = models.load_policy(self.cfg, self.policy_dir)  # + activation checkpointing, LoRA
+        self.actor, *_ = deepspeed.initialize(model=policy, model_parameters=models.trainable(policy),
                                               config=deepspeed_config(self.cfg, self.cfg.lr))
         self.ref = None
-        if self.cfg.rl.kl_coef > 0:
+        if self.cfg.rl.kl_coef > 0:  # LoRA: the policy with its adapters off, no second model
+            self.ref = lora.reference(self.actor, policy)
+        if self.cfg.rl.kl_coef > 0 and self.ref is None:
             self.ref = AutoModelForCausalLM.from_pretrained(self.policy_dir, dtype=dtype).to(self.device).eval()
             self.ref.requires_grad_(False)
         self.critic = None
         if self.cfg.rl.algorithm == "ppo":
             torch.manual_seed(self.seed)  # the critic's new value head starts the same wherever it is built
-            critic = AutoModelForTokenClassification.from_pretrained(
-                self.critic_dir or self.policy_dir, num_labels=1, dtype=torch.float32)
-            self.critic, *_ = deepspeed.initialize(model=critic, model_parameters=critic.parameters(),
+            critic = models.load_critic(self.cfg, self.critic_dir or self.policy_dir)
+            self.critic, *_ = deepspeed.initialize(model=critic, model_parameters=models.trainable(critic),
                                                    config=deepspeed_config(self.cfg, self.cfg.critic_lr))
 
     # ---- training -----------------------------------------------------------------------------
 
     def train_step(self, b: Batch, n_real: int, version: int) -> dict:
         """The update (learner/update.py, read it top to bottom) with this rank as its `Engines`."""
-        return update.train_step(self.cfg.rl, self.plan, self, b, n_real, version, self.seed)
+        return update.train_step(self.cfg.rl, self.plan, self, b, n_real, version, self.seed,
+                                 self.cfg.max_tokens_per_micro_batch)
 
     # ---- update.Engines: DeepSpeed owns the optimizers -------------------------------------------
 
@@ -146,12 +147,13 @@ class LearnerRank:
             yield {n: p.detach() for n, p in named} if self.rank == 0 else None
 
     def manifest(self):
-        from contract.weights import make_manifest, specs_of, tied_aliases
+        """What the engines receive: the HF-named weights (with LoRA: merged, under the base names)."""
+        from contract.weights import make_manifest, specs_of
 
         named = [(n, p.new_empty(tuple(getattr(p, "ds_shape", p.shape)), device="meta"))
-                 for n, p in self.actor.module.named_parameters()]
+                 for n, p in models.hf_named_params(self.actor.module)]
         return make_manifest(specs_of(named), bucket_bytes=self.cfg.bucket_mb << 20,
-                             aliases=tied_aliases(self.actor.module))
+                             aliases=models.hf_aliases(self.actor.module))
 
     def join_weight_group(self, addr) -> None:
         from contract.weights import join_group
@@ -172,7 +174,7 @@ class LearnerRank:
         manifest = self.manifest()
         with self._gathered(self.actor) as sd:
             if sd is not None:
-                send_weights(self.weight_group, manifest, sd)
+                send_weights(self.weight_group, manifest, models.hf_state_dict(self.actor.module, sd))
         return version
 
     def put_state_dict(self) -> list | None:
@@ -180,10 +182,12 @@ class LearnerRank:
         copy), returned wrapped in a list so the caller gets the ref itself, not its value."""
         import ray
 
-        from contract.weights import PackedStateDict, tied_aliases
+        from contract.weights import PackedStateDict
 
+        module = self.actor.module
         with self._gathered(self.actor) as sd:
-            return None if sd is None else [ray.put(PackedStateDict.pack(sd, tied_aliases(self.actor.module)))]
+            return None if sd is None else [ray.put(PackedStateDict.pack(models.hf_state_dict(module, sd),
+                                                                         models.hf_aliases(module)))]
 
     # ---- checkpoints (collective; `path` is a fresh temp dir the controller renames) ------------
 
@@ -193,10 +197,12 @@ class LearnerRank:
         for name, engine in engines.items():
             if engine is None:
                 continue
-            engine.save_checkpoint(str(root / "deepspeed" / name), tag=f"v{version}")
+            # LoRA: the frozen base stays out of the DeepSpeed state (it is the model directory)
+            engine.save_checkpoint(str(root / "deepspeed" / name), tag=f"v{version}",
+                                   exclude_frozen_parameters=models.is_adapted(engine.module))
             with self._gathered(engine) as sd:
-                if sd is not None:
-                    engine.module.save_pretrained(root / name, state_dict=sd, safe_serialization=True)
+                if sd is not None:  # HF safetensors (LoRA: merged, plus the adapter in <name>/adapter)
+                    models.export_pretrained(engine.module, root / name, sd)
                     for f in TOKENIZER_FILES:
                         if (Path(self.policy_dir) / f).is_file():
                             shutil.copy(Path(self.policy_dir) / f, root / name / f)
@@ -208,7 +214,8 @@ class LearnerRank:
         version = json.loads((root / "learner_state.json").read_text())["version"]
         for name, engine in {"policy": self.actor, "critic": self.critic}.items():
             if engine is not None:
-                load_path, _ = engine.load_checkpoint(str(root / "deepspeed" / name), tag=f"v{version}")
+                load_path, _ = engine.load_checkpoint(str(root / "deepspeed" / name), tag=f"v{version}",
+                                                      load_module_strict=not models.is_adapted(engine.module))
                 if load_path is None:
                     raise RuntimeError(f"learner checkpoint {path}: no DeepSpeed {name} state for version {version}")
         return version
