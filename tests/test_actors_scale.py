@@ -86,6 +86,29 @@ def test_scaling_past_capacity_asks_the_autoscaler_once_for_the_whole_fleet(monk
     assert asked[-1] == []
 
 
+def test_the_run_dir_check_probes_the_nodes_a_learner_rank_may_use_and_never_its_own(monkeypatch, tmp_path):
+    """cluster/job/storage_check.py: which nodes are probed before anything starts (a single-node job
+    sends no probe at all); the probe itself runs on a simulated cluster in test_cluster_multinode."""
+    from cluster.job import storage_check
+
+    nodes = [{"NodeID": "head", "Alive": True, "Resources": {"CPU": 0.0}},
+             {"NodeID": "roll", "Alive": True, "Resources": {"CPU": 8.0, "rollout": 4.0}},
+             {"NodeID": "lrn", "Alive": True, "Resources": {"CPU": 8.0, "learner": 8.0}},
+             {"NodeID": "gone", "Alive": False, "Resources": {"CPU": 8.0, "learner": 8.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert storage_check.learner_node_candidates({"CPU": 1.0, "learner": 1.0}) == ["lrn"]
+    assert storage_check.learner_node_candidates({"CPU": 1.0}) == ["roll", "lrn"]
+
+    class Here:
+        @staticmethod
+        def get_node_id():
+            return "lrn"
+
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: Here)
+    assert storage_check.check_shared_run_dir(tmp_path, ["lrn", "lrn"]) == ["lrn"]  # its own node: nothing sent
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_worker_with_no_room_does_not_block_and_joins_when_room_appears(ray_local, tiny_models):
     """The session cluster has 8 CPUs: a blocker holds some, so the pool's second worker has no room.
     scale_to returns at once, generate runs on the first worker, the waiting worker is named after

@@ -72,6 +72,7 @@ class Controller:
             self.loop.request_workers(workers)
         else:
             self._pending_workers = workers
+        self._ask_autoscaler(workers)
         return {"requested": workers, "num_workers": self.services.pool.num_workers if self.services and self.services.pool
                 else 0}
 
@@ -96,11 +97,14 @@ class Controller:
 
     # -- the loop thread -------------------------------------------------------------------------------
     def _main(self) -> None:
+        from cluster.job.autoscale import release_rollout_capacity
         from cluster.job.reward_refresh import review_paths, reward_started
         from cluster.job.services import start_services, stop_services
+        from cluster.job.storage_check import check_shared_run_dir, learner_node_candidates
         from cluster.outputs.report import write_report
         from contract.datasets import PromptIterator, load_prompts
         from contract.devices import resolve_device
+        from contract.placement import bundle
 
         try:
             self.phase = "starting"
@@ -110,9 +114,15 @@ class Controller:
             prompts = PromptIterator(load_prompts(self.cfg.data.prompts, self.cfg.data.columns, policy_tok),
                                      seed=self.cfg.seed)
             device = resolve_device(self.cfg.device)
+            # Learner ranks write checkpoints on their node: a run_dir it does not share is refused now,
+            # on every node a rank may use, and below on the nodes the ranks got (job/storage_check.py).
+            lc = self.cfg.learner
+            shared = check_shared_run_dir(self.run.root, learner_node_candidates(
+                bundle(device, lc.cpus_per_rank, lc.gpus_per_rank, lc.resources)), strict=False)
             self.services = start_services(self.cfg, device, str(self.run.root / "reward_store"), log=self._log,
                                            review=review_paths(self.run.root))
             self.refresh = reward_started(self.cfg, self.run.root, self.services.reward, self._log)
+            check_shared_run_dir(self.run.root, [n for n in self.services.learner.node_ids() if n not in shared])
             state = self._restore(prompts) if self.resume else LoopState()
             self.loop = TrainingLoop(self.cfg, self.run, self.services, prompts, state, on_step=self._on_step,
                                    log=self._log)
@@ -132,7 +142,20 @@ class Controller:
         finally:
             if self.services is not None:
                 stop_services(self.services)
+            release_rollout_capacity()
             self.run.close()
+
+    def _ask_autoscaler(self, workers: int) -> None:
+        """`rlhf scale` past what the cluster holds: a standing autoscaler request (job/autoscale.py)."""
+        from cluster.job.autoscale import request_rollout_capacity
+        from contract.devices import resolve_device
+
+        try:
+            msg = request_rollout_capacity(self.cfg.rollout, resolve_device(self.cfg.device), workers)
+        except Exception as e:  # noqa: BLE001 - the loop still grows the pool; the user learns why no node comes
+            msg = f"rollout workers: could not ask the autoscaler for {workers} ({one_line(e)})"
+        if msg:
+            self._log(msg)
 
     def _restore(self, prompts) -> LoopState:
         ckpt = self.run.latest_checkpoint()

@@ -75,7 +75,8 @@ class TrainingLoop:
             before = pool.num_workers
             t0 = time.perf_counter()
             pool.scale_to(target)
-            self.log(f"rollout workers {before} -> {pool.num_workers} ({time.perf_counter() - t0:.1f}s)")
+            self.log(f"rollout workers {before} -> {target} asked ({pool.num_workers} serving, {pool.num_starting} "
+                     f"starting; {time.perf_counter() - t0:.1f}s)")  # growth never waits: actors/pool.py scale_to
 
     # -- one step ------------------------------------------------------------------------------------
     def _train(self, p: ScoredRollouts, wall_start: float, sync_s: float) -> dict:
