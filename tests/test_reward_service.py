@@ -166,12 +166,20 @@ def test_killed_replica_mid_burst_every_row_once(app, ray_local):
     expected = RewardModel(app["model_dir"]).score(prompts, responses)
     victim = client.replica_stats()[0]["actor_name"]
     retries_before = client.retries
-    result = {}
+    result, sending = {}, threading.Event()
+    send_all = client._call_all  # the kill must land once chunks are in flight, however slow the box
+
+    def call_all(send, items):
+        return send_all(lambda x: (sending.set(), send(x))[1], items)
+
+    client._call_all = call_all
     burst = threading.Thread(target=lambda: result.update(table=client.score(prompts, responses)))
     burst.start()
-    threading.Event().wait(0.2)
+    assert sending.wait(60)
+    threading.Event().wait(0.3)
     ray_local.kill(ray_local.get_actor(victim, namespace="serve"), no_restart=True)
     burst.join(timeout=120)
+    del client._call_all
     table = result["table"]
     assert table.num_rows == 2000 and all(table.column("reward_valid").to_pylist())
     np.testing.assert_allclose(parts_of(table, "model"), expected, atol=1e-5)  # each row once, in order

@@ -85,7 +85,7 @@ def test_train_rm_bce_on_labels(trained, tiny_models, tmp_path):
     from reward_service.train_rm import train_reward_model
 
     rows = [{"prompt": r["prompt"], "response": r[k], "label": int(k == "chosen")}
-            for r in preference_pairs(trained["tok"], 240, seed=5) for k in ("chosen", "rejected")]
+            for r in preference_pairs(trained["tok"], 480, seed=5) for k in ("chosen", "rejected")]
     write_jsonl(tmp_path / "labels.jsonl", rows)
     result = train_reward_model(RewardModelTrainConfig(
         base_model=str(tiny_models["reward"]), data=str(tmp_path / "labels.jsonl"), output_dir=str(tmp_path / "rm"),
