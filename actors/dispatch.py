@@ -28,6 +28,9 @@ class Chunk:
 
 class ChunkRun:
     def __init__(self, pool, table: pa.Table, chunks: list[list[int]], sampling: SamplingConfig):
+        # A chunk ships its own slice of the table. (Putting the table in the object store once per call
+        # and sending row numbers cut this process's dispatch time but tripled each chunk's round trip,
+        # a fetch per worker: the pool's overhead grew; benchmarks/RESULTS_scale.md.)
         self.pool, self.cfg, self.table, self.sampling = pool, pool.cfg, table, sampling
         self.queue: deque[Chunk] = deque(Chunk(c) for c in chunks)
         self.inflight: dict[Any, tuple[str, Chunk, float]] = {}
@@ -50,7 +53,9 @@ class ChunkRun:
                                                f"{sum(len(c.rows) for c in self.queue)} prompt(s)")
                     time.sleep(POLL_S)
                     continue
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
+                ready, rest = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)
+                if ready and rest:  # everything else already done, in one pass rather than one wait each
+                    ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
                 for ref in ready:
                     wid, chunk, sent = inflight.pop(ref)
                     try:
