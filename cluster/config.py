@@ -25,9 +25,6 @@ from reward_service.config import RewardConfig
 
 CONFIGS_DIR = Path(__file__).parent / "configs"  # the shipped job YAMLs
 PLACEHOLDER = re.compile(r"^<[^<>]+>$")  # `<required>` and the like: a value the user must fill in
-# Keys the job sets itself, never written in a YAML: the learner accepts exactly the lag the loop
-# lets through. (Goes once the learner takes max_staleness as an explicit argument.)
-DERIVED = {"learner.max_staleness": "loop.max_staleness (async) or 0 (sync)"}
 
 
 class ModelConfig(Section):
@@ -102,12 +99,8 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobConfig":
-        """Settings that contradict each other, all listed; then the keys the loop sets for the learner."""
+        """Settings that contradict each other, all listed."""
         problems = []
-        lag = self.loop.max_staleness if self.loop.mode == "async" else 0
-        if "max_staleness" in self.learner.model_fields_set and getattr(self.learner, "max_staleness") != lag:
-            problems.append(f"learner.max_staleness: set by the loop ({DERIVED['learner.max_staleness']}, here "
-                            f"{lag}); remove the key and set loop.max_staleness")
         algorithm = getattr(getattr(self.learner, "rl", None), "algorithm", None)
         if algorithm in ("grpo", "rloo") and self.rollout.sampling.n < 2:
             problems.append(f"rollout.sampling.n: {algorithm} compares the samples of a prompt with each other and "
@@ -118,8 +111,6 @@ class JobConfig(Section):
                             f"reward model scores responses cut short")
         if problems:
             raise ValueError("\n".join(problems))
-        if hasattr(self.learner, "max_staleness") and self.learner.max_staleness != lag:
-            self.learner.max_staleness = lag
         return self
 
 
@@ -192,14 +183,6 @@ def load_config(path: str | Path | None, overrides: list[str] = (), base: dict |
 
 
 def dump_config(cfg: Section) -> str:
-    """The resolved config as YAML (what a run directory keeps); derived keys left out."""
-    tree = cfg.model_dump(mode="json")
-    for key in DERIVED:
-        *parents, leaf = key.split(".")
-        node = tree
-        for p in parents:
-            node = node.get(p, {}) if isinstance(node, dict) else {}
-        if isinstance(node, dict):
-            node.pop(leaf, None)
-    return yaml.safe_dump(tree, sort_keys=False)
+    """The resolved config as YAML (what a run directory keeps)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 

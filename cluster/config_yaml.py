@@ -12,7 +12,7 @@ import typing
 
 import yaml
 
-from cluster.config import DERIVED, JobConfig
+from cluster.config import JobConfig
 from contract.config_base import ConfigError, Section, did_you_mean, section_type
 from cluster.launch.sft import SFTJobConfig
 from reward_service.config import RewardModelTrainConfig
@@ -59,7 +59,7 @@ def render_fields(model: type[Section], values: Section | None = None, indent: i
     pad = " " * indent
     for name, field in model.model_fields.items():
         key = f"{path}{name}"
-        if key in DERIVED or (only is not None and name != only):
+        if only is not None and name != only:
             continue
         desc = field.description or ""
         sub = section_type(field.annotation)

@@ -183,9 +183,6 @@ class LearnerConfig(Section):
         "small enough to stay in memory twice"))
     sync_timeout_s: float = Field(300.0, gt=0, description=(
         "seconds; limit of a weight publish, checkpoint save or load"))
-    max_staleness: int = Field(0, ge=0, description=(
-        "oldest policy lag (versions) accepted in a train step; set by the job from loop.max_staleness "
-        "(async) or 0 (sync), never by hand"))
     init_timeout_s: float = Field(600.0, gt=0, description=(
         "seconds; limit of the ranks' start and DeepSpeed init (a box's first run JIT-compiles ops)"))
     step_timeout_s: float = Field(1800.0, gt=0, description=(

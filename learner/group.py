@@ -30,16 +30,17 @@ def _first_of(*results):
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, policy_dir: str, device: DeviceProfile, critic_dir: str | None = None,
                  seed: int = 0, namespace: str | None = None, sampling_temperature: float = 1.0,
-                 async_rollouts: bool = False, max_new_tokens: int | None = None):
+                 async_rollouts: bool = False, max_new_tokens: int | None = None, max_staleness: int = 0):
         """What the job knows about its rollouts and the learner config does not own:
         `sampling_temperature`: rollout.sampling.temperature; the learner scores
         log_softmax(logits / T) in every pass (T = 0, greedy, is scored at T = 1).
         `async_rollouts`: loop.mode == "async"; learner.rl.rollout_correction.mode null means tis
         then, off otherwise. `max_new_tokens`: rollout.sampling.max_new_tokens (the constant C of
         loss_aggregation seq_sum_norm unless loss_norm_tokens is set; L_max of overlong.mode penalty).
-        See `learner.algorithm.make_plan`."""
+        See `learner.algorithm.make_plan`. `max_staleness`: the oldest policy lag (versions) a train step
+        accepts: the loop's loop.max_staleness when async, 0 when sync."""
         make_plan(cfg.rl, sampling_temperature, async_rollouts, max_new_tokens)  # fails here, before any actor
-        self.cfg, self.version = cfg, 0
+        self.cfg, self.version, self.max_staleness = cfg, 0, max_staleness
         self._namespace = namespace
         self._joined = False
         self._ranks = start_ranks(  # learner.resources: only nodes of the learner role (contract.placement)
@@ -63,7 +64,7 @@ class LearnerGroup:
     def train_step(self, experience: pa.Table) -> dict:
         """Validate, then one PPO-family update on every rank. Raises ExperienceError on a bad table."""
         p = self.cfg.rl
-        prep = prepare(experience, self.version, self.cfg.max_staleness, multiple_of=p.minibatch_size)
+        prep = prepare(experience, self.version, self.max_staleness, multiple_of=p.minibatch_size)
         batch_ref = ray.put(prep.batch)
         metrics = self._ranks.all(lambda r: r.train_step.remote(batch_ref, prep.num_samples, self.version),
                                   self.cfg.step_timeout_s, "train_step")[0]

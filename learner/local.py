@@ -48,11 +48,11 @@ class LocalLearner:
 
     def __init__(self, cfg: LearnerConfig, policy_dir: str, critic_dir: str | None = None, seed: int = 0,
                  device: str = "cpu", sampling_temperature: float = 1.0, async_rollouts: bool = False,
-                 max_new_tokens: int | None = None):
+                 max_new_tokens: int | None = None, max_staleness: int = 0):
         if cfg.dtype != "float32":
             raise ValueError(f"LocalLearner trains in float32 (learner.dtype {cfg.dtype!r} is DeepSpeed's mixed "
                              f"precision)")
-        self.cfg, self.seed, self.device, self.version = cfg, seed, device, 0
+        self.cfg, self.seed, self.device, self.version, self.max_staleness = cfg, seed, device, 0, max_staleness
         self.plan = alg.make_plan(cfg.rl, sampling_temperature, async_rollouts, max_new_tokens)
         policy, self.ref, critic = load_models(cfg, policy_dir, critic_dir or cfg.critic_model, seed, device)
         self.actor = policy.to(device)
@@ -65,7 +65,7 @@ class LocalLearner:
     def train_step(self, experience: pa.Table) -> dict:
         """Validate, then one update; the metrics of `LearnerGroup.train_step`."""
         p = self.cfg.rl
-        prep = prepare(experience, self.version, self.cfg.max_staleness, multiple_of=p.minibatch_size)
+        prep = prepare(experience, self.version, self.max_staleness, multiple_of=p.minibatch_size)
         metrics = self.train_batch(prep.batch, prep.num_samples)
         return {**metrics, "policy_version": self.version, "num_samples": prep.num_samples,
                 "num_truncated": int(prep.batch.truncated.sum()), "num_dropped": prep.num_dropped,

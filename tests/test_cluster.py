@@ -81,9 +81,11 @@ def test_reward_row_count_mismatch_is_an_error():
 
 
 def test_async_config_lets_the_learner_accept_the_loops_staleness():
+    from cluster.job.services import learner_max_staleness
+
     base = {"model": {"policy": "m"}, "data": {"prompts": "p"}, "reward": {"model_dir": "r"}}
-    assert load_config(None, ["loop.mode=async", "loop.max_staleness=2"], base=base).learner.max_staleness == 2
-    assert load_config(None, ["loop.max_staleness=2"], base=base).learner.max_staleness == 0
+    assert learner_max_staleness(load_config(None, ["loop.mode=async", "loop.max_staleness=2"], base=base)) == 2
+    assert learner_max_staleness(load_config(None, ["loop.max_staleness=2"], base=base)) == 0
 
 
 def test_demo_preferences_are_ranked_by_the_gold_score(tiny_models):

@@ -16,6 +16,12 @@ from cluster.job.weight_sync import WeightSync
 from contract.devices import DeviceProfile
 
 
+def learner_max_staleness(cfg: JobConfig) -> int:
+    """The oldest policy lag (versions) the learner accepts: exactly what the loop lets through
+    (loop.max_staleness when async; 0 when sync, where every batch is the current policy's)."""
+    return cfg.loop.max_staleness if cfg.loop.mode == "async" else 0
+
+
 def start_reward(cfg: JobConfig, store_dir: str, device: DeviceProfile, review: dict | None = None):
     from reward_service import app
     from reward_service.client import reward_errors
@@ -69,7 +75,8 @@ def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=pr
         services.learner = LearnerGroup(cfg.learner, cfg.model.policy, device, critic_dir=cfg.learner.critic_model,
                                         seed=cfg.seed, namespace=ns,
                                         sampling_temperature=cfg.rollout.sampling.temperature,
-                                        async_rollouts=cfg.loop.mode == "async")
+                                        async_rollouts=cfg.loop.mode == "async",
+                                        max_staleness=learner_max_staleness(cfg))
         log(f"learner group up: {cfg.learner.num_ranks} rank(s), ZeRO-{cfg.learner.zero_stage} "
             f"({time.perf_counter() - t0:.1f}s)")
 
