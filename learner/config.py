@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from contract.config_base import Section
 from contract.placement import CustomResources
@@ -24,6 +24,13 @@ class RolloutCorrectionConfig(Section):
         "2025's truncated importance sampling, AReaL's decoupled PPO); mis: samples whose geometric-mean "
         "pi_old / pi_sampler is outside [mis_low, mis_high] masked out of the loss. null (default): auto, tis "
         "when the loop is async (stale samples are off-policy by a whole update), off when sync"))
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        """YAML 1.1 reads an unquoted `off` (in a file or a `key=off` override) as false: it means "off"."""
+        return "off" if v is False else v
+
     cap: float = Field(2.0, gt=0, description=(
         "tis: the truncation C of the per-token weight (a ratio, unitless). 2.0: the TIS blog's and verl's "
         "rollout_is_threshold default"))

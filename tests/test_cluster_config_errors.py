@@ -113,6 +113,15 @@ def test_override_creates_nested_sections_and_leaves_the_base_alone():
     assert base["model"] == {"policy": "m"}
 
 
+def test_an_unquoted_off_is_the_mode_off_not_false(tmp_path):
+    """YAML 1.1 reads `off` as false; `learner.rl.rollout_correction.mode=off` (its documented value) must work."""
+    base = {"model": {"policy": "m"}, "data": {"prompts": "p"}, "reward": {"model_dir": "r"}}
+    assert load_config(None, ["learner.rl.rollout_correction.mode=off"], base=base).learner.rl.rollout_correction.mode \
+        == "off"
+    p = write(tmp_path, yaml.safe_dump(base) + "learner:\n  rl:\n    rollout_correction: {mode: off}\n")
+    assert load_config(p).learner.rl.rollout_correction.mode == "off"
+
+
 def fields(model, prefix=""):
     """(dotted key, field) of every key under `model`, list entries as `key[]`."""
     for name, f in model.model_fields.items():
