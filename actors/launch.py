@@ -62,7 +62,8 @@ def wait_placed(started: list[tuple[str, Any]], cfg: RolloutConfig, device: Devi
             warned = True
             warn(f"rollout worker(s) {', '.join(sorted(pending.values()))}: not running after "
                  f"{cfg.placement_timeout_s:.0f}s (rollout.placement_timeout_s): no node with free "
-                 f"{worker_bundle(cfg, device)} has taken it yet; still waiting, the job goes on without it")
+                 f"{worker_bundle(cfg, device)} has taken it yet (or its process is still starting); still waiting, "
+                 f"the job goes on without it")
         if pending and deadline is not None and now > deadline:
             raise TimeoutError(f"rollout pool: worker start took longer than rollout.start_timeout_s="
                                f"{cfg.start_timeout_s} (no node for {', '.join(sorted(pending.values()))})")
