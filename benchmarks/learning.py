@@ -66,20 +66,23 @@ def run_row(name: str, overrides: list[str], base: dict, steps: int, work: Path)
             "curve": gold, "wall_s": time.perf_counter() - t0}
 
 
-def write(results: list[dict], out: Path, steps: int, command: str) -> None:
+def write(results: list[dict], out: Path, steps: int) -> None:
     sync_grpo = next((r for r in results if r["name"] == "sync GRPO"), None)
     lines = [f"# Learning on the demo task ({steps} steps, 16 prompts x 4 samples per step, tiny models)", "",
-             f"Command: `{command}` (one process, rows one after another, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})."
-             f" Target: gold >= {GOLD_TARGET} within the budget; async with correction <= 1.2x the steps of sync GRPO.",
-             "", "| row | gold step 0 | gold end | best | steps to gold 0.8 | final KL | wall | met? |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Each row ran in one process, rows one after another, with the command and at the time in its last "
+             "columns (`python -m benchmarks.learning` runs them all; `--rows` reruns some and keeps the others, "
+             "from RESULTS_learning.json). Wall times depend on what else the box ran.",
+             f"Target: gold >= {GOLD_TARGET} within the budget; async with correction <= 1.2x the steps of sync GRPO.",
+             "", "| row | gold step 0 | gold end | best | steps to gold 0.8 | final KL | wall | met? | command | when |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         met = r["steps_to_target"] is not None
         if "correction" in r["name"] and "TIS" in r["name"] and sync_grpo and sync_grpo["steps_to_target"]:
             met = met and r["steps_to_target"] <= 1.2 * sync_grpo["steps_to_target"]
         lines.append(f"| {r['name']} | {r['gold_0']:.3f} | {r['gold_end']:.3f} | {r['gold_best']:.3f} | "
                      f"{r['steps_to_target'] if r['steps_to_target'] is not None else 'not reached'} | "
-                     f"{r['kl_end']:.4f} | {r['wall_s']:.0f} s | {'yes' if met else 'no'} |")
+                     f"{r['kl_end']:.4f} | {r['wall_s']:.0f} s | {'yes' if met else 'no'} | `{r.get('command', '')}` | "
+                     f"{r.get('date', '')} |")
     lines += ["", "Overrides per row (on top of the demo config, `rlhf config` shows every key):", ""]
     lines += [f"- {r['name']}: `{' '.join(r['overrides']) or '(none)'}`" for r in results]
     lines += ["", f"Curves: `{out.with_suffix('.png').name}`."]
@@ -116,14 +119,20 @@ def main() -> None:
     chosen = {k: v for k, v in ROWS.items() if a.rows == "all" or any(s in k for s in a.rows.split(","))}
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              runtime_env={"env_vars": resolve_device("cpu").actor_env(1)})
-    results = []
+    # Every finished row is kept in the JSON beside --out (curves included); a run of some --rows
+    # replaces those and keeps the others, so the table always lists every row measured at this --steps.
+    store = Path(a.out).with_suffix(".json")
+    kept = json.loads(store.read_text()) if store.is_file() else {}
+    kept = {k: v for k, v in kept.items() if v.get("steps") == a.steps and k in ROWS}
     try:
         for name, overrides in chosen.items():
             r = run_row(name, overrides, base, a.steps, work)
             print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
-            results.append(r)
-            write(results, Path(a.out), a.steps, "python -m benchmarks.learning " + " ".join(
-                f"--{k} {v}" for k, v in (("rows", a.rows), ("steps", a.steps)) if v != p.get_default(k)))
+            kept[name] = {**r, "steps": a.steps, "command": "python -m benchmarks.learning " + " ".join(
+                f"--{k} '{v}'" for k, v in (("rows", a.rows), ("steps", a.steps)) if v != p.get_default(k)),
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            store.write_text(json.dumps(kept, indent=1) + "\n")
+            write([kept[k] for k in ROWS if k in kept], Path(a.out), a.steps)
     finally:
         ray.shutdown()
 
