@@ -1,0 +1,186 @@
+"""Issue 15's learner knobs, each against the default update in the same run, on a ragged batch:
+token-budget vs fixed-count micro-batches (step time), activation checkpointing vs none (peak
+memory), LoRA vs full fine-tuning (bytes per weight sync, step time, peak memory).
+
+    python -m benchmarks.learner_memory [--reps 3] [--out benchmarks/RESULTS_memory.md]
+
+The update is learner/update.py run by learner/local.py's LocalLearner in this process (torch
+AdamW): the same function, modules (learner/models.py) and micro-batch plans (learner/micro.py) a
+DeepSpeed rank runs (tests/test_learner_local.py and test_learner_memory_group.py check that ranks
+and LocalLearner end a step with the same weights), without Ray or rank start-up, so the whole run
+takes a few minutes on 2 cores. Model: a random Llama (hidden 128, 6 layers, vocab 4096, tied
+embeddings) built here; batch: 16 samples x (16 prompt + U[4, 112] response) tokens, GRPO with a
+KL reference, one minibatch of 16, micro-batch 4 or a budget of 4 x 128 tokens (the padded
+micro-batch's own size: the same memory bound). Each knob's learner and a default one
+are alive together and step alternately (median of --reps after a warm-up each), so load from
+other processes hits both alike. Writes --out (replacing it) with the command that produced it.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+
+from contract.devices import DeviceProfile  # noqa: E402
+from contract.experience import EXPERIENCE_SCHEMA  # noqa: E402
+from contract.weights import PackedStateDict  # noqa: E402
+from learner import lora, models  # noqa: E402
+from learner.config import LearnerConfig  # noqa: E402
+from learner.local import LocalLearner  # noqa: E402
+
+ARCH = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
+            vocab_size=4096, max_position_embeddings=512, tie_word_embeddings=True)
+BATCH, PROMPT_LEN, MIN_NEW, MAX_NEW, MICRO = 16, 16, 4, 112, 4
+BUDGET = MICRO * (PROMPT_LEN + MAX_NEW)
+LORA = {"r": 16, "alpha": 32.0}
+CPU = DeviceProfile("cpu")
+
+
+def build_model(out: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**ARCH)).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def ragged_experience(version: int, seed: int) -> pa.Table:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(BATCH):
+        n = int(torch.randint(MIN_NEW, MAX_NEW + 1, (1,), generator=g))
+        rows.append(dict(prompt_id=f"p{i // 4}", sample_idx=i % 4, prompt="", response="", finish_reason="length",
+                         prompt_ids=torch.randint(4, ARCH["vocab_size"], (PROMPT_LEN,), generator=g).tolist(),
+                         response_ids=torch.randint(4, ARCH["vocab_size"], (n,), generator=g).tolist(),
+                         logprobs=[-9.0] * n, policy_version=version, worker_id="w", gen_s=0.0,
+                         reward=float(i % 3), reward_valid=True, reward_parts={}))
+    return pa.Table.from_pylist(rows, schema=EXPERIENCE_SCHEMA)
+
+
+def config(**kw) -> LearnerConfig:
+    cfg = LearnerConfig(lr=1e-5, **kw)
+    cfg.rl.algorithm, cfg.rl.kl_coef, cfg.rl.minibatch_size, cfg.rl.micro_batch_size = "grpo", 0.05, BATCH, MICRO
+    return cfg
+
+
+def resident_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def step(local: LocalLearner, seed: int) -> tuple[float, float, float]:
+    """(seconds, peak_mem_mb, MiB the step added over the resident set at its start)."""
+    table = ragged_experience(local.version, seed)
+    CPU.reset_peak_memory()
+    start = resident_mb()
+    t0 = time.perf_counter()
+    m = local.train_step(table)
+    return time.perf_counter() - t0, m["peak_mem_mb"], m["peak_mem_mb"] - start
+
+
+def paired(model_dir: str, knob: dict, reps: int) -> dict:
+    """The default learner and one with `knob`, stepping alternately on the same batches."""
+    learners = {"default": LocalLearner(config(), model_dir), "knob": LocalLearner(config(**knob), model_dir)}
+    out = {k: {"s": [], "peak": [], "added": []} for k in learners}
+    for rep in range(reps + 1):
+        for k, local in learners.items():
+            s, peak, added = step(local, seed=rep)
+            print(f"{knob} {k} rep {rep}: {s:.2f} s, peak {peak:.0f} MiB, added {added:.0f} MiB", flush=True)
+            if rep:  # the first is the warm-up (optimizer state allocated)
+                for name, v in (("s", s), ("peak", peak), ("added", added)):
+                    out[k][name].append(v)
+    res = {k: {name: statistics.median(v) for name, v in d.items()} for k, d in out.items()}
+    a, b = learners["default"].state_dict(), learners["knob"].state_dict()
+    res["max_weight_diff"] = max((a[n] - b[n]).abs().max().item() for n in a)
+    res["learners"] = learners
+    return res
+
+
+def sync_bytes(local: LocalLearner) -> tuple[int, float]:
+    """(bytes of what a publish sends, seconds to build it: HF-named weights, merged for LoRA, packed)."""
+    t0 = time.perf_counter()
+    packed = PackedStateDict.pack(local.state_dict())
+    return sum(s.nbytes for s in packed.specs), time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS_memory.md")))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    model_dir = str(build_model(Path(tempfile.mkdtemp(prefix="bench-memory-")) / "policy"))
+    load0, t0 = os.getloadavg()[0], time.time()
+    budget = paired(model_dir, {"max_tokens_per_micro_batch": BUDGET}, args.reps)
+    ckpt = paired(model_dir, {"gradient_checkpointing": True}, args.reps)
+    lo = paired(model_dir, {"lora": LORA}, args.reps)
+    full_bytes, full_pack = sync_bytes(lo["learners"]["default"])
+    lora_bytes, lora_pack = sync_bytes(lo["learners"]["knob"])
+    adapter = lora.adapter_bytes(lo["learners"]["knob"].actor)
+    n_params = sum(p.numel() for p in lo["learners"]["default"].actor.parameters())
+    n_train = len(models.trainable(lo["learners"]["knob"].actor))
+    lines = report(args, budget, ckpt, lo, (full_bytes, full_pack, lora_bytes, lora_pack, adapter), n_params,
+                   n_train, load0, os.getloadavg()[0], time.time() - t0)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def report(args, budget, ckpt, lo, sync, n_params, n_train, load0, load1, wall) -> list[str]:
+    full_bytes, full_pack, lora_bytes, lora_pack, adapter = sync
+
+    def row(name: str, r: dict, setting: str) -> str:
+        d, k = r["default"], r["knob"]
+        return (f"| {name} | {setting} | {d['s']:.2f} s | {k['s']:.2f} s | {k['s'] / d['s']:.2f}x | "
+                f"{d['peak']:.0f} / {d['added']:.0f} | {k['peak']:.0f} / {k['added']:.0f} | "
+                f"{k['added'] / d['added']:.2f}x | {r['max_weight_diff']:.1e} |")
+
+    cmd = "python -m benchmarks.learner_memory" + "".join(f" {a}" for a in sys.argv[1:])
+    return [
+        "# Learner memory knobs (issue 15): each against the default update in the same run",
+        "",
+        f"Command: `{cmd}` ({dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC, {wall:.0f} s). "
+        f"LocalLearner (learner/update.py, the update a DeepSpeed rank runs) in one process, 2 torch threads, "
+        f"fp32; a random Llama of {n_params / 1e6:.1f}M parameters ({ARCH['num_hidden_layers']} layers, hidden "
+        f"{ARCH['hidden_size']}, vocab {ARCH['vocab_size']}); {BATCH} samples x ({PROMPT_LEN} prompt + U[{MIN_NEW}, "
+        f"{MAX_NEW}] response) tokens, GRPO + KL reference, one minibatch of {BATCH}, micro-batch {MICRO}. Each "
+        f"row: the knob's learner and a default one alive together, stepping alternately on the same batches, "
+        f"median of {args.reps} steps after a warm-up. Load average {load0:.1f} at the start, {load1:.1f} at the "
+        "end, on 2 shared cores: absolute times are noisy, the ratios are the result.",
+        "",
+        "| knob | setting | default step | knob step | time ratio | default peak / added MiB | knob peak / added "
+        "MiB | added-memory ratio | max weight diff after |",
+        "|---|---|---|---|---|---|---|---|---|",
+        row("token budget", budget, f"{BUDGET} tokens (= {MICRO} x {PROMPT_LEN + MAX_NEW}) vs {MICRO} padded rows"),
+        row("activation checkpointing", ckpt, "on vs off"),
+        row("LoRA", lo, f"r={LORA['r']} alpha={LORA['alpha']:g} all-linear ({n_train} adapter tensors) vs full"),
+        "",
+        "Peak: the step's `peak_mem_mb` (this process's resident high-water mark, holding both learners); "
+        "added: that peak minus the resident set right before the step (activations, gradients, temporaries: "
+        "what the knobs act on). Max weight diff: the two learners' published weights after the last step "
+        "(token budget and checkpointing take the same update, so float noise only; LoRA trains other weights).",
+        "",
+        "Weight sync per publish (HF-named weights as LearnerGroup publishes them, packed by "
+        "`contract.weights.PackedStateDict.pack`):",
+        "",
+        "| training | bytes per sync | vs full | build + pack time |",
+        "|---|---|---|---|",
+        f"| full fine-tuning | {full_bytes / 1e6:.1f} MB | 1.00x | {full_pack:.3f} s |",
+        f"| LoRA, merged W + (alpha/r) BA under the base names (what is sent) | {lora_bytes / 1e6:.1f} MB | "
+        f"{lora_bytes / full_bytes:.2f}x | {lora_pack:.3f} s |",
+        f"| LoRA, adapters only (not sent: would need vLLM's runtime LoRA in the engines) | {adapter / 1e6:.2f} MB | "
+        f"{adapter / full_bytes:.3f}x | - |",
+    ]
+
+
+if __name__ == "__main__":
+    main()
