@@ -80,12 +80,21 @@ def test_reward_row_count_mismatch_is_an_error():
         with_rewards(rollouts([0, 0]), rewards([1.0], [True]))
 
 
-def test_async_config_lets_the_learner_accept_the_loops_staleness():
-    from cluster.job.services import learner_max_staleness
+def test_the_learner_is_told_the_loops_staleness_and_the_samplers_settings():
+    from cluster.job.services import learner_context
+    from learner.algorithm import make_plan
 
     base = {"model": {"policy": "m"}, "data": {"prompts": "p"}, "reward": {"model_dir": "r"}}
-    assert learner_max_staleness(load_config(None, ["loop.mode=async", "loop.max_staleness=2"], base=base)) == 2
-    assert learner_max_staleness(load_config(None, ["loop.max_staleness=2"], base=base)) == 0
+    assert learner_context(load_config(None, ["loop.mode=async", "loop.max_staleness=2"], base=base))[
+        "max_staleness"] == 2
+    assert learner_context(load_config(None, ["loop.max_staleness=2"], base=base))["max_staleness"] == 0
+    # the overlong penalty's L_max and seq_sum_norm's constant are the sampler's max_new_tokens: a job with
+    # them resolves its plan (it failed at learner start when the job did not pass max_new_tokens)
+    cfg = load_config(None, ["learner.rl.overlong.mode=penalty", "learner.rl.loss_aggregation=seq_sum_norm",
+                             "rollout.sampling.max_new_tokens=20", "rollout.sampling.temperature=0.7"], base=base)
+    ctx = learner_context(cfg)
+    plan = make_plan(cfg.learner.rl, ctx["sampling_temperature"], ctx["async_rollouts"], ctx["max_new_tokens"])
+    assert (plan.norm_tokens, plan.overlong_buffer, ctx["sampling_temperature"]) == (20, 4, 0.7)
 
 
 def test_demo_preferences_are_ranked_by_the_gold_score(tiny_models):

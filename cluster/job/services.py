@@ -16,10 +16,15 @@ from cluster.job.weight_sync import WeightSync
 from contract.devices import DeviceProfile
 
 
-def learner_max_staleness(cfg: JobConfig) -> int:
-    """The oldest policy lag (versions) the learner accepts: exactly what the loop lets through
-    (loop.max_staleness when async; 0 when sync, where every batch is the current policy's)."""
-    return cfg.loop.max_staleness if cfg.loop.mode == "async" else 0
+def learner_context(cfg: JobConfig) -> dict:
+    """What the learner must know of the rollouts and the loop, which its own config does not hold
+    (LearnerGroup's keyword arguments): the sampler's temperature (every pass scores at it), whether
+    the loop is async (rollout correction's auto mode), the sampler's max_new_tokens (seq_sum_norm's
+    constant, the overlong penalty's L_max), and the oldest policy lag a step accepts: exactly what the
+    loop lets through (loop.max_staleness when async; 0 when sync)."""
+    s = cfg.rollout.sampling
+    return dict(sampling_temperature=s.temperature, async_rollouts=cfg.loop.mode == "async",
+                max_new_tokens=s.max_new_tokens, max_staleness=cfg.loop.max_staleness if cfg.loop.mode == "async" else 0)
 
 
 def start_reward(cfg: JobConfig, store_dir: str, device: DeviceProfile, review: dict | None = None):
@@ -73,10 +78,7 @@ def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=pr
     def learner():
         t0 = time.perf_counter()
         services.learner = LearnerGroup(cfg.learner, cfg.model.policy, device, critic_dir=cfg.learner.critic_model,
-                                        seed=cfg.seed, namespace=ns,
-                                        sampling_temperature=cfg.rollout.sampling.temperature,
-                                        async_rollouts=cfg.loop.mode == "async",
-                                        max_staleness=learner_max_staleness(cfg))
+                                        seed=cfg.seed, namespace=ns, **learner_context(cfg))
         log(f"learner group up: {cfg.learner.num_ranks} rank(s), ZeRO-{cfg.learner.zero_stage} "
             f"({time.perf_counter() - t0:.1f}s)")
 
