@@ -49,7 +49,7 @@ class RolloutPool:
                  namespace: str | None = None, log: Callable[[str], None] | None = None,
                  engine_factory=None):
         """`log`: also receives the pool's warnings and membership news (the controller relays them to
-        the user). `engine_factory`: see `worker.WorkerState` (benchmarks only)."""
+        the user). `engine_factory`: see `worker.Worker` (benchmarks only)."""
         from transformers import AutoTokenizer
 
         self.cfg, self.model_dir, self.device = cfg, str(model_dir), device

@@ -18,8 +18,9 @@ from contract.weights import (GroupAddress, PackedStateDict, StaleVersionError, 
                               join_group, leave_group, receive_weights)
 
 
-class WorkerState:
-    """The actor's logic as a plain class, so one process can also host it (benchmarks).
+class Worker:
+    """A rollout worker: one vLLM engine, its weights and its health; `RolloutWorker` below is it as a
+    Ray actor, and one process can also host it directly (benchmarks).
 
     `defer_engine=True` (what the pool uses): the constructor only records its arguments, so `ping`
     answers as soon as Ray has placed the actor on a node and started its process, and the engine
@@ -119,4 +120,4 @@ class WorkerState:
 
 # ping/metrics run on their own thread so a health check answers while a long generate runs;
 # generate and the weight calls share the default group and never overlap.
-RolloutWorker = ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"health": 1})(WorkerState)
+RolloutWorker = ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"health": 1})(Worker)

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from actors.config import EngineConfig, RolloutConfig, SamplingConfig  # noqa: E402
 from actors.engine import prompt_seed, sampling_params  # noqa: E402
 from actors.pool import RolloutPool  # noqa: E402
-from actors.worker import WorkerState  # noqa: E402
+from actors.worker import Worker  # noqa: E402
 from cluster.demo.tiny_models import make_tiny_models  # noqa: E402
 from contract.weights import GroupAddress, PackedStateDict, join_group, leave_group, make_manifest, send_weights, specs_of  # noqa: E402
 from contract.net import free_port  # noqa: E402
@@ -87,7 +87,7 @@ def throughput(model_dir: str, reps: int) -> dict[str, dict]:
     from vllm.inputs import TokensPrompt
 
     table = bench_prompts()
-    direct = WorkerState("direct", model_dir, cfg_for(1, 1))
+    direct = Worker("direct", model_dir, cfg_for(1, 1))
     llm = direct.engine.llm
     ids = table["prompt_id"].to_pylist()
     toks = [TokensPrompt(prompt_token_ids=t) for t in direct.engine.tokenize(table["prompt"].to_pylist())]
