@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import uuid
+from contextlib import contextmanager
 
 import pyarrow as pa
 import ray
@@ -119,3 +120,13 @@ def hf_logprobs(policy_dir, packed) -> list[float]:
         logits = model(input_ids=torch.tensor([PROMPT + RESPONSE])).logits[0]
     lp = torch.log_softmax(logits.float(), -1)
     return [lp[len(PROMPT) - 1 + i, t].item() for i, t in enumerate(RESPONSE)]
+
+
+@contextmanager
+def engine_actor(model_dir):
+    """An `Engine` actor on `model_dir` with the CPU profile's one-thread environment, killed on exit."""
+    actor = Engine.options(runtime_env={"env_vars": CPU.actor_env(threads=1)}).remote(str(model_dir))
+    try:
+        yield actor
+    finally:
+        ray.kill(actor)

@@ -10,10 +10,9 @@ import uuid
 import pytest
 import ray
 
-from contract.devices import DeviceProfile
 from contract.weights import GroupAddress
 from contract.net import free_port
-from support_learner import Engine, experience_table, hf_logprobs, make_group, PROMPT, RESPONSE, TOLERANCE
+from support_learner import engine_actor, experience_table, hf_logprobs, make_group, PROMPT, RESPONSE, TOLERANCE
 
 # fp32 on both sides; vLLM's CPU attention/matmul order differs from transformers' (measured below 1e-5).
 
@@ -31,10 +30,8 @@ def models(request, tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(models, ray_local):
-    env = DeviceProfile("cpu").actor_env(threads=1)
-    actor = Engine.options(runtime_env={"env_vars": env}).remote(str(models["policy"]))
-    yield actor
-    ray.kill(actor)
+    with engine_actor(models["policy"]) as actor:
+        yield actor
 
 
 def test_published_weights_give_the_engine_the_learners_logprobs(models, engine):
