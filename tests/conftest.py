@@ -47,13 +47,31 @@ def tiny_chat_models(tmp_path_factory):
     return make_tiny_models(tmp_path_factory.mktemp("chat_models"), size="tiny-chat")
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """A real local Ray cluster shared by the session (logical CPUs overcommitted on 2 cores)."""
+def start_local_ray():
+    """The tests' embedded local Ray cluster (logical CPUs overcommitted on 2 cores)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="rlhf-tests",
                  log_to_driver=False, configure_logging=False)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A real local Ray cluster shared by the session."""
+    import ray
+
+    start_local_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _ray_local_is_up(request):
+    """A test module that drives another cluster from this process (test_cluster_multinode) shuts
+    this process's Ray down. Without a restart, the next `.remote()` auto-started a default Ray with
+    the box's 2 CPUs, where an engine + two ranks never got scheduled: those tests waited with no
+    CPU in use until their timeouts (CI's failures of test_learner_sync and the review tests)."""
+    if "ray_local" in request.fixturenames:
+        start_local_ray()
+    yield

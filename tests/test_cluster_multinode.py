@@ -93,6 +93,10 @@ def sim():
     import ray
     from ray.cluster_utils import Cluster
 
+    from conftest import start_local_ray
+
+    was_local = ray.is_initialized()
+    ray.shutdown()  # this process drives the simulated cluster; the session's local one comes back after
     cluster = Cluster()
     try:
         add_node(cluster, num_cpus=0, include_dashboard=False)
@@ -103,6 +107,8 @@ def sim():
     finally:
         ray.shutdown()
         cluster.shutdown()
+        if was_local:
+            start_local_ray()
 
 
 def train(job: Path, address: str, out: Path, *args: str) -> subprocess.Popen:
