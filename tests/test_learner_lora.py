@@ -96,8 +96,6 @@ def engine(tiny_models, ray_local):
         yield actor
 
 
-@pytest.mark.skip(reason="hung (no CPU used, > 7 min) in the session-5 full run after passing in 38 s alone; "
-                         "undiagnosed: rerun alone, then with the suite, before re-enabling (issue 15)")
 def test_lora_ranks_publish_merged_weights_the_engine_scores_like_the_learner_and_checkpoint(
         tiny_models, engine, local_step, tmp_path):
     """2 ZeRO-3 ranks: the step equals LocalLearner's, only adapters are in the optimizers, the
