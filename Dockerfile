@@ -16,6 +16,15 @@
 # ranks write checkpoints on their node and rollout workers load the policy on theirs).
 # KubeRay's probes call `wget`; DeepSpeed compiles its CPU/GPU ops with g++ on first use.
 
+# ---- src: the project's files, copied once for both targets -----------------------------------------
+FROM scratch AS src
+COPY pyproject.toml Makefile README.md /app/
+COPY contract/ /app/contract/
+COPY actors/ /app/actors/
+COPY learner/ /app/learner/
+COPY reward_service/ /app/reward_service/
+COPY cluster/ /app/cluster/
+
 # ---- cpu -------------------------------------------------------------------------------------------
 FROM python:3.11-slim-bookworm AS cpu
 RUN apt-get update && apt-get install -y --no-install-recommends make g++ wget libnuma1 \
@@ -23,12 +32,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends make g++ wget l
 ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu \
     PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
-COPY pyproject.toml Makefile README.md ./
-COPY contract/ contract/
-COPY actors/ actors/
-COPY learner/ learner/
-COPY reward_service/ reward_service/
-COPY cluster/ cluster/
+COPY --from=src /app ./
 RUN make env PY=python3.11
 ENV PATH=/app/.venv/bin:$PATH
 CMD ["rlhf", "--help"]
@@ -41,12 +45,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends software-proper
     && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev make g++ wget libnuma1 \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
-COPY pyproject.toml Makefile README.md ./
-COPY contract/ contract/
-COPY actors/ actors/
-COPY learner/ learner/
-COPY reward_service/ reward_service/
-COPY cluster/ cluster/
+COPY --from=src /app ./
 # The Makefile's env recipe, step for step, with the gpu extra and no CUDA-wheel removal.
 RUN python3.11 -m venv .venv
 RUN .venv/bin/pip install -q --upgrade pip

@@ -104,7 +104,7 @@ def test_the_manifests_name_the_image_the_dockerfile_builds(rayjob, launcher):
     assert len(images) == 1, images  # one image for every node of both manifests
     dockerfile = (ROOT / "Dockerfile").read_text()
     stages = set(re.findall(r"^FROM \S+ AS (\w+)$", dockerfile, re.M))
-    assert stages == {"cpu", "cuda"}
+    assert stages == {"src", "cpu", "cuda"}  # src: the project files both targets copy
     for image in images:
         target = "cuda" if image.endswith("-gpu") else "cpu"
         assert f"docker build --target {target} -t {image} ." in dockerfile, image

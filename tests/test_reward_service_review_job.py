@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import requests
 import yaml
 
 from contract.net import free_port
+from support_jobs import wait_for
 from support_review import apply_filters, chromium, rows, sign_in, wait
 
 
@@ -61,18 +61,6 @@ def step_rows(run: Path, step: int) -> list[dict]:
     return pq.read_table(run / "rollouts" / f"step={step:06d}.parquet").to_pylist()
 
 
-def until(predicate, timeout_s: float, what: str, proc=None):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the process ended (rc {proc.returncode}) before {what}")
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture(scope="module")
 def job(tiny_models, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("review_job")
@@ -97,7 +85,7 @@ def job(tiny_models, tmp_path_factory):
                                 stderr=subprocess.STDOUT, text=True, env={**env(), "RAY_TMPDIR": ray_tmp},
                                 start_new_session=True)
     try:
-        until(lambda: len(steps_on_disk(run)) >= 2, 900, "two steps", proc)
+        wait_for(lambda: len(steps_on_disk(run)) >= 2, 500, "two steps", proc)
         where = json.loads((run / "cluster.json").read_text())
         url = re.search(r"review page (http://\S+)/review:", out.read_text()).group(1)
         yield {"run": run, "proc": proc, "out": out, "url": url, "address": where["address"], "tmp": tmp,
@@ -166,7 +154,7 @@ def test_a_like_on_the_page_changes_the_next_steps_fused_reward(job, browser):
             hit = [r for r in step_rows(run, s) if r["response"] == liked] if s > last_before else []
             if hit and dict(hit[0]["reward_parts"])["feedback"] != 0.0:
                 return s, hit[0]
-    s, r = until(fused, 300, "a step after the like that sampled the liked response again", job["proc"])
+    s, r = wait_for(fused, 300, "a step after the like that sampled the liked response again", job["proc"])
     assert s <= last_before + 2, (s, last_before)  # the next step scored after the like
     parts = dict(r["reward_parts"])
     assert parts["feedback"] == 1.0
@@ -206,7 +194,7 @@ def test_reward_model_update_swaps_the_running_jobs_model_with_provenance(job, t
     new_dir = make_tiny_models(tmp_path / "next", seed=1)["reward"]
     r = rlhf("reward-model", "update", str(run), str(new_dir))
     assert r.returncode == 0 and "reward model v1" in r.stdout, r.stderr[-2000:]
-    swapped = until(lambda: next((s for s in steps_on_disk(run)
+    swapped = wait_for(lambda: next((s for s in steps_on_disk(run)
                                   if {x["reward_model_version"] for x in step_rows(run, s)} == {1}), None),
                     300, "a step scored by reward model v1", job["proc"])
     for step, model_dir in ((swapped, new_dir), (0, job["models"]["reward"])):
@@ -246,7 +234,7 @@ def test_prometheus_with_the_shipped_config_has_data_for_every_dashboard_panel(j
                              f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
     try:
-        until(lambda: prometheus_ready(port), 120, "Prometheus to start", prom)
+        wait_for(lambda: prometheus_ready(port), 120, "Prometheus to start", prom)
         emitted = {k for line in (job["run"] / "metrics.jsonl").read_text().splitlines() for k in json.loads(line)}
         by_gauge = {name: key for key, (name, _) in EXPORTED.items()}
         checked, skipped = [], {}
@@ -256,7 +244,7 @@ def test_prometheus_with_the_shipped_config_has_data_for_every_dashboard_panel(j
                 skipped[key] = NEVER_EMITTED.get(key, "NOT EXPECTED TO BE MISSING")
                 continue
             q = expr.replace("$rlhf_job", NAME).replace("$SessionName", ".+").replace("$Cluster", ".*")
-            until(lambda: (lambda res: res and res[0]["metric"].get("rlhf_job") == NAME)(prometheus_query(port, q)),
+            wait_for(lambda: (lambda res: res and res[0]["metric"].get("rlhf_job") == NAME)(prometheus_query(port, q)),
                   120, f"data for panel {title!r}: {q}")
             checked.append(title)
         print(f"panels with data: {sorted(set(checked))}; skipped (gauge never set by this job): {skipped}")
