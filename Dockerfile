@@ -14,7 +14,7 @@
 # the RayJob mounts the ConfigMap `rlhf-job-config` at /config (job.yaml) and the PersistentVolumeClaim
 # `rlhf-runs` at /runs on every pod (models, data and run directories: shared storage, because learner
 # ranks write checkpoints on their node and rollout workers load the policy on theirs).
-# KubeRay's probes call `wget`; DeepSpeed compiles its CPU/GPU ops with g++ on first use.
+# KubeRay's probes call `wget`; g++ is there for DeepSpeed ops a config may JIT-compile (the learner skips its shm op).
 
 # ---- src: the project's files, copied once for both targets -----------------------------------------
 FROM scratch AS src

