@@ -71,7 +71,9 @@ def _ray_local_is_up(request):
     """A test module that drives another cluster from this process (test_cluster_multinode) shuts
     this process's Ray down. Without a restart, the next `.remote()` auto-started a default Ray with
     the box's 2 CPUs, where an engine + two ranks never got scheduled: those tests waited with no
-    CPU in use until their timeouts (CI's failures of test_learner_sync and the review tests)."""
+    CPU in use until their timeouts (CI's failures of test_learner_sync and the review tests). That
+    module restarts it itself; this is the backstop for tests after any other module that does the
+    same (module-scoped fixtures are set up before it, so such a module must restart Ray itself)."""
     if "ray_local" in request.fixturenames:
         start_local_ray()
     yield

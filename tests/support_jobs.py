@@ -53,6 +53,18 @@ def write_job(tmp: Path, tiny_models, name: str, run_dir: Path, **sections) -> P
     return path
 
 
+def start_train(args: list[str], out: Path) -> subprocess.Popen:
+    """`rlhf train ARGS` in a session of its own (killable with its whole tree), stdout and stderr to `out`."""
+    with open(out, "w") as o:
+        return subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", *args], stdout=o,
+                                stderr=subprocess.STDOUT, text=True, env=cli_env(), start_new_session=True)
+
+
+def failed_lines(text: str) -> list[str]:
+    """The one-line failures `rlhf train` printed."""
+    return [line for line in text.splitlines() if line.startswith("rlhf train: failed:")]
+
+
 def wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen | None = None):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

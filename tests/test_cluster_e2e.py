@@ -26,7 +26,8 @@ import pytest
 from cluster.outputs.run_dir import RunDir
 from contract.datasets import PromptIterator, load_prompts
 from contract.net import free_port
-from support_jobs import PROMPTS_PER_STEP, VENV_BIN, check_exactly_once, cli_env, metrics_rows, rlhf, wait_for, write_job
+from support_jobs import (PROMPTS_PER_STEP, VENV_BIN, check_exactly_once, cli_env, failed_lines, metrics_rows, rlhf, start_train,
+                          wait_for, write_job)
 
 
 pytestmark = pytest.mark.slow
@@ -173,17 +174,6 @@ def test_submitted_sync_job_scales_survives_a_killed_worker_and_exports_metrics(
     assert RunDir(run).latest_checkpoint().name == f"step={steps:06d}"  # the stop checkpointed
 
 
-def start_train(args: list[str], out: Path) -> subprocess.Popen:
-    """`rlhf train ARGS` in a session of its own, stdout and stderr to `out`."""
-    with open(out, "w") as o:
-        return subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", *args], stdout=o,
-                                stderr=subprocess.STDOUT, text=True, env=cli_env(), start_new_session=True)
-
-
-def failed_lines(out: Path) -> list[str]:
-    return [line for line in out.read_text().splitlines() if line.startswith("rlhf train: failed:")]
-
-
 @pytest.mark.timeout(1200)  # three job starts
 def test_async_run_survives_a_killed_learner_rank_then_a_killed_driver(tmp_path, tiny_models):
     """One async GRPO run on 2 ranks, three drivers: a learner rank SIGKILLed (the job stops in one
@@ -211,7 +201,7 @@ def test_async_run_survives_a_killed_learner_rank_then_a_killed_driver(tmp_path,
         rc = driver.wait(300)  # stops by itself: a dead rank is an error, not a hang
     finally:
         kill_session(driver)
-    failed = failed_lines(out)
+    failed = failed_lines(out.read_text())
     assert rc == 1 and len(failed) == 1, out.read_text()[-3000:]
     assert "learner" in failed[0] and "rank" in failed[0], failed[0]
     assert failed[0].endswith(resume_cmd), failed[0]

@@ -23,7 +23,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -32,7 +31,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from contract.net import free_port
-from support_jobs import VENV_BIN, check_exactly_once, cli_env, metrics_rows, rlhf, wait_for, write_job
+from support_jobs import (VENV_BIN, check_exactly_once, cli_env, failed_lines, metrics_rows, rlhf, start_train,
+                          wait_for, write_job)
 
 pytestmark = pytest.mark.slow
 ROLLOUT_NODE = {"num_cpus": 2, "resources": {"rollout": 1}}
@@ -107,12 +107,6 @@ def sim():
             start_local_ray()
 
 
-def train(job: Path, address: str, out: Path, *args: str) -> subprocess.Popen:
-    with open(out, "w") as o:
-        return subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", str(job), "--address", address, *args],
-                                stdout=o, stderr=subprocess.STDOUT, text=True, env=cli_env(), start_new_session=True)
-
-
 def checkpoints(run: Path) -> list[int]:
     return sorted(int(c.name.removeprefix("step=")) for c in (run / "ckpt").glob("step=*")) or [-1]
 
@@ -121,10 +115,6 @@ def served_by(run: Path) -> set[str]:
     """Workers whose samples are in the run's Parquet so far."""
     return {w for f in (run / "rollouts").glob("step=*.parquet")
             for w in pq.read_table(f, columns=["worker_id"]).column("worker_id").to_pylist()}
-
-
-def failed_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("rlhf train: failed:")]
 
 
 def node_of(name: str) -> str | None:
@@ -170,7 +160,7 @@ def test_a_run_dir_the_learner_node_does_not_share_is_refused_at_start(sim, tmp_
         job = write_job(tmp_path, tiny_models, "mn-storage", run, **PLACEMENT)
         out = tmp_path / "driver.out"
         t0 = time.monotonic()
-        rc = train(job, sim["address"], out).wait(300)
+        rc = start_train([str(job), "--address", sim["address"]], out).wait(300)
         took = time.monotonic() - t0
     finally:  # the node lost whole: `ray start` and the raylet, agents and workers it started
         import psutil
@@ -208,7 +198,7 @@ def test_roles_sync_scale_and_node_losses_on_a_simulated_cluster(sim, tmp_path, 
                     reward={**PLACEMENT["reward"], "max_retries": 5, "request_timeout_s": 30},
                     loop={"steps": 100000, "checkpoint_every": 1})
     out = tmp_path / "driver.out"
-    driver = train(job, address, out)
+    driver = start_train([str(job), "--address", address], out)
     ids = {k: n.node_id for k, n in nodes.items()}
     try:
         wait_for(lambda: len(metrics_rows(run)) >= 1, 600, "a first step", driver)
