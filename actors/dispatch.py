@@ -26,12 +26,46 @@ class Chunk:
     attempts: int = 0
 
 
+def prompt_batch(ids: list[str], texts: list[str], token_ids: list[list[int]]) -> pa.RecordBatch:
+    """The prompt RecordBatch a worker generates from: prompt_id, prompt, prompt_ids (tokenized)."""
+    return pa.record_batch({"prompt_id": pa.array(ids, pa.string()), "prompt": pa.array(texts, pa.string()),
+                            "prompt_ids": pa.array(token_ids, pa.list_(pa.int32()))})
+
+
+class PromptSlice:
+    """A chunk's prompts on the wire: pickled as three plain lists, unpickled (in the worker) as the
+    `prompt_batch` RecordBatch the worker takes. The dispatching process serializes one of these per
+    chunk, serially, so its cost is paid once per worker per step: plain lists pickle in ~50 us, an
+    Arrow slice takes ~0.4 ms to cut and ~0.3-1.4 ms for Ray to serialize (benchmarks/RESULTS_scale.md).
+    (Putting the whole table in the object store once and sending row numbers instead cut this
+    process's time but added a fetch to every chunk's round trip: the pool's overhead grew.)"""
+
+    def __init__(self, ids: list[str], texts: list[str], token_ids: list[list[int]]):
+        self.columns = (ids, texts, token_ids)
+
+    def __reduce__(self):
+        return prompt_batch, self.columns
+
+
+class Pickled:
+    """An argument pickled once and sent many times: each chunk's task pickles only these bytes (the
+    sampling config alone costs ~90 us per pickle), the worker unpickles the object itself."""
+
+    def __init__(self, obj):
+        import pickle
+
+        self.data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def __reduce__(self):
+        import pickle
+
+        return pickle.loads, (self.data,)
+
+
 class ChunkRun:
-    def __init__(self, pool, table: pa.Table, chunks: list[list[int]], sampling: SamplingConfig):
-        # A chunk ships its own slice of the table. (Putting the table in the object store once per call
-        # and sending row numbers cut this process's dispatch time but tripled each chunk's round trip,
-        # a fetch per worker: the pool's overhead grew; benchmarks/RESULTS_scale.md.)
-        self.pool, self.cfg, self.table, self.sampling = pool, pool.cfg, table, sampling
+    def __init__(self, pool, columns: tuple[list, list, list], chunks: list[list[int]], sampling: SamplingConfig):
+        """`columns`: prompt ids, texts and token ids of the whole call; `chunks`: row numbers of each."""
+        self.pool, self.cfg, self.columns, self.sampling = pool, pool.cfg, columns, Pickled(sampling)
         self.queue: deque[Chunk] = deque(Chunk(c) for c in chunks)
         self.inflight: dict[Any, tuple[str, Chunk, float]] = {}
         self.results: list[pa.RecordBatch] = []
@@ -96,5 +130,8 @@ class ChunkRun:
                 if not m.busy:
                     chunk = self.queue.popleft()
                     m.busy = True
-                    ref = m.handle.generate.remote(self.table.take(chunk.rows), self.sampling)
+                    ref = m.handle.generate.remote(self._slice(chunk.rows), self.sampling)
                     self.inflight[ref] = (wid, chunk, time.monotonic())
+
+    def _slice(self, rows: list[int]) -> PromptSlice:
+        return PromptSlice(*([col[r] for r in rows] for col in self.columns))

@@ -181,11 +181,9 @@ class RolloutPool:
         messages = prompts.column("messages").to_pylist() if "messages" in prompts.column_names else None
         token_ids = encode_prompts(self._tokenizer, texts, messages)  # chat-rendered text: no second BOS
         check_prompt_lengths(ids, token_ids, self.cfg.engine.max_model_len)
-        table = pa.table({"prompt_id": pa.array(ids, pa.string()), "prompt": pa.array(texts, pa.string()),
-                          "prompt_ids": pa.array(token_ids, pa.list_(pa.int32()))})
         costs = expected_tokens([len(t) for t in token_ids], sampling.max_new_tokens, sampling.n)
         chunks = split_balanced(costs, max(1, self.num_workers) * self.cfg.chunks_per_worker)
-        self.last_run = ChunkRun(self, table, chunks, sampling)  # kept for its timings (benchmarks/scale.py)
+        self.last_run = ChunkRun(self, (ids, texts, token_ids), chunks, sampling)  # kept for its timings
         batches = self.last_run.run()
         # a chat prompt's conversation rejoins its samples (the Parquet and the reward model use it)
         return attach_messages(ordered_exactly_once(concat(batches), ids, sampling.n), prompts)

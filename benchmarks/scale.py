@@ -21,7 +21,9 @@ Per fleet size:
   * pool overhead per step: the loop's `gen_s` (pool.generate) minus the simulated chunk time, as a
     share of the step's wall time (target <= 5% at 64 workers with 0.5 s chunks);
   * dispatch latency per chunk: dispatch to result in hand, minus the chunk's engine time;
-  * this process's own time dispatching chunks per step;
+  * this process's own time dispatching chunks per step, and its CPU time (all threads, Ray's too)
+    over the whole `pool.generate`: the pool's serial cost, which on a cluster is all the driver
+    pays, while here the wall-clock overhead also holds the 64 worker processes' CPU on two cores;
   * weight publish to every worker, object store and broadcast, at each size (target: object store
     at 64 workers <= 3x its time at 1 worker). The simulated engine takes the tensors as they arrive
     and copies nothing (a real engine's reload is per worker, on its own device, in parallel).
@@ -51,14 +53,22 @@ MAX_BROADCAST_MB = 1024
 PROMPTS_PER_WORKER, N, TOKENS = 4, 4, 32
 
 
-def timed_chunk_run():
-    """The pool's ChunkRun, timing this process's own work per call (constructor and dispatches)."""
-    from actors.dispatch import ChunkRun
+def timed_chunk_run(arrow_slices: bool = False):
+    """The pool's ChunkRun, timing this process's own work per call (constructor and dispatches).
+    `arrow_slices`: the baseline, as the pool dispatched before: each chunk an Arrow RecordBatch slice
+    and the sampling config pickled per chunk (instead of `PromptSlice` lists and one `Pickled`)."""
+    from actors.dispatch import ChunkRun, prompt_batch
 
     class Timed(ChunkRun):
+        if arrow_slices:
+            def _slice(self, rows):
+                return prompt_batch(*([col[r] for r in rows] for col in self.columns))
+
         def __init__(self, *a):
             t0 = time.perf_counter()
             super().__init__(*a)
+            if arrow_slices:
+                self.sampling = a[3]
             self.driver_s = time.perf_counter() - t0
 
         def _dispatch(self):
@@ -95,9 +105,11 @@ def run_steps(services, cfg, tmp: Path, tag: str, variant) -> dict:
     orig = pool.generate
 
     def generate(*a, **kw):
+        cpu0 = time.process_time()
         out = orig(*a, **kw)
         r = pool.last_run
-        calls.append(([got - sent - gen for (sent, got), gen in zip(r.accepted, r.engine_s())], r.driver_s))
+        calls.append(([got - sent - gen for (sent, got), gen in zip(r.accepted, r.engine_s())], r.driver_s,
+                      time.process_time() - cpu0))
         return out
 
     pool.generate = generate
@@ -109,14 +121,16 @@ def run_steps(services, cfg, tmp: Path, tag: str, variant) -> dict:
         del pool.generate
     rows, calls = run.read_metrics()[1:], calls[1:]
     chunk_s = PROMPTS_PER_WORKER * N * TOKENS * services.per_token
-    lat = sorted(x for c, _ in calls for x in c)
+    lat = sorted(x for c, _, _ in calls for x in c)
     med = statistics.median
     return {"step_s": med(r["wall_s"] for r in rows), "gen_s": med(r["gen_s"] for r in rows), "chunk_s": chunk_s,
             "pool_s": med(r["gen_s"] - chunk_s for r in rows),
             "pool_share": med((r["gen_s"] - chunk_s) / r["wall_s"] for r in rows),
             "other_s": med(r["wall_s"] - r["gen_s"] for r in rows),
             "dispatch_ms": 1e3 * med(lat), "dispatch_p95_ms": 1e3 * lat[int(0.95 * (len(lat) - 1))],
-            "driver_ms": 1e3 * med(d for _, d in calls)}
+            "driver_ms": 1e3 * med(d for _, d, _ in calls),
+            "driver_cpu_s": med(c for _, _, c in calls),
+            "driver_cpu_share": med(c / r["wall_s"] for (_, _, c), r in zip(calls, rows))}
 
 
 def publish_s(services, learner, transport: str, versions: list[int], reps: int = 2) -> float:
@@ -167,7 +181,7 @@ def main() -> None:
         services = Services(reward=ConstantReward(), learner=learners[sizes[0]])
         services.per_token = per_token
         services.sync = WeightSync(services.learner, "object_store", "gloo", 600, log=print)
-        timed, versions = timed_chunk_run(), [0]
+        timed, baseline, versions = timed_chunk_run(), timed_chunk_run(arrow_slices=True), [0]
         (tmp / "none.jsonl").write_text(json.dumps({"id": "q", "prompt": "red"}) + "\n")
         cfg0 = job_config(1, args.steps, model_dir, str(tmp / "none.jsonl"))
         t0 = time.perf_counter()
@@ -184,6 +198,7 @@ def main() -> None:
                 cfg = job_config(w, args.steps, model_dir, str(prompts))
                 services.learner.version = versions[0]
                 r["steps"] = run_steps(services, cfg, tmp, str(w), timed)
+                r["baseline"] = run_steps(services, cfg, tmp, f"{w}-arrow", baseline)
                 versions[0] = services.learner.version
                 for mb in sizes:
                     for transport in ("object_store", "broadcast"):
@@ -209,13 +224,16 @@ def render(results: list[dict], args, sizes: list[int], total_s: float) -> str:
     base = results[0]
     lines = [f"Command: `{cmd}` ({total_s:.0f} s in all). Medians over steps 2..{args.steps}; ratios are to "
              f"{base['workers']} worker(s) in the same run.", "",
-             "workers | step s | sim chunk s | pool overhead s (share of step) | rest of step s | dispatch ms/chunk "
-             "(median, p95) | this process dispatching, ms/step", "---|---|---|---|---|---|---"]
+             "workers | chunks sent as | step s | sim chunk s | pool overhead s (share of step) | rest of step s | "
+             "dispatch ms/chunk (median, p95) | this process dispatching, ms/step | this process's CPU in generate s "
+             "(share of step)", "---|---|---|---|---|---|---|---|---"]
     for r in results:
-        a = r["steps"]
-        lines.append(f"{r['workers']} | {a['step_s']:.3f} | {a['chunk_s']:.3f} | {a['pool_s']:.3f} "
-                     f"({100 * a['pool_share']:.1f}%) | {a['other_s']:.3f} | {a['dispatch_ms']:.1f}, "
-                     f"{a['dispatch_p95_ms']:.1f} | {a['driver_ms']:.1f}")
+        for key, how in (("steps", "lists (PromptSlice)"), ("baseline", "Arrow slices (before)")):
+            a = r[key]
+            lines.append(f"{r['workers']} | {how} | {a['step_s']:.3f} | {a['chunk_s']:.3f} | {a['pool_s']:.3f} "
+                         f"({100 * a['pool_share']:.1f}%) | {a['other_s']:.3f} | {a['dispatch_ms']:.1f}, "
+                         f"{a['dispatch_p95_ms']:.1f} | {a['driver_ms']:.1f} | {a['driver_cpu_s']:.3f} "
+                         f"({100 * a['driver_cpu_share']:.1f}%)")
     keys = [f"publish {t} {mb}" for mb in sizes for t in ("object_store", "broadcast")]
     lines += ["", "workers | " + " | ".join(f"publish {k.split()[1]} {k.split()[2]} MB s (x 1 worker)" for k in keys),
               "---|" + "---|" * len(keys)]

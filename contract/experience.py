@@ -60,9 +60,13 @@ def with_optional(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def concat(batches: list[pa.RecordBatch | pa.Table], schema: pa.Schema = ROLLOUT_SCHEMA) -> pa.Table:
-    tables = [b if isinstance(b, pa.Table) else pa.Table.from_batches([b]) for b in batches]
-    if not tables:
+    if not batches:
         return schema.empty_table()
+    first = batches[0].schema
+    if all(isinstance(b, pa.RecordBatch) and b.schema.equals(first) for b in batches):
+        # the pool's case (one batch per chunk, all alike): normalise once, not once per batch
+        return with_optional(pa.Table.from_batches(batches), schema).select(schema.names).cast(schema)
+    tables = [b if isinstance(b, pa.Table) else pa.Table.from_batches([b]) for b in batches]
     return pa.concat_tables([with_optional(t, schema).select(schema.names).cast(schema) for t in tables])
 
 

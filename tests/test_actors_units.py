@@ -88,3 +88,33 @@ def test_default_kv_cache_fits_the_model_not_a_constant(tiny_models):
         2 * 128 * 2 * 128 * 8
     assert kv_cache_bytes(policy, EngineConfig(dtype="auto")) == 2 * 128 * 4 * 512 * 64  # saved as float32
     assert kv_cache_bytes(policy, EngineConfig(kv_cache_bytes=16 << 20)) == 16 << 20  # set by hand: kept
+
+
+def test_a_chunk_travels_as_lists_and_arrives_as_the_prompt_batch_the_engine_reads():
+    """The pool's wire format (actors/dispatch.py): what a worker unpickles is the typed RecordBatch, and
+    the sampling config pickled once arrives equal."""
+    import pickle
+
+    import ray.cloudpickle
+
+    from actors.dispatch import Pickled, PromptSlice
+    sliced = PromptSlice(["q1", "q2"], ["red", "blue cat"], [[1, 5], [1, 6, 7]])
+    batch = ray.cloudpickle.loads(ray.cloudpickle.dumps(sliced))
+    assert isinstance(batch, pa.RecordBatch)
+    check_prompt_table(batch)
+    assert batch.schema.field("prompt_ids").type == pa.list_(pa.int32())
+    assert batch.to_pydict() == {"prompt_id": ["q1", "q2"], "prompt": ["red", "blue cat"],
+                                 "prompt_ids": [[1, 5], [1, 6, 7]]}
+    sampling = SamplingConfig(n=3, max_new_tokens=7, temperature=0.7, seed=2)
+    assert pickle.loads(pickle.dumps(Pickled(sampling))) == sampling
+
+
+def test_concat_of_like_batches_equals_concat_one_by_one():
+    """The one-pass path for the pool's batches gives the same table (optional columns added, same order)."""
+    from contract.experience import ROLLOUT_SCHEMA, concat
+
+    batches = [rollout_batch([_row("a", 0), _row("a", 1)]), rollout_batch([_row("b", 0)])]
+    fast = concat(batches)
+    slow = concat([pa.Table.from_batches([b]) for b in batches])  # Tables take the one-by-one path
+    assert fast.schema.equals(ROLLOUT_SCHEMA) and fast.equals(slow)
+    assert fast.column("prompt_id").to_pylist() == ["a", "a", "b"] and fast.column("messages").null_count == 3
