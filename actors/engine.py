@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import pyarrow as pa
 import torch
 
+from actors.adapter import AdapterSlot, lora_engine_kwargs
 from actors.config import EngineConfig, SamplingConfig
 from actors.prompts import check_prompt_table, check_prompt_lengths
 from contract.devices import DeviceProfile
@@ -65,7 +66,8 @@ def kv_cache_bytes(model_dir: str, cfg: EngineConfig) -> int:
 
 
 class RolloutEngine:
-    """An in-process `vllm.LLM` plus the tokenizer, with weights replaceable in place."""
+    """An in-process `vllm.LLM` plus the tokenizer, with weights replaceable in place, or (with
+    `cfg.lora_rank`) a LoRA adapter served on top of the base weights (actors/adapter.py)."""
 
     def __init__(self, model_dir: str, cfg: EngineConfig, device: DeviceProfile):
         import vllm
@@ -73,8 +75,10 @@ class RolloutEngine:
         self.cfg = cfg
         self.llm = vllm.LLM(model=str(model_dir), dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
                             tensor_parallel_size=cfg.tensor_parallel_size, logprobs_mode=LOGPROBS_MODE,
+                            **lora_engine_kwargs(cfg.lora_rank),
                             **device.vllm_engine_kwargs(kv_cache_bytes(model_dir, cfg), cfg.gpu_memory_utilization))
         self.tokenizer = self.llm.get_tokenizer()
+        self.adapter = AdapterSlot()
 
     def tokenize(self, prompts: list[str]) -> list[list[int]]:
         return self.tokenizer(prompts)["input_ids"]
@@ -92,7 +96,8 @@ class RolloutEngine:
         check_prompt_lengths(ids_col, token_ids, self.cfg.max_model_len)
         params = [sampling_params(sampling, prompt_seed(sampling.seed, pid)) for pid in ids_col]
         t0 = time.perf_counter()
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=t) for t in token_ids], params, use_tqdm=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=t) for t in token_ids], params, use_tqdm=False,
+                                 lora_request=self.adapter.request)
         gen_s = time.perf_counter() - t0
         rows = []
         for pid, text, toks, out in zip(ids_col, texts, token_ids, outs):
@@ -107,5 +112,15 @@ class RolloutEngine:
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """HF-named tensors into the live engine; the prefix cache would otherwise serve stale KV."""
+        if self.adapter.request is not None:
+            raise RuntimeError("rollout engine: full weights sent to an engine serving a LoRA adapter")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
+        self.llm.reset_prefix_cache()
+
+    def load_adapter(self, version: int, named: Iterable[tuple[str, torch.Tensor]], config_json: str) -> None:
+        """A LoRA adapter (PEFT names, its adapter_config.json) served from now on as policy `version`."""
+        if not self.cfg.lora_rank:
+            raise RuntimeError("rollout engine: a LoRA adapter sent to an engine started without LoRA "
+                               "(rollout.engine.lora_rank 0; the job config sets it from learner.lora)")
+        self.adapter.load(self.llm, version, named, config_json)
         self.llm.reset_prefix_cache()

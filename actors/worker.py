@@ -2,7 +2,8 @@
 
 Weights arrive by either transport the learner offers: a state dict (Ray derefs an ObjectRef
 argument) or a broadcast over a side process group the worker joins as rank >= 1. Either way the
-tensors stream into `reload_weights`; the engine is never restarted.
+tensors stream into `reload_weights`, or, when they are a LoRA adapter (`adapter` set on the
+manifest / packed state dict), into the engine's adapter slot; the engine is never restarted.
 """
 from __future__ import annotations
 
@@ -75,11 +76,19 @@ class Worker:
         self._tokens += sum(len(r) for r in batch.column("response_ids").to_pylist())
         return batch
 
+    def _load(self, version: int, named, adapter: str) -> None:
+        """Tensors into the engine: a LoRA adapter (with its adapter_config.json) or full weights."""
+        if adapter:
+            self.engine.load_adapter(version, named, adapter)
+        else:
+            self.engine.load_weights(named)
+        self.version = version
+
     def update_weights(self, version: int, weights: PackedStateDict) -> int:
-        """Object-store transport: `weights` (HF names) maps from shared memory without a copy."""
+        """Object-store transport: `weights` (HF names, or a LoRA adapter) maps from shared memory
+        without a copy."""
         if check_version(self.version, version):
-            self.engine.load_weights(weights.tensors())
-            self.version = version
+            self._load(version, weights.tensors(), weights.adapter)
         return self.version
 
     def join_weight_group(self, addr: GroupAddress, rank: int) -> None:
@@ -99,8 +108,7 @@ class Worker:
                 pass
             raise
         if load:
-            self.engine.load_weights(stream)
-            self.version = version
+            self._load(version, stream, manifest.adapter)
         else:
             for _ in stream:
                 pass

@@ -3,6 +3,7 @@ token-budget vs fixed-count micro-batches (step time), activation checkpointing 
 memory), LoRA vs full fine-tuning (bytes per weight sync, step time, peak memory).
 
     python -m benchmarks.learner_memory [--reps 3] [--out benchmarks/RESULTS_memory.md]
+    python -m benchmarks.learner_memory --sync-only   # the bytes-per-sync table alone, printed
 
 The update is learner/update.py run by learner/local.py's LocalLearner in this process (torch
 AdamW): the same function, modules (learner/models.py) and micro-batch plans (learner/micro.py) a
@@ -34,7 +35,7 @@ import torch  # noqa: E402
 from contract.devices import DeviceProfile  # noqa: E402
 from contract.experience import EXPERIENCE_SCHEMA  # noqa: E402
 from contract.weights import PackedStateDict  # noqa: E402
-from learner import lora, models  # noqa: E402
+from learner import models  # noqa: E402
 from learner.config import LearnerConfig  # noqa: E402
 from learner.local import LocalLearner  # noqa: E402
 
@@ -106,37 +107,65 @@ def paired(model_dir: str, knob: dict, reps: int) -> dict:
     return res
 
 
-def sync_bytes(local: LocalLearner) -> tuple[int, float]:
-    """(bytes of what a publish sends, seconds to build it: HF-named weights, merged for LoRA, packed)."""
+def sync_bytes(local: LocalLearner, sync: str | None = None) -> tuple[int, float]:
+    """(bytes of what a publish sends, seconds to build and pack it): `models.sync_state_dict` as a
+    rank publishes it (full weights; LoRA: the adapter alone, or with `sync` "merged" the merged
+    weights), packed by `PackedStateDict.pack`."""
+    cfg = local.cfg
+    if sync is not None:
+        cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"sync": sync})})
+    named = {n: p.detach() for n, p in local.actor.named_parameters()}
     t0 = time.perf_counter()
-    packed = PackedStateDict.pack(local.state_dict())
-    return sum(s.nbytes for s in packed.specs), time.perf_counter() - t0
+    packed = PackedStateDict.pack(models.sync_state_dict(local.actor, named, cfg))
+    return packed.total_bytes, time.perf_counter() - t0
+
+
+def sync_rows(full: LocalLearner, adapted: LocalLearner) -> list[str]:
+    """The bytes-per-sync table: full fine-tuning, LoRA merged, LoRA adapter (each measured)."""
+    (full_b, full_s), (merged_b, merged_s) = sync_bytes(full), sync_bytes(adapted, "merged")
+    adapter_b, adapter_s = sync_bytes(adapted, "adapter")
+    return [
+        "| training | bytes per sync | vs full | build + pack time |",
+        "|---|---|---|---|",
+        f"| full fine-tuning | {full_b / 1e6:.2f} MB | 1.00x | {full_s:.3f} s |",
+        f"| LoRA, `learner.lora.sync: merged`: W + (alpha/r) BA under the base names | {merged_b / 1e6:.2f} MB | "
+        f"{merged_b / full_b:.3f}x | {merged_s:.3f} s |",
+        f"| LoRA, `learner.lora.sync: adapter` (default): the adapter alone, served by vLLM's runtime LoRA | "
+        f"{adapter_b / 1e6:.2f} MB | {adapter_b / full_b:.3f}x | {adapter_s:.3f} s |",
+    ]
+
+
+def sync_only() -> None:
+    """`--sync-only`: print the bytes-per-sync table alone (no step timings, so seconds on any load)."""
+    model_dir = str(build_model(Path(tempfile.mkdtemp(prefix="bench-memory-")) / "policy"))
+    full, adapted = LocalLearner(config(), model_dir), LocalLearner(config(lora=LORA), model_dir)
+    adapted.train_step(ragged_experience(0, 0))  # a trained (non-zero) adapter; the bytes do not depend on it
+    print("\n".join(sync_rows(full, adapted)))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS_memory.md")))
+    ap.add_argument("--sync-only", action="store_true", help="print only the bytes-per-sync table; writes nothing")
     args = ap.parse_args()
+    if args.sync_only:
+        return sync_only()
     torch.set_num_threads(2)
     model_dir = str(build_model(Path(tempfile.mkdtemp(prefix="bench-memory-")) / "policy"))
     load0, t0 = os.getloadavg()[0], time.time()
     budget = paired(model_dir, {"max_tokens_per_micro_batch": BUDGET}, args.reps)
     ckpt = paired(model_dir, {"gradient_checkpointing": True}, args.reps)
     lo = paired(model_dir, {"lora": LORA}, args.reps)
-    full_bytes, full_pack = sync_bytes(lo["learners"]["default"])
-    lora_bytes, lora_pack = sync_bytes(lo["learners"]["knob"])
-    adapter = lora.adapter_bytes(lo["learners"]["knob"].actor)
     n_params = sum(p.numel() for p in lo["learners"]["default"].actor.parameters())
     n_train = len(models.trainable(lo["learners"]["knob"].actor))
-    lines = report(args, budget, ckpt, lo, (full_bytes, full_pack, lora_bytes, lora_pack, adapter), n_params,
+    lines = report(args, budget, ckpt, lo, sync_rows(lo["learners"]["default"], lo["learners"]["knob"]), n_params,
                    n_train, load0, os.getloadavg()[0], time.time() - t0)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
-def report(args, budget, ckpt, lo, sync, n_params, n_train, load0, load1, wall) -> list[str]:
-    full_bytes, full_pack, lora_bytes, lora_pack, adapter = sync
+def report(args, budget, ckpt, lo, sync: list[str], n_params, n_train, load0, load1, wall) -> list[str]:
 
     def row(name: str, r: dict, setting: str) -> str:
         d, k = r["default"], r["knob"]
@@ -169,16 +198,10 @@ def report(args, budget, ckpt, lo, sync, n_params, n_train, load0, load1, wall) 
         "what the knobs act on). Max weight diff: the two learners' published weights after the last step "
         "(token budget and checkpointing take the same update, so float noise only; LoRA trains other weights).",
         "",
-        "Weight sync per publish (HF-named weights as LearnerGroup publishes them, packed by "
-        "`contract.weights.PackedStateDict.pack`):",
+        "Weight sync per publish (what a rank sends each worker, `learner.models.sync_state_dict`, packed by "
+        "`contract.weights.PackedStateDict.pack`; a job logs it per step as `sync_bytes`):",
         "",
-        "| training | bytes per sync | vs full | build + pack time |",
-        "|---|---|---|---|",
-        f"| full fine-tuning | {full_bytes / 1e6:.1f} MB | 1.00x | {full_pack:.3f} s |",
-        f"| LoRA, merged W + (alpha/r) BA under the base names (what is sent) | {lora_bytes / 1e6:.1f} MB | "
-        f"{lora_bytes / full_bytes:.2f}x | {lora_pack:.3f} s |",
-        f"| LoRA, adapters only (not sent: would need vLLM's runtime LoRA in the engines) | {adapter / 1e6:.2f} MB | "
-        f"{adapter / full_bytes:.3f}x | - |",
+        *sync,
     ]
 
 

@@ -111,6 +111,9 @@ class JobConfig(Section):
                             f"reward model scores responses cut short")
         if problems:
             raise ValueError("\n".join(problems))
+        lora = getattr(self.learner, "lora", None)
+        if lora is not None and lora.sync == "adapter":  # the engines serve the synced adapter (actors/adapter.py)
+            self.rollout.engine.lora_rank = lora.r
         return self
 
 

@@ -15,6 +15,11 @@ Every rendezvous and collective carries a timeout: a dead peer becomes an error,
 Tied parameters (`lm_head.weight` is `model.embed_tokens.weight`) travel once, under their first
 name, and receivers get every alias back (`tied_aliases`): vLLM's `reload_weights` unties a tied
 output embedding, so an engine not sent the alias kept sampling from its step-0 LM head.
+
+LoRA adapters: with `adapter` set (the adapter's PEFT adapter_config.json), the tensors are a LoRA
+adapter under PEFT's saved names (adapter_model.safetensors) rather than the model's weights; a
+receiver serves the base model with that adapter on top (vLLM's runtime LoRA), and the sync moves
+only the adapter's bytes. Both transports carry it unchanged.
 """
 from __future__ import annotations
 
@@ -68,6 +73,7 @@ class WeightManifest:
     specs: tuple[TensorSpec, ...]
     buckets: tuple[tuple[int, ...], ...]  # indices into specs; one dtype per bucket
     aliases: tuple[tuple[str, str], ...] = ()  # (alias, name sent): see `tied_aliases`
+    adapter: str = ""  # a LoRA adapter's adapter_config.json: see the module docstring; "" for full weights
 
     @property
     def total_bytes(self) -> int:
@@ -75,7 +81,7 @@ class WeightManifest:
 
 
 def make_manifest(specs: Iterable[TensorSpec], bucket_bytes: int = 256 << 20,
-                  aliases: tuple[tuple[str, str], ...] = ()) -> WeightManifest:
+                  aliases: tuple[tuple[str, str], ...] = (), adapter: str = "") -> WeightManifest:
     """Greedy buckets of at most `bucket_bytes` (a larger tensor gets a bucket of its own)."""
     specs = tuple(specs)
     buckets: list[list[int]] = []
@@ -87,7 +93,7 @@ def make_manifest(specs: Iterable[TensorSpec], bucket_bytes: int = 256 << 20,
             buckets.append(cur)
         cur.append(i)
         open_by_dtype[s.dtype] = (cur, size + s.nbytes)
-    return WeightManifest(specs=specs, buckets=tuple(tuple(b) for b in buckets), aliases=aliases)
+    return WeightManifest(specs=specs, buckets=tuple(tuple(b) for b in buckets), aliases=aliases, adapter=adapter)
 
 
 def tied_aliases(module: torch.nn.Module) -> tuple[tuple[str, str], ...]:
@@ -131,12 +137,20 @@ class PackedStateDict:
     specs: tuple[TensorSpec, ...]
     arrays: tuple[np.ndarray, ...]
     aliases: tuple[tuple[str, str], ...] = ()
+    adapter: str = ""  # as `WeightManifest.adapter`
 
     @classmethod
-    def pack(cls, tensors: dict[str, torch.Tensor], aliases: tuple[tuple[str, str], ...] = ()) -> PackedStateDict:
+    def pack(cls, tensors: dict[str, torch.Tensor], aliases: tuple[tuple[str, str], ...] = (),
+             adapter: str = "") -> PackedStateDict:
         """Views, not copies (for contiguous CPU tensors): `ray.put` makes the one copy."""
         items = [(n, t.detach().cpu().contiguous()) for n, t in tensors.items()]
-        return cls(tuple(specs_of(items)), tuple(t.reshape(-1).view(torch.uint8).numpy() for _, t in items), aliases)
+        return cls(tuple(specs_of(items)), tuple(t.reshape(-1).view(torch.uint8).numpy() for _, t in items), aliases,
+                   adapter)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of the tensors (what one sync moves to each worker)."""
+        return sum(s.nbytes for s in self.specs)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) views over the arrays; read-only when fetched from the object store, which is

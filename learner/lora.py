@@ -4,14 +4,17 @@
   value head (PEFT's TOKEN_CLS task keeps `score`/`classifier` trainable as modules_to_save).
 * The reference is the same module with its adapters switched off (`AdapterOff`, PEFT's
   `disable_adapter()` around the forward): no second copy of the model in memory.
-* The engines and the HF export get merged weights under the base names
-  (`merged_state_dict`: W + (alpha / r) B A per adapted layer), computed from the gathered
-  parameters on rank 0, so they travel over the existing transports (contract/weights.py)
-  unchanged; the bytes per sync are the full model's (vLLM's runtime LoRA would move only the
-  adapters: see benchmarks/RESULTS_memory.md for both figures).
+* The engines get the adapter alone (`learner.lora.sync: adapter`, the default): its tensors under
+  PEFT's saved names (`sync_adapter`) plus its adapter_config.json (`adapter_config_json`), and
+  vLLM serves the base model with it as a runtime LoRA adapter; or, with `sync: merged`, merged
+  weights under the base names (`merged_state_dict`: W + (alpha / r) B A per adapted layer). Both
+  are computed from the gathered parameters on rank 0 and travel over the existing transports
+  (contract/weights.py); the bytes per sync are in benchmarks/RESULTS_memory.md.
+* The HF export always gets the merged weights, plus the adapter alone (`save_adapter`).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -79,6 +82,22 @@ def adapter_state_dict(model: torch.nn.Module, named: dict[str, torch.Tensor]) -
     return {n: t for n, t in named.items() if n in trainable}
 
 
+def sync_adapter(model: torch.nn.Module, named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The policy adapter's tensors under PEFT's saved names (the adapter name dropped: what
+    adapter_model.safetensors holds and vLLM loads), from `named` (the PEFT model's parameters by
+    name; meta tensors give the names and shapes for a manifest)."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model, state_dict=adapter_state_dict(model, named), adapter_name=ADAPTER,
+                                     save_embedding_layers=False)
+
+
+def adapter_config_json(model: torch.nn.Module) -> str:
+    """The adapter's adapter_config.json text, as PEFT's save_pretrained writes it (sets as lists)."""
+    cfg = model.peft_config[ADAPTER].to_dict()
+    return json.dumps(cfg, indent=2, sort_keys=True, default=lambda v: sorted(v) if isinstance(v, set) else str(v))
+
+
 def save_adapter(model: torch.nn.Module, named: dict[str, torch.Tensor], out_dir: Path) -> None:
     """PEFT's adapter directory (adapter_config.json + adapter_model.safetensors) of `named`."""
     model.save_pretrained(str(out_dir), state_dict=dict(named), safe_serialization=True)
@@ -102,5 +121,5 @@ def reference(engine, model: torch.nn.Module):
 
 
 def adapter_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the trainable adapter weights (what an adapter-only sync would move)."""
+    """Bytes of the trainable adapter weights (what an adapter sync moves, for a policy)."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)

@@ -28,3 +28,10 @@ class LoraConfig(Section):
         "module names (suffixes, e.g. [q_proj, v_proj]) that get an adapter, or all-linear: every linear "
         "layer but the output head (PEFT's shorthand). all-linear: works on any architecture and is what "
         "QLoRA found to match full fine-tuning"))
+    sync: Literal["adapter", "merged"] = Field("adapter", description=(
+        "what a weight sync sends the rollout engines. adapter: only the adapter tensors (PEFT's "
+        "adapter_model.safetensors, about 2 r (d_in + d_out) values per adapted layer) and vLLM serves the base "
+        "model with it as a runtime LoRA adapter (the engines start with enable_lora, max_lora_rank >= r, set "
+        "from r by the job config); merged: W + (alpha / r) B A under the base names, the full model's bytes, "
+        "for an engine that cannot load LoRA adapters. adapter: what vLLM's CPU and GPU builds support, and a "
+        "sync then moves a small fraction of the bytes (benchmarks/RESULTS_memory.md)"))

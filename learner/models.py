@@ -96,6 +96,34 @@ def hf_aliases(model: torch.nn.Module) -> tuple[tuple[str, str], ...]:
                  if hf_name(a) is not None and hf_name(s) is not None)
 
 
+def sends_adapter(model: torch.nn.Module, cfg: LearnerConfig) -> bool:
+    """True when a weight sync sends the policy's LoRA adapter alone (learner.lora.sync: adapter)."""
+    return is_adapted(model) and cfg.lora is not None and cfg.lora.sync == "adapter"
+
+
+def sync_state_dict(model: torch.nn.Module, named: dict[str, torch.Tensor], cfg: LearnerConfig
+                    ) -> dict[str, torch.Tensor]:
+    """What a weight sync sends the engines: the LoRA adapter's tensors under PEFT's saved names
+    (`sends_adapter`), else `hf_state_dict` (full weights, merged for LoRA)."""
+    if sends_adapter(model, cfg):
+        from learner.lora import sync_adapter
+
+        return sync_adapter(model, named)
+    return hf_state_dict(model, named)
+
+
+def sync_layout(model: torch.nn.Module, cfg: LearnerConfig) -> tuple[list, tuple, str]:
+    """(name, meta tensor) of what `sync_state_dict` yields, its tied aliases and the adapter's
+    adapter_config.json ("" for full weights), without gathering anything: what a manifest needs."""
+    shape = lambda p: tuple(getattr(p, "ds_shape", p.shape))  # noqa: E731 - ZeRO-3 keeps the full shape aside
+    if sends_adapter(model, cfg):
+        from learner.lora import adapter_config_json, sync_adapter
+
+        meta = {n: p.new_empty(shape(p), device="meta") for n, p in model.named_parameters() if p.requires_grad}
+        return list(sync_adapter(model, meta).items()), (), adapter_config_json(model)
+    return [(n, p.new_empty(shape(p), device="meta")) for n, p in hf_named_params(model)], hf_aliases(model), ""
+
+
 def export_pretrained(model: torch.nn.Module, out_dir, named: dict[str, torch.Tensor]) -> None:
     """An HF safetensors directory of the (merged) weights; with LoRA also the adapter alone in
     `out_dir`/adapter (PEFT's adapter_config.json + adapter_model.safetensors)."""

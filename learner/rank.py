@@ -147,13 +147,12 @@ class LearnerRank:
             yield {n: p.detach() for n, p in named} if self.rank == 0 else None
 
     def manifest(self):
-        """What the engines receive: the HF-named weights (with LoRA: merged, under the base names)."""
+        """What the engines receive: the HF-named weights (with LoRA: the adapter alone, or merged
+        weights under the base names; `models.sync_state_dict`)."""
         from contract.weights import make_manifest, specs_of
 
-        named = [(n, p.new_empty(tuple(getattr(p, "ds_shape", p.shape)), device="meta"))
-                 for n, p in models.hf_named_params(self.actor.module)]
-        return make_manifest(specs_of(named), bucket_bytes=self.cfg.bucket_mb << 20,
-                             aliases=models.hf_aliases(self.actor.module))
+        named, aliases, adapter = models.sync_layout(self.actor.module, self.cfg)
+        return make_manifest(specs_of(named), bucket_bytes=self.cfg.bucket_mb << 20, aliases=aliases, adapter=adapter)
 
     def join_weight_group(self, addr) -> None:
         from contract.weights import join_group
@@ -174,20 +173,22 @@ class LearnerRank:
         manifest = self.manifest()
         with self._gathered(self.actor) as sd:
             if sd is not None:
-                send_weights(self.weight_group, manifest, models.hf_state_dict(self.actor.module, sd))
+                send_weights(self.weight_group, manifest, models.sync_state_dict(self.actor.module, sd, self.cfg))
         return version
 
     def put_state_dict(self) -> list | None:
-        """Rank 0: one ray.put of the full state dict as a `PackedStateDict` (the put is the only
-        copy), returned wrapped in a list so the caller gets the ref itself, not its value."""
+        """Rank 0: one ray.put of what a sync sends (`models.sync_state_dict`: full weights, or a LoRA
+        adapter with its config) as a `PackedStateDict` (the put is the only copy), returned wrapped
+        in a list so the caller gets the ref itself, not its value."""
         import ray
 
         from contract.weights import PackedStateDict
 
         module = self.actor.module
+        _, aliases, adapter = models.sync_layout(module, self.cfg)
         with self._gathered(self.actor) as sd:
-            return None if sd is None else [ray.put(PackedStateDict.pack(models.hf_state_dict(module, sd),
-                                                                         models.hf_aliases(module)))]
+            return None if sd is None else [ray.put(PackedStateDict.pack(models.sync_state_dict(module, sd, self.cfg),
+                                                                         aliases, adapter))]
 
     # ---- checkpoints (collective; `path` is a fresh temp dir the controller renames) ------------
 

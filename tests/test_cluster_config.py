@@ -77,6 +77,15 @@ def test_a_good_job_passes(job):
     pf.preflight(job(), CPU, embedded=True)
 
 
+def test_the_engines_get_room_for_the_adapter_an_adapter_sync_brings(job):
+    """learner.lora with sync adapter (the default) sets rollout.engine.lora_rank to r: no second
+    setting to keep in step; merged sync or no LoRA leaves the engines without LoRA."""
+    assert job().rollout.engine.lora_rank == 0
+    assert job("learner.lora.r=8").rollout.engine.lora_rank == 8
+    assert job("learner.lora.r=8", "learner.lora.sync=merged").rollout.engine.lora_rank == 0
+    pf.preflight(job("learner.lora.r=8"), CPU, embedded=True)
+
+
 def test_models_of_the_wrong_kind_are_named(job, tiny_models):
     lines = check(job(f"model.policy={tiny_models['reward']}", f"reward.model_dir={tiny_models['policy']}"))
     assert lines == [

@@ -1,10 +1,13 @@
 """LoRA (learner.lora, PEFT): only the adapters train, the frozen base is the KL reference (adapters
-switched off, no second model), and the engines get merged weights under the base names. In one
-process (LocalLearner) and on 2 ZeRO-3 DeepSpeed ranks, which end a PPO step with the same merged
-weights; after a broadcast and an object-store sync a live vLLM engine's logprobs equal an HF model
-loaded with the published weights within test_learner_sync's 2e-5; a checkpoint holds the adapter and
-a merged HF export, and loading it brings the trained adapter back onto the base model."""
+switched off, no second model). In one process (LocalLearner) and on 2 ZeRO-3 DeepSpeed ranks, which
+end a PPO step with the same merged weights. Weight sync, both transports: with `sync: adapter` (the
+default) the engines get the adapter alone and a real RolloutWorker serves it as a vLLM LoRA adapter,
+sampling with the logprobs the learner's PEFT model gives, for a small fraction of the merged bytes;
+with `sync: merged` a live vLLM engine's logprobs equal an HF model loaded with the published merged
+weights. Both within test_learner_sync's 2e-5. A checkpoint holds the adapter and a merged HF export,
+and loading it brings the trained adapter back onto the base model."""
 import copy
+import os
 import uuid
 
 import pytest
@@ -20,6 +23,7 @@ from support_learner import experience_table, learner_cfg, make_group
 from support_learner import PROMPT, RESPONSE, TOLERANCE, engine_actor, hf_logprobs
 
 LORA = {"r": 4, "alpha": 8.0}
+MERGED = {**LORA, "sync": "merged"}
 
 
 def adapted(tiny_models, critic: bool = False):
@@ -100,9 +104,10 @@ def test_lora_ranks_publish_merged_weights_the_engine_scores_like_the_learner_an
         tiny_models, engine, local_step, tmp_path):
     """2 ZeRO-3 ranks: the step equals LocalLearner's, only adapters are in the optimizers, the
     reference is the frozen base (KL 0 on the first step, not after), both syncs carry merged
-    weights under the base names, a checkpoint holds a merged export and the adapter, and loads back."""
+    weights under the base names (sync: merged), a checkpoint holds a merged export and the adapter,
+    and loads back."""
     policy = str(tiny_models["policy"])
-    group = make_group(tiny_models, num_ranks=2, zero_stage=3, lora=LORA)
+    group = make_group(tiny_models, num_ranks=2, zero_stage=3, lora=MERGED)
     try:
         trainable = ray.get([h.__ray_call__.remote(lambda r: [sum(p.requires_grad for p in e.module.parameters())
                                                               for e in (r.actor, r.critic)])
@@ -174,3 +179,138 @@ def test_lora_with_checkpointing_recomputes_every_layer(tiny_models):
     model(input_ids=torch.tensor([PROMPT + RESPONSE])).logits.sum().backward()
     assert len(calls) == 2 * len(layers)  # forward + recomputation (see test_learner_memory)
     assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
+
+
+def peft_logprobs(policy_dir, packed, rows, tmp_dir) -> tuple[list[list[float]], list[list[float]]]:
+    """The learner's logprobs of each row's response with the published adapter (written as PEFT's
+    adapter directory and loaded by PEFT itself) on, and off (the base model): log_softmax at T=1."""
+    from peft import PeftModel
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    tmp_dir.mkdir()
+    save_file({n: t.clone() for n, t in packed.tensors()}, str(tmp_dir / "adapter_model.safetensors"))
+    (tmp_dir / "adapter_config.json").write_text(packed.adapter)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32),
+                                      tmp_dir).eval()
+
+    def score(r):
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([r["prompt_ids"] + r["response_ids"]])).logits[0], -1)
+        p = len(r["prompt_ids"])
+        return [lp[p - 1 + i, t].item() for i, t in enumerate(r["response_ids"])]
+
+    on = [score(r) for r in rows]
+    with model.disable_adapter():
+        off = [score(r) for r in rows]
+    return on, off
+
+
+def test_lora_adapter_sync_sends_only_the_adapter_and_the_worker_samples_like_the_learner(
+        tiny_models, ray_local, local_step, tmp_path):
+    """sync: adapter (the default). 2 ZeRO-3 ranks publish the adapter alone (PEFT names, its config),
+    a fraction of the merged bytes; a real RolloutWorker (vLLM runtime LoRA, started with the rank the
+    job config derives) serves it after an object-store and then a broadcast sync, and its sampled
+    tokens' logprobs equal the learner's PEFT model's; only the newest adapter stays on its disk."""
+    import json
+
+    from actors.config import EngineConfig, SamplingConfig
+    from actors.worker import RolloutWorker
+    from support_learner import CPU
+    from support_rollout import prompts, rollout_cfg
+
+    policy = str(tiny_models["policy"])
+    cfg = rollout_cfg(engine=EngineConfig(max_model_len=128, kv_cache_bytes=16 << 20, lora_rank=LORA["r"]))
+    worker = RolloutWorker.options(num_cpus=1, runtime_env={"env_vars": CPU.actor_env(1)}).remote(
+        "w-lora", policy, cfg, "cpu")
+    group = make_group(tiny_models, num_ranks=2, zero_stage=3, lora=LORA)
+    sampling = SamplingConfig(max_new_tokens=8, n=2, seed=5, temperature=1.0)
+
+    def sample_and_compare(packed, name):
+        """The worker's samples; their logprobs are the learner's with the adapter on, not the base's."""
+        rows = ray.get(worker.generate.remote(prompts(3), sampling), timeout=120).to_pylist()
+        on, off = peft_logprobs(policy, packed, rows, tmp_path / name)
+        gap = lambda want: max(abs(a - b) for r, w in zip(rows, want) for a, b in zip(r["logprobs"], w))  # noqa: E731
+        assert gap(on) < TOLERANCE and gap(off) > 10 * TOLERANCE, (gap(on), gap(off))
+        return rows
+
+    try:
+        manifest = group.weight_manifest()
+        assert manifest.specs and all(".lora_A.weight" in s.name or ".lora_B.weight" in s.name for s in manifest.specs)
+        assert json.loads(manifest.adapter)["r"] == LORA["r"] and manifest.aliases == ()
+        merged_bytes = sum(t.numel() * t.element_size() for t in local_step[3].values())
+        n_lora = sum(".lora_" in n for n in local_step[0])
+        adapter_bytes = sum(t.numel() * t.element_size() for n, t in local_step[0].items() if ".lora_" in n)
+        assert len(manifest.specs) == n_lora and manifest.total_bytes == adapter_bytes < merged_bytes / 10
+
+        # (a) the object store, after one step
+        group.train_step(experience_table(seed=3))
+        v1, ref1 = group.publish_object_store()
+        packed1 = ray.get(ref1, timeout=60)
+        assert packed1.specs == manifest.specs and packed1.adapter == manifest.adapter
+        assert packed1.total_bytes == manifest.total_bytes
+        assert ray.get(worker.update_weights.remote(v1, ref1), timeout=120) == v1 == 1
+        sample_and_compare(packed1, "v1")
+
+        # (b) broadcast over a side gloo group, after a second step
+        group.train_step(experience_table(seed=4, version=1))
+        addr = GroupAddress("127.0.0.1", free_port(), 2, f"lora-test-{uuid.uuid4().hex[:6]}", timeout_s=60)
+        ray.get([group.join_weight_group(addr), worker.join_weight_group.remote(addr, 1)], timeout=120)
+        assert ray.get([group.broadcast_weights(), worker.receive_weights.remote(2, manifest)], timeout=120) == [2, 2]
+        packed2 = ray.get(group.publish_object_store()[1], timeout=60)  # what was broadcast, to score with
+        rows2 = sample_and_compare(packed2, "v2")
+        assert [r["policy_version"] for r in rows2] == [2] * len(rows2)
+        on_disk = ray.get(worker.__ray_call__.remote(lambda w: sorted(os.listdir(w.engine.adapter._root.name))),
+                          timeout=60)
+        assert on_disk == ["v2"]  # the previous version's adapter directory is gone
+    finally:
+        group.shutdown()
+        ray.kill(worker)
+
+
+@pytest.mark.slow
+def test_a_lora_job_samples_with_the_adapter_the_learner_trains(tiny_models, ray_local, tmp_path):
+    """A whole sync-mode job with learner.lora (adapter sync, the engines given LoRA room by the job
+    config alone): after every sync the worker's logprobs of its samples equal the learner's old-policy
+    logprobs (logprob_gap), while the policy moves away from the frozen base (KL to the reference), and
+    each sync moves the adapter's bytes."""
+    import json
+    import sys
+
+    from cluster.config import load_config
+    from cluster.job.loop import LoopState, TrainingLoop
+    from cluster.job.services import start_services, stop_services
+    from cluster.outputs.run_dir import RunDir
+    from contract.datasets import PromptIterator, load_prompts
+    from contract.devices import DeviceProfile
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"red cat {i}"}) + "\n" for i in range(8)))
+    steps = 3
+    cfg = load_config(None, [], base={
+        "name": "lora-job", "model": {"policy": str(tiny_models["policy"])},
+        "data": {"prompts": str(prompts), "prompts_per_step": 4},
+        "rollout": {"num_workers": 1, "sampling": {"n": 2, "max_new_tokens": 6, "temperature": 1.0}},
+        "reward": {"functions": [{"path": "support_rewards:colour_only"}], "python_path": [str(here)],
+                   "http_port": free_port(), "max_retries": 1},
+        "learner": {"num_ranks": 1, "lr": 5e-2, "lora": LORA,
+                    "rl": {"algorithm": "grpo", "kl_coef": 0.01, "minibatch_size": 8, "micro_batch_size": 8}},
+        "loop": {"steps": steps, "mode": "sync"},
+    })
+    assert cfg.rollout.engine.lora_rank == LORA["r"]
+    sys.path.insert(0, str(here))
+    run = RunDir(tmp_path / "run").create("")
+    services = start_services(cfg, DeviceProfile("cpu"), str(tmp_path / "store"), log=lambda m: None)
+    try:
+        TrainingLoop(cfg, run, services, PromptIterator(load_prompts(prompts)), LoopState(), log=lambda m: None).run_loop()
+        manifest = services.learner.weight_manifest()
+    finally:
+        stop_services(services)
+        sys.path.remove(str(here))
+    rows = [r for r in run.read_metrics() if "train_s" in r]
+    assert [r["step"] for r in rows] == list(range(steps))
+    assert manifest.adapter and all(r["sync_bytes"] == manifest.total_bytes for r in rows)
+    assert all(r["staleness_max"] == 0 and r["logprob_gap"] < 1e-4 for r in rows)
+    assert rows[-1]["kl"] > 10 * rows[-1]["logprob_gap"]  # the adapter the engine serves has moved off the base

@@ -105,6 +105,8 @@ class TrainingLoop:
         m = {k: float(v) for k, v in train_metrics.items() if isinstance(v, (int, float))}
         m.update(rollout_stats(p.table, p.gen_s))
         m.update({"gen_s": p.gen_s, "reward_s": p.reward_s, "train_s": train_s, "sync_s": sync_s,
+                  # bytes one weight sync sends each worker (learner.lora.sync adapter: the adapter's alone)
+                  "sync_bytes": learner.weight_manifest().total_bytes,
                   "num_workers": p.num_workers, "policy_version": learner.version,
                   "staleness_mean": float(stale.mean()), "staleness_max": int(stale.max()),
                   "dropped_stale": n_stale, "invalid_rewards": n_invalid, "trained_samples": int(mask.sum()),
