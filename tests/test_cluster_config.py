@@ -84,6 +84,10 @@ def test_the_engines_get_room_for_the_adapter_an_adapter_sync_brings(job):
     assert job("learner.lora.r=8").rollout.engine.lora_rank == 8
     assert job("learner.lora.r=8", "learner.lora.sync=merged").rollout.engine.lora_rank == 0
     pf.preflight(job("learner.lora.r=8"), CPU, embedded=True)
+    assert check(job("learner.lora.r=1024")) == [
+        "learner.lora.r: 1024 is too large for an adapter sync (vLLM serves LoRA ranks up to 512 (got 1024); set "
+        "learner.lora.sync=merged to send merged weights instead)"]
+    pf.preflight(job("learner.lora.r=1024", "learner.lora.sync=merged"), CPU, embedded=True)
 
 
 def test_models_of_the_wrong_kind_are_named(job, tiny_models):

@@ -89,6 +89,14 @@ def check_models(cfg, problems: list[str]) -> dict | None:
                             f"reward.model_dir (config.json max_position_embeddings)")
     if cfg.learner.critic_model:
         _hf_config("learner.critic_model", cfg.learner.critic_model, problems)
+    if cfg.rollout.engine.lora_rank:  # an adapter sync: vLLM must be able to serve an adapter of this rank
+        from actors.adapter import lora_engine_kwargs
+
+        try:
+            lora_engine_kwargs(cfg.rollout.engine.lora_rank)
+        except ValueError as e:
+            problems.append(f"learner.lora.r: {cfg.learner.lora.r} is too large for an adapter sync "
+                            f"({str(e).split(': ', 1)[1]})")
     return policy
 
 
