@@ -2,7 +2,7 @@
 token-budget vs fixed-count micro-batches (step time), activation checkpointing vs none (peak
 memory), LoRA vs full fine-tuning (bytes per weight sync, step time, peak memory).
 
-    python -m benchmarks.learner_memory [--reps 3] [--out benchmarks/RESULTS_memory.md]
+    python -m benchmarks.learner_memory [--reps 3] [--size tiny|100m] [--out benchmarks/RESULTS_memory.md]
     python -m benchmarks.learner_memory --sync-only   # the bytes-per-sync table alone, printed
 
 The update is learner/update.py run by learner/local.py's LocalLearner in this process (torch
@@ -39,10 +39,25 @@ from learner import models  # noqa: E402
 from learner.config import LearnerConfig  # noqa: E402
 from learner.local import LocalLearner  # noqa: E402
 
-ARCH = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
-            vocab_size=4096, max_position_embeddings=512, tie_word_embeddings=True)
-BATCH, PROMPT_LEN, MIN_NEW, MAX_NEW, MICRO = 16, 16, 4, 112, 4
+# --size: the model and the response-length range. tiny: seconds per step here; 100m: issue 15's size
+# (a Qwen2.5-0.5B-like shape scaled to ~110M parameters, 16..64 new tokens), tens of seconds per step on 2 cores.
+SIZES = {
+    "tiny": (dict(hidden_size=128, intermediate_size=344, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=4096, max_position_embeddings=512, tie_word_embeddings=True), 4, 112),
+    "100m": (dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+                  num_key_value_heads=12, vocab_size=32000, max_position_embeddings=512, tie_word_embeddings=True),
+             16, 64),
+}
+ARCH, MIN_NEW, MAX_NEW = SIZES["tiny"]
+BATCH, PROMPT_LEN, MICRO = 16, 16, 4
 BUDGET = MICRO * (PROMPT_LEN + MAX_NEW)
+
+
+def use_size(name: str) -> None:
+    """Set the module's model shape and response lengths (what every function here reads) to SIZES[name]."""
+    global ARCH, MIN_NEW, MAX_NEW, BUDGET
+    ARCH, MIN_NEW, MAX_NEW = SIZES[name]
+    BUDGET = MICRO * (PROMPT_LEN + MAX_NEW)
 LORA = {"r": 16, "alpha": 32.0}
 CPU = DeviceProfile("cpu")
 
@@ -146,9 +161,14 @@ def sync_only() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--out", default=str(Path(__file__).with_name("RESULTS_memory.md")))
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model shape and response lengths")
+    ap.add_argument("--out", default=None, help="default: benchmarks/RESULTS_memory.md (tiny), "
+                                                "RESULTS_memory_100m.md (100m)")
     ap.add_argument("--sync-only", action="store_true", help="print only the bytes-per-sync table; writes nothing")
     args = ap.parse_args()
+    use_size(args.size)
+    args.out = args.out or str(Path(__file__).with_name("RESULTS_memory.md" if args.size == "tiny"
+                                                         else f"RESULTS_memory_{args.size}.md"))
     if args.sync_only:
         return sync_only()
     torch.set_num_threads(2)
