@@ -2,7 +2,7 @@
 token-budget vs fixed-count micro-batches (step time), activation checkpointing vs none (peak
 memory), LoRA vs full fine-tuning (bytes per weight sync, step time, peak memory).
 
-    python -m benchmarks.learner_memory [--reps 3] [--size tiny|100m] [--out benchmarks/RESULTS_memory.md]
+    python -m benchmarks.learner_memory [--reps 3] [--size tiny|100m] [--micro 4] [--out benchmarks/RESULTS_memory.md]
     python -m benchmarks.learner_memory --sync-only   # the bytes-per-sync table alone, printed
 
 The update is learner/update.py run by learner/local.py's LocalLearner in this process (torch
@@ -53,10 +53,11 @@ BATCH, PROMPT_LEN, MICRO = 16, 16, 4
 BUDGET = MICRO * (PROMPT_LEN + MAX_NEW)
 
 
-def use_size(name: str) -> None:
-    """Set the module's model shape and response lengths (what every function here reads) to SIZES[name]."""
-    global ARCH, MIN_NEW, MAX_NEW, BUDGET
+def use_size(name: str, micro: int = MICRO) -> None:
+    """Set the module's model shape, response lengths and micro-batch (what every function here reads)."""
+    global ARCH, MIN_NEW, MAX_NEW, MICRO, BUDGET
     ARCH, MIN_NEW, MAX_NEW = SIZES[name]
+    MICRO = micro
     BUDGET = MICRO * (PROMPT_LEN + MAX_NEW)
 LORA = {"r": 16, "alpha": 32.0}
 CPU = DeviceProfile("cpu")
@@ -162,11 +163,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model shape and response lengths")
+    ap.add_argument("--micro", type=int, default=MICRO, help="samples per padded micro-batch (the token budget is "
+                                                             "this many rows of the longest length)")
     ap.add_argument("--out", default=None, help="default: benchmarks/RESULTS_memory.md (tiny), "
                                                 "RESULTS_memory_100m.md (100m)")
     ap.add_argument("--sync-only", action="store_true", help="print only the bytes-per-sync table; writes nothing")
     args = ap.parse_args()
-    use_size(args.size)
+    use_size(args.size, args.micro)
     args.out = args.out or str(Path(__file__).with_name("RESULTS_memory.md" if args.size == "tiny"
                                                          else f"RESULTS_memory_{args.size}.md"))
     if args.sync_only:
