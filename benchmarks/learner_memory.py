@@ -43,7 +43,8 @@ from learner.local import LocalLearner  # noqa: E402
 # (a Qwen2.5-0.5B-like shape scaled to ~110M parameters, 16..64 new tokens), tens of seconds per step on 2 cores.
 SIZES = {
     "tiny": (dict(hidden_size=128, intermediate_size=344, num_hidden_layers=6, num_attention_heads=4,
-                  num_key_value_heads=4, vocab_size=4096, max_position_embeddings=512, tie_word_embeddings=True), 4, 112),
+                  num_key_value_heads=4, vocab_size=4096, max_position_embeddings=512, tie_word_embeddings=True),
+             4, 112),
     "100m": (dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                   num_key_value_heads=12, vocab_size=32000, max_position_embeddings=512, tie_word_embeddings=True),
              16, 64),

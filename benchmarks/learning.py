@@ -115,7 +115,7 @@ def main() -> None:
     from contract.devices import resolve_device
 
     work = Path(tempfile.mkdtemp(prefix="bench-learning-"))
-    base = build_demo(work / "demo")
+    base = build_demo(work / "demo", sft=False)  # RL from the raw policy: where the algorithms differ
     chosen = {k: v for k, v in ROWS.items() if a.rows == "all" or any(s in k for s in a.rows.split(","))}
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              runtime_env={"env_vars": resolve_device("cpu").actor_env(1)})

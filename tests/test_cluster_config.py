@@ -33,10 +33,23 @@ def test_the_demo_runs_its_shipped_yaml(tmp_path, monkeypatch):
     monkeypatch.setattr(task, "make_tiny_models", lambda d: {"policy": d / "policy", "reward": d / "reward"})
     (tmp_path / "demo/reward_model").mkdir(parents=True)
     (tmp_path / "demo/reward_model/config.json").write_text("{}")  # trained already: not retrained
+    (tmp_path / "demo/sft_model").mkdir(parents=True)
+    (tmp_path / "demo/sft_model/config.json").write_text("{}")  # fine-tuned already
+    (tmp_path / "demo/data").mkdir(parents=True)
+    (tmp_path / "demo/data/preferences.jsonl").write_text("")
     tree = task.build_demo(tmp_path / "demo")
     cfg = demo_config(tmp_path / "demo", [], build=lambda work, max_new_tokens: tree)
     assert cfg == load_config(None, [], base=tree)  # the YAML is the demo's whole config
-    assert cfg.model.policy == str(tmp_path / "demo/models/policy")
+    assert cfg.model.policy == str(tmp_path / "demo/sft_model")  # PPO starts from the SFT model
+    assert task.build_demo(tmp_path / "demo", sft=False)["model"]["policy"] == str(tmp_path / "demo/models/policy")
+
+
+def test_demo_demonstrations_are_the_preferred_responses_with_gold_at_least_half():
+    from cluster.demo.task import demonstrations
+
+    pairs = [{"prompt": "p", "chosen": "red blue cat", "rejected": "cat dog"},
+             {"prompt": "q", "chosen": "red dog cat mat", "rejected": "dog"}]
+    assert demonstrations(pairs) == [{"prompt": "p", "response": "red blue cat"}]
 
 
 def test_overrides_work_on_the_demo_and_are_checked_before_it_is_built(tmp_path, monkeypatch):
