@@ -119,7 +119,3 @@ def reference(engine, model: torch.nn.Module):
     """The KL reference a LoRA policy needs (`AdapterOff`), None for a plain model."""
     return AdapterOff(engine, model) if hasattr(model, "peft_config") else None
 
-
-def adapter_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the trainable adapter weights (what an adapter sync moves, for a policy)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)

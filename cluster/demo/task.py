@@ -82,8 +82,8 @@ def train_demo_reward_model(models: dict[str, Path], pairs: Path, out: Path) -> 
 
 def demonstrations(pairs: list[dict]) -> list[dict]:
     """SFT examples (prompt, response): the preferred responses of the pairs whose gold score is >= 0.5."""
-    good = [p for p in pairs if colour_fraction([p["prompt"]], [p["chosen"]])[0] >= 0.5]
-    return [{"prompt": p["prompt"], "response": p["chosen"]} for p in good]
+    gold = colour_fraction([p["prompt"] for p in pairs], [p["chosen"] for p in pairs])
+    return [{"prompt": p["prompt"], "response": p["chosen"]} for p, g in zip(pairs, gold) if g >= 0.5]
 
 
 def sft_demo_policy(policy: Path, pairs: Path, out: Path, max_new_tokens: int) -> None:
