@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -95,6 +96,47 @@ def test_the_learner_is_told_the_loops_staleness_and_the_samplers_settings():
     ctx = learner_context(cfg)
     plan = make_plan(cfg.learner.rl, ctx["sampling_temperature"], ctx["async_rollouts"], ctx["max_new_tokens"])
     assert (plan.norm_tokens, plan.overlong_buffer, ctx["sampling_temperature"]) == (20, 4, 0.7)
+
+
+def test_a_reward_that_cannot_score_fails_the_start_at_once_and_what_was_starting_is_stopped(monkeypatch):
+    """The services start together; a failed reward probe ends the start without waiting for the
+    learner and the pool (stand-ins here, to hold them mid-start), and each is shut down when its own
+    start returns, never left running unowned."""
+    import threading
+
+    import actors.pool
+    import cluster.job.services as services
+    import learner.group
+    from cluster.errors import JobFailed
+    from contract.devices import DeviceProfile
+
+    release, stopped = threading.Event(), []
+
+    class StartingService:  # stand-in: a learner group / rollout pool whose start takes until `release`
+        num_workers = 1
+
+        def __init__(self, *args, **kwargs):
+            assert release.wait(30)
+
+        def shutdown(self):
+            stopped.append(type(self).__name__)
+
+    monkeypatch.setattr(learner.group, "LearnerGroup", type("LearnerGroup", (StartingService,), {}))
+    monkeypatch.setattr(actors.pool, "RolloutPool", type("RolloutPool", (StartingService,), {}))
+
+    def reward_fails(*args):
+        raise JobFailed("reward service cannot score (probe request failed): no")
+
+    monkeypatch.setattr(services, "start_reward", reward_fails)
+    base = {"model": {"policy": "m"}, "data": {"prompts": "p"}, "reward": {"model_dir": "r"}}
+    with pytest.raises(JobFailed, match="cannot score"):
+        services.start_services(load_config(None, [], base=base), DeviceProfile("cpu"), "/nonexistent", log=print)
+    assert stopped == []  # raised while both were still starting
+    release.set()
+    deadline = time.monotonic() + 10
+    while len(stopped) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(stopped) == ["LearnerGroup", "RolloutPool"]
 
 
 def test_demo_preferences_are_ranked_by_the_gold_score(tiny_models):

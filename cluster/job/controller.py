@@ -10,6 +10,7 @@ import json
 import threading
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
@@ -102,17 +103,15 @@ class Controller:
         from cluster.job.services import start_services, stop_services
         from cluster.job.storage_check import check_shared_run_dir, learner_node_candidates
         from cluster.outputs.report import write_report
-        from contract.datasets import PromptIterator, load_prompts
         from contract.devices import resolve_device
         from contract.placement import bundle
 
         try:
             self.phase = "starting"
-            from transformers import AutoTokenizer
-
-            policy_tok = AutoTokenizer.from_pretrained(self.cfg.model.policy)  # renders chat prompts once
-            prompts = PromptIterator(load_prompts(self.cfg.data.prompts, self.cfg.data.columns, policy_tok),
-                                     seed=self.cfg.seed)
+            # The prompts load (~10 s of imports on a small box) while the services start.
+            reading = ThreadPoolExecutor(1, thread_name_prefix="prompts")
+            prompts_read = reading.submit(self._read_prompts)
+            reading.shutdown(wait=False)
             device = resolve_device(self.cfg.device)
             # Learner ranks write checkpoints on their node: a run_dir it does not share is refused now,
             # on every node a rank may use, and below on the nodes the ranks got (job/storage_check.py).
@@ -123,6 +122,7 @@ class Controller:
                                            review=review_paths(self.run.root))
             self.refresh = reward_started(self.cfg, self.run.root, self.services.reward, self._log)
             check_shared_run_dir(self.run.root, [n for n in self.services.learner.node_ids() if n not in shared])
+            prompts = prompts_read.result()
             state = self._restore(prompts) if self.resume else LoopState()
             self.loop = TrainingLoop(self.cfg, self.run, self.services, prompts, state, on_step=self._on_step,
                                    log=self._log)
@@ -156,6 +156,15 @@ class Controller:
             msg = f"rollout workers: could not ask the autoscaler for {workers} ({one_line(e)})"
         if msg:
             self._log(msg)
+
+    def _read_prompts(self):
+        from transformers import AutoTokenizer
+
+        from contract.datasets import PromptIterator, load_prompts
+
+        policy_tok = AutoTokenizer.from_pretrained(self.cfg.model.policy)  # renders chat prompts once
+        return PromptIterator(load_prompts(self.cfg.data.prompts, self.cfg.data.columns, policy_tok),
+                              seed=self.cfg.seed)
 
     def _restore(self, prompts) -> LoopState:
         ckpt = self.run.latest_checkpoint()

