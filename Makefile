@@ -35,8 +35,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/rlhf train
 
+# Two pytest-xdist workers: one box's two cores overlap one test's process starts and waits with
+# another's (tests/conftest.py orders the slow scenarios first and keeps each module on one worker).
+TEST_WORKERS ?= 2
 test: $(STAMP) sysdeps
-	$(VENV)/bin/python -m pytest tests -v
+	$(VENV)/bin/python -m pytest tests -v -n $(TEST_WORKERS) --dist loadscope
 
 bench: $(STAMP)
 	$(VENV)/bin/pip install -q -e ".[bench]"

@@ -100,9 +100,17 @@ def deploy(cfg: RewardConfig, store_dir: str | Path, name: str = "reward",
                            **({"resources": dict(cfg.resources)} if cfg.resources else {})},  # reward.resources
         **scaling,
     ).bind(cfg.model_dump(), token_sha, feedback, model)
-    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
+    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port},
+                controller_options={"runtime_env": {"env_vars": SERVE_CONTROLLER_ENV}})
     serve.run(scorer, name=name, route_prefix=f"/{name}", logging_config={"enable_access_log": False})
     return RewardClient(name, _with_running_http(cfg), token_source)
+
+
+# Serve's controller kills an HTTP proxy not ready 5 s after its creation, and `serve.start` then fails
+# ("The actor never ran - it was cancelled"). A job starts its learner and engines at the same time
+# as the reward app, and on a busy node the proxy's imports alone take longer than that (seen on 2
+# cores). Seconds, for its first start (Serve allows n times as long for its n-th).
+SERVE_CONTROLLER_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
 
 
 def _with_running_http(cfg: RewardConfig) -> RewardConfig:

@@ -22,6 +22,35 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
+# Modules whose tests are independent whole-job scenarios (no module-scoped fixture): under
+# pytest-xdist each of their tests is a unit of its own that may go to either worker. Every other
+# module runs whole on one worker, so its module fixtures (a started job, a learner group,
+# engines) start once and its tests keep their order.
+SPREAD_MODULES = {"test_cluster_e2e.py", "test_learner.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs `-n 2 --dist loadscope`: one module per unit, SPREAD_MODULES' tests one each.
+    (xdist's `loadgroup` would do it with markers, but under pytest 9 its group suffix is lost.)"""
+    if config.getoption("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScopes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return nodeid if module.rsplit("/", 1)[-1] in SPREAD_MODULES else module
+
+    return ModuleScopes(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """In a pytest-xdist worker: slow tests first, so the longest run while the short ones fill the
+    other worker (xdist hands out units in collection order: longest-first scheduling)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within
+
+
 @pytest.fixture(autouse=True)
 def _restore_environ():
     """CLI code run in-process may set process-wide variables (e.g. RAY_AUTH_MODE=token before

@@ -151,11 +151,21 @@ def test_a_run_dir_the_learner_node_does_not_share_is_refused_at_start(sim, tmp_
              f"--num-cpus={LEARNER_NODE['num_cpus']} --resources='{json.dumps(LEARNER_NODE['resources'])}' "
              f"--dashboard-agent-listen-port={ports[0]} --metrics-export-port={ports[1]} "
              f"--runtime-env-agent-port={ports[2]} --dashboard-agent-grpc-port={ports[3]} --disable-usage-stats")
-    with open(tmp_path / "node.out", "w") as log:
-        node = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", start], stdout=log,
-                                stderr=subprocess.STDOUT, env=cli_env(), start_new_session=True)
+    for attempt in range(3):  # `ray start` gives its raylet 30 s to register, too few on a loaded box (as add_node)
+        with open(tmp_path / "node.out", "w") as log:
+            node = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", start], stdout=log,
+                                    stderr=subprocess.STDOUT, env=cli_env(), start_new_session=True)
+        try:
+            wait_for(learner_nodes, 180, "the learner node", node)
+            break
+        except AssertionError:
+            if attempt == 2 or node.poll() is None:
+                raise
+            try:  # what the failed start left behind
+                os.killpg(node.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     try:
-        wait_for(learner_nodes, 180, "the learner node", node)
         run = shared / "run"
         job = write_job(tmp_path, tiny_models, "mn-storage", run, **PLACEMENT)
         out = tmp_path / "driver.out"

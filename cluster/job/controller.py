@@ -10,7 +10,6 @@ import json
 import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
 
 import ray
 
@@ -108,10 +107,9 @@ class Controller:
 
         try:
             self.phase = "starting"
-            # The prompts load (~10 s of imports on a small box) while the services start.
-            reading = ThreadPoolExecutor(1, thread_name_prefix="prompts")
-            prompts_read = reading.submit(self._read_prompts)
-            reading.shutdown(wait=False)
+            # Before the services start: their start runs in threads, and transformers' lazy imports
+            # are not thread-safe (a tokenizer loaded here first also resolves what the pool's needs).
+            prompts = self._read_prompts()
             device = resolve_device(self.cfg.device)
             # Learner ranks write checkpoints on their node: a run_dir it does not share is refused now,
             # on every node a rank may use, and below on the nodes the ranks got (job/storage_check.py).
@@ -122,7 +120,6 @@ class Controller:
                                            review=review_paths(self.run.root))
             self.refresh = reward_started(self.cfg, self.run.root, self.services.reward, self._log)
             check_shared_run_dir(self.run.root, [n for n in self.services.learner.node_ids() if n not in shared])
-            prompts = prompts_read.result()
             state = self._restore(prompts) if self.resume else LoopState()
             self.loop = TrainingLoop(self.cfg, self.run, self.services, prompts, state, on_step=self._on_step,
                                    log=self._log)

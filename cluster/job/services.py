@@ -72,6 +72,8 @@ def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=pr
     the pool asks `Services.current_weights` only for workers it adds later), then the weight sync,
     which joins the learner to the pool. A failed start stops what did start; a start still running
     then stops its service itself when it returns (`abandoned`)."""
+    # Imported here, before the threads: imports racing in threads fail (transformers' lazy modules).
+    import reward_service.app  # noqa: F401 - start_reward's
     from actors.pool import RolloutPool
     from learner.group import LearnerGroup
 
