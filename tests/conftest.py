@@ -36,6 +36,8 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    config.option.loadscopereorder = False  # keep collection order (slow first), not most-tests-first
+
     class ModuleScopes(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
@@ -45,10 +47,12 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(config, items):
-    """In a pytest-xdist worker: slow tests first, so the longest run while the short ones fill the
-    other worker (xdist hands out units in collection order: longest-first scheduling)."""
+    """In a pytest-xdist worker: modules with slow tests first, so the longest run while the short ones
+    fill the other worker (xdist hands out units in collection order: longest-first scheduling).
+    Whole modules move, each in its own order: some modules' tests build on their predecessors'."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order within
+        slow = {item.path for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.path not in slow)  # stable
 
 
 @pytest.fixture(autouse=True)
