@@ -182,6 +182,29 @@ def test_port_and_address_checks_are_one_line():
         check_reachable("nonsense")
 
 
+def test_an_embedded_ray_whose_raylet_does_not_register_is_one_line(monkeypatch):
+    """Ray waits a fixed 30 s for its raylet and then raises a bare Exception (seen on 2 busy cores):
+    `rlhf train` says so in one line instead of a traceback. ray.init is the stand-in that fails."""
+    import ray
+
+    from cluster.config import RayConfig
+    from cluster.errors import JobFailed
+    from cluster.launch.ray_session import connect
+
+    def init_times_out(**kwargs):
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(ray, "init", init_times_out)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    with pytest.raises(JobFailed, match=r"^the embedded Ray cluster did not start: its raylet did not register "
+                                        r"within Ray's 30 s .*--address$"):
+        connect(RayConfig(dashboard_port=free), None, {})
+
+
 def rlhf(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True,
                           timeout=timeout)

@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass
 
 from cluster.config import RayConfig
-from cluster.errors import UsageError
+from cluster.errors import JobFailed, UsageError
 from contract.net import port_free
 
 
@@ -80,8 +80,14 @@ def connect(cfg: RayConfig, address: str | None, env: dict[str, str],
         check_port("ray.metrics_export_port", "127.0.0.1", cfg.metrics_export_port)
     extra = {} if cfg.metrics_export_port is None else {"_metrics_export_port": cfg.metrics_export_port}
     num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(cpus_needed) + 4)
-    info = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, runtime_env={"env_vars": env},
-                    dashboard_host=cfg.dashboard_host, dashboard_port=cfg.dashboard_port, **extra, **quiet)
+    try:
+        info = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, runtime_env={"env_vars": env},
+                        dashboard_host=cfg.dashboard_host, dashboard_port=cfg.dashboard_port, **extra, **quiet)
+    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its raylet does not register
+        if "timed out during startup" not in str(e):
+            raise
+        raise JobFailed("the embedded Ray cluster did not start: its raylet did not register within Ray's 30 s "
+                        "(a busy machine?); run again, or start one with `ray start --head` and pass --address") from None
     return RaySession(True, f"http://{info.dashboard_url}", _metrics_port(ray), cfg.namespace)
 
 
