@@ -1,8 +1,8 @@
 """`cluster`: composes the other packages into a job. Start reading here.
 
 Where a reader starts: `cluster/job/controller.py`, `Controller._main`. It is the recipe of a
-run, top to bottom: load the prompts, start the services in dependency order
-(`job/services.py`), restore a checkpoint if resuming, run the loop (`job/loop.py`), write the
+run, top to bottom: load the prompts, start the services (`job/services.py`: three together,
+then the weight sync), restore a checkpoint if resuming, run the loop (`job/loop.py`), write the
 report, stop the services.
 
 | module / package | what it holds | where it runs |

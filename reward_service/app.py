@@ -100,9 +100,13 @@ def deploy(cfg: RewardConfig, store_dir: str | Path, name: str = "reward",
                            **({"resources": dict(cfg.resources)} if cfg.resources else {})},  # reward.resources
         **scaling,
     ).bind(cfg.model_dump(), token_sha, feedback, model)
-    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port},
-                controller_options={"runtime_env": {"env_vars": SERVE_CONTROLLER_ENV}})
-    serve.run(scorer, name=name, route_prefix=f"/{name}", logging_config={"enable_access_log": False})
+    try:
+        serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port},
+                    controller_options={"runtime_env": {"env_vars": SERVE_CONTROLLER_ENV}})
+        serve.run(scorer, name=name, route_prefix=f"/{name}", logging_config={"enable_access_log": False})
+    except BaseException:
+        shutdown(name)  # Serve's actors are detached: a half-started app would outlive the job
+        raise
     return RewardClient(name, _with_running_http(cfg), token_source)
 
 

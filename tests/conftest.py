@@ -29,9 +29,11 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 SPREAD_MODULES = {"test_cluster_e2e.py", "test_learner.py"}
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: pytest without xdist must not refuse it
 def pytest_xdist_make_scheduler(config, log):
-    """`make test` runs `-n 2 --dist loadscope`: one module per unit, SPREAD_MODULES' tests one each.
-    (xdist's `loadgroup` would do it with markers, but under pytest 9 its group suffix is lost.)"""
+    """`make test TEST_WORKERS=N` runs `-n N --dist loadscope`: one module per unit, SPREAD_MODULES'
+    tests one each. (xdist's `loadgroup` would do it with markers, but under pytest 9 its group suffix
+    is lost: it sets `item._nodeid`, and pytest keeps node ids in `_id`.)"""
     if config.getoption("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling

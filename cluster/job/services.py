@@ -1,7 +1,7 @@
 """Starts (and stops) the services a job drives: reward app, learner group, weight sync, rollout pool.
 
 All three start at once: each spends its start on process spawns and imports, which overlap (about
-a third off a job's start on a 2-core box). Failing fast is kept: the reward service is probed with
+a quarter off a job's start on a 2-core box). Failing fast is kept: the reward service is probed with
 one request as soon as it is up, and a reward that cannot score stops the job then, without waiting
 for the learner and the engines, which are shut down as soon as their start returns.
 """
@@ -68,11 +68,13 @@ class Services:
 
 def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=print,
                    review: dict | None = None) -> Services:
-    """The reward app, the learner group and the pool start together (none needs another to start;
-    the pool asks `Services.current_weights` only for workers it adds later), then the weight sync,
-    which joins the learner to the pool. A failed start stops what did start; a start still running
-    then stops its service itself when it returns (`abandoned`)."""
-    # Imported here, before the threads: imports racing in threads fail (transformers' lazy modules).
+    """The reward app, the learner group and the pool start together (none needs another to start:
+    `Services.current_weights` is None until the weight sync exists, and the pool's first workers load
+    the initial checkpoint), then the weight sync, which joins the learner to the pool. A failed start
+    stops what did start; a start still running then stops its service itself when it returns
+    (`abandoned`). Caller's duty: transformers' lazy imports race in threads, so its tokenizer classes
+    must be resolved before this is called (the controller reads the prompts first)."""
+    # Imported here, before the threads, for the same reason.
     import reward_service.app  # noqa: F401 - start_reward's
     from actors.pool import RolloutPool
     from learner.group import LearnerGroup
@@ -81,27 +83,28 @@ def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=pr
     services = Services()
     lock, abandoned = threading.Lock(), threading.Event()
 
-    def keep(field: str, service, stop) -> None:
+    def keep(field: str, service, stop) -> bool:
         with lock:
             if not abandoned.is_set():
                 setattr(services, field, service)
-                return
+                return True
         _quietly(stop)
+        return False
 
     def learner():
         t0 = time.perf_counter()
         group = LearnerGroup(cfg.learner, cfg.model.policy, device, critic_dir=cfg.learner.critic_model,
                              seed=cfg.seed, namespace=ns, **learner_context(cfg))
-        keep("learner", group, group.shutdown)
-        log(f"learner group up: {cfg.learner.num_ranks} rank(s), ZeRO-{cfg.learner.zero_stage} "
-            f"({time.perf_counter() - t0:.1f}s)")
+        if keep("learner", group, group.shutdown):
+            log(f"learner group up: {cfg.learner.num_ranks} rank(s), ZeRO-{cfg.learner.zero_stage} "
+                f"({time.perf_counter() - t0:.1f}s)")
 
     def pool():
         t0 = time.perf_counter()
         rollout = RolloutPool(cfg.rollout, cfg.model.policy, device, weights_source=services.current_weights,
                               namespace=ns, log=log)
-        keep("pool", rollout, rollout.shutdown)
-        log(f"rollout pool up: {rollout.num_workers} worker(s) ({time.perf_counter() - t0:.1f}s)")
+        if keep("pool", rollout, rollout.shutdown):
+            log(f"rollout pool up: {rollout.num_workers} worker(s) ({time.perf_counter() - t0:.1f}s)")
 
     starting = ThreadPoolExecutor(2, thread_name_prefix="start")
     futures = [starting.submit(learner), starting.submit(pool)]
