@@ -67,6 +67,15 @@ def _restore_environ():
     os.environ.update(saved)
 
 
+@pytest.fixture
+def serve_controller_pids():
+    """A callable: the pids of the live Ray Serve controllers of this process's Ray, read when called."""
+    from ray._private.state import actors as actor_table
+
+    return lambda: [a["Pid"] for a in actor_table().values()
+                    if a["ActorClassName"] == "ServeController" and a["State"] == "ALIVE"]
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     from cluster.demo.tiny_models import make_tiny_models

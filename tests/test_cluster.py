@@ -182,20 +182,17 @@ def test_port_and_address_checks_are_one_line():
         check_reachable("nonsense")
 
 
-def test_a_reward_app_that_fails_half_way_leaves_no_serve_running(ray_local, tmp_path, monkeypatch):
+def test_a_reward_app_that_fails_half_way_leaves_no_serve_running(ray_local, serve_controller_pids, tmp_path,
+                                                                 monkeypatch):
     """Serve's actors are detached: a deploy that fails after `serve.start` must stop Serve, or it
     outlives the job on a shared cluster. `serve.run` is the stand-in that fails."""
-    from ray._private.state import actors as actor_table
     from ray import serve
 
     from contract.net import free_port
     from reward_service import app as reward_app
     from reward_service.config import RewardConfig
 
-    def alive():
-        return [a for a in actor_table().values() if a["ActorClassName"] == "ServeController" and a["State"] == "ALIVE"]
-
-    if alive():  # only under xdist's reordering can another module's app still be up here
+    if serve_controller_pids():  # only under xdist's reordering can another module's app still be up here
         pytest.skip("another test's Serve app runs on this session's Ray")
     monkeypatch.setattr(serve, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("replica failed to start")))
     cfg = RewardConfig(model_dir=None, functions=[{"path": "reward_service.functions:colour_fraction"}],
@@ -203,9 +200,9 @@ def test_a_reward_app_that_fails_half_way_leaves_no_serve_running(ray_local, tmp
     with pytest.raises(RuntimeError, match="replica failed to start"):
         reward_app.deploy(cfg, tmp_path / "store", name="reward_half")
     deadline = time.monotonic() + 30
-    while alive() and time.monotonic() < deadline:
+    while serve_controller_pids() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not alive()
+    assert not serve_controller_pids()
 
 
 def test_an_embedded_ray_whose_raylet_does_not_register_is_one_line(monkeypatch):

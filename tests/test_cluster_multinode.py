@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from cluster.launch.ray_session import RAYLET_DID_NOT_REGISTER
 from contract.net import free_port
 from support_jobs import (VENV_BIN, check_exactly_once, cli_env, failed_lines, metrics_rows, rlhf, start_train,
                           wait_for, write_job)
@@ -159,7 +160,7 @@ def test_a_run_dir_the_learner_node_does_not_share_is_refused_at_start(sim, tmp_
             wait_for(learner_nodes, 180, "the learner node", node)
             break
         except AssertionError:
-            if attempt == 2 or "timed out during startup" not in (tmp_path / "node.out").read_text():
+            if attempt == 2 or RAYLET_DID_NOT_REGISTER not in (tmp_path / "node.out").read_text():
                 raise
             try:  # what the failed start left behind
                 os.killpg(node.pid, signal.SIGKILL)

@@ -186,16 +186,13 @@ def test_killed_replica_mid_burst_every_row_once(app, ray_local):
     assert client.retries > retries_before  # the kill did hit requests in flight
 
 
-def test_serve_gives_the_http_proxy_time_to_start_on_a_busy_node(app, ray_local):
+def test_serve_gives_the_http_proxy_time_to_start_on_a_busy_node(app, serve_controller_pids):
     """Serve's controller kills an HTTP proxy not ready 5 s after its creation, and `serve.start` then
     fails; a job starts its learner and engines beside the reward app, and on 2 busy cores the proxy
     took longer (the submitted e2e job failed so). The reward app's Serve controller waits longer."""
-    from ray._private.state import actors as actor_table
-
     from reward_service.app import SERVE_CONTROLLER_ENV
 
-    pids = [a["Pid"] for a in actor_table().values()
-            if a["ActorClassName"] == "ServeController" and a["State"] == "ALIVE"]
+    pids = serve_controller_pids()
     assert len(pids) == 1, pids
     environ = dict(kv.split("=", 1) for kv in Path(f"/proc/{pids[0]}/environ").read_text().split("\0") if "=" in kv)
     assert environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] == SERVE_CONTROLLER_ENV[

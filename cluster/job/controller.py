@@ -108,7 +108,7 @@ class Controller:
         try:
             self.phase = "starting"
             # Before the services start: their start runs in threads, and transformers' lazy imports
-            # are not thread-safe (a tokenizer loaded here first also resolves what the pool's tokenizer needs).
+            # are not thread-safe (a tokenizer loaded here first resolves what the pool's needs too).
             prompts = self._read_prompts()
             device = resolve_device(self.cfg.device)
             # Learner ranks write checkpoints on their node: a run_dir it does not share is refused now,

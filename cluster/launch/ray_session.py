@@ -16,6 +16,11 @@ from cluster.errors import JobFailed, UsageError
 from contract.net import port_free
 
 
+# What Ray's exception says when a node's raylet did not register within its fixed 30 s
+# (ray/_private/node.py); `ray start` prints the same.
+RAYLET_DID_NOT_REGISTER = "timed out during startup"
+
+
 @dataclass(frozen=True)
 class RaySession:
     started_here: bool  # True: an embedded cluster this process must shut down
@@ -84,7 +89,7 @@ def connect(cfg: RayConfig, address: str | None, env: dict[str, str],
         info = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, runtime_env={"env_vars": env},
                         dashboard_host=cfg.dashboard_host, dashboard_port=cfg.dashboard_port, **extra, **quiet)
     except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its raylet does not register
-        if "timed out during startup" not in str(e):
+        if RAYLET_DID_NOT_REGISTER not in str(e):
             raise
         raise JobFailed("the embedded Ray cluster did not start: its raylet did not register within Ray's 30 s "
                         "(a busy machine?); run again, or start one with `ray start --head` and pass --address") from None
