@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -98,22 +99,27 @@ def test_the_learner_is_told_the_loops_staleness_and_the_samplers_settings():
     assert (plan.norm_tokens, plan.overlong_buffer, ctx["sampling_temperature"]) == (20, 4, 0.7)
 
 
-def test_a_reward_that_cannot_score_fails_the_start_at_once_and_what_was_starting_is_stopped(monkeypatch):
-    """The services start together; a failed reward probe ends the start without waiting for the
-    learner and the pool (stand-ins here, to hold them mid-start), and each is shut down when its own
-    start returns, never left running unowned."""
+@pytest.mark.parametrize("failing", ["reward", "learner", "pool"])
+def test_the_first_service_to_fail_ends_the_start_at_once_and_what_was_starting_is_stopped(monkeypatch, failing):
+    """The services start together; the first to fail (a reward probe that cannot score, a learner or
+    pool that cannot start) ends the start without waiting for the other two (stand-ins here, held
+    mid-start), and each of those is shut down when its own start returns, never left running unowned."""
     import threading
 
     import actors.pool
     import cluster.job.services as services
     import learner.group
+    import reward_service.app
     from cluster.errors import JobFailed
     from contract.devices import DeviceProfile
 
     release, stopped = threading.Event(), []
 
+    def fails(*args, **kwargs):
+        raise JobFailed(f"{failing} cannot start: no")
+
     class StartingService:  # stand-in: a learner group / rollout pool whose start takes until `release`
-        num_workers = 1
+        num_workers, http_url = 1, "http://stand-in"
 
         def __init__(self, *args, **kwargs):
             assert release.wait(30)
@@ -121,22 +127,23 @@ def test_a_reward_that_cannot_score_fails_the_start_at_once_and_what_was_startin
         def shutdown(self):
             stopped.append(type(self).__name__)
 
-    monkeypatch.setattr(learner.group, "LearnerGroup", type("LearnerGroup", (StartingService,), {}))
-    monkeypatch.setattr(actors.pool, "RolloutPool", type("RolloutPool", (StartingService,), {}))
-
-    def reward_fails(*args):
-        raise JobFailed("reward service cannot score (probe request failed): no")
-
-    monkeypatch.setattr(services, "start_reward", reward_fails)
+    stand_ins = {"learner": type("LearnerGroup", (StartingService,), {}),
+                 "pool": type("RolloutPool", (StartingService,), {}),
+                 "reward": type("RewardClient", (StartingService,), {})}
+    stand_ins[failing] = fails
+    monkeypatch.setattr(learner.group, "LearnerGroup", stand_ins["learner"])
+    monkeypatch.setattr(actors.pool, "RolloutPool", stand_ins["pool"])
+    monkeypatch.setattr(services, "start_reward", stand_ins["reward"])
+    monkeypatch.setattr(reward_service.app, "shutdown", lambda name: stopped.append("RewardClient"))
     base = {"model": {"policy": "m"}, "data": {"prompts": "p"}, "reward": {"model_dir": "r"}}
-    with pytest.raises(JobFailed, match="cannot score"):
+    with pytest.raises(JobFailed, match=f"{failing} cannot start"):
         services.start_services(load_config(None, [], base=base), DeviceProfile("cpu"), "/nonexistent", log=print)
-    assert stopped == []  # raised while both were still starting
+    assert stopped == []  # raised while the other two were still starting
     release.set()
     deadline = time.monotonic() + 10
     while len(stopped) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sorted(stopped) == ["LearnerGroup", "RolloutPool"]
+    assert sorted(stopped) == sorted(n.__name__ for k, n in stand_ins.items() if k != failing)
 
 
 def test_demo_preferences_are_ranked_by_the_gold_score(tiny_models):
@@ -264,8 +271,9 @@ def test_bad_inputs_fail_before_ray_with_one_line(job_yaml, tmp_path):
             ([job_yaml(), "--address", f"127.0.0.1:{busy + 1 if busy < 65535 else 1}", "--run-dir",
               str(tmp_path / "r")], "no Ray cluster reachable"),
         ]
-        for args, message in cases:
-            r = rlhf("train", *args)
+        with ThreadPoolExecutor(len(cases)) as runs:  # each CLI spends ~10 s importing; they overlap
+            done = list(runs.map(lambda case: rlhf("train", *case[0]), cases))
+        for (args, message), r in zip(cases, done):
             lines = [line for line in r.stderr.splitlines() if line.strip()]
             assert r.returncode == 2, r.stderr
             assert len(lines) == 1 and lines[0].startswith("rlhf train: error: ") and message in lines[0], lines

@@ -1,15 +1,16 @@
 """Starts (and stops) the services a job drives: reward app, learner group, weight sync, rollout pool.
 
 All three start at once: each spends its start on process spawns and imports, which overlap (about
-a quarter off a job's start on a 2-core box). Failing fast is kept: the reward service is probed with
-one request as soon as it is up, and a reward that cannot score stops the job then, without waiting
-for the learner and the engines, which are shut down as soon as their start returns.
+a quarter off a job's start on a 2-core box). Failing fast is kept: the first of the three to fail
+stops the job then, without waiting for the other two, which are shut down as soon as their start
+returns (the reward service is probed with one request as soon as it is up, so a reward that cannot
+score is such a failure).
 """
 from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 from cluster.config import JobConfig
@@ -70,12 +71,12 @@ def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=pr
                    review: dict | None = None) -> Services:
     """The reward app, the learner group and the pool start together (none needs another to start:
     `Services.current_weights` is None until the weight sync exists, and the pool's first workers load
-    the initial checkpoint), then the weight sync, which joins the learner to the pool. A failed start
-    stops what did start; a start still running then stops its service itself when it returns
-    (`abandoned`). Caller's duty: transformers' lazy imports race in threads, so its tokenizer classes
-    must be resolved before this is called (the controller reads the prompts first)."""
+    the initial checkpoint), then the weight sync, which joins the learner to the pool. The first start
+    to fail ends it: what did start is stopped, and a start still running stops its service itself
+    when it returns (`abandoned`). Caller's duty: transformers' lazy imports race in threads, so its
+    tokenizer classes must be resolved before this is called (the controller reads the prompts first)."""
     # Imported here, before the threads, for the same reason.
-    import reward_service.app  # noqa: F401 - start_reward's
+    import reward_service.app  # start_reward's, and the reward's shutdown
     from actors.pool import RolloutPool
     from learner.group import LearnerGroup
 
@@ -90,6 +91,12 @@ def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=pr
                 return True
         _quietly(stop)
         return False
+
+    def reward():
+        t0 = time.perf_counter()
+        client = start_reward(cfg, store_dir, device, review)  # review: what the review page reads
+        if keep("reward", client, lambda: reward_service.app.shutdown("reward")):
+            log(f"reward service up ({time.perf_counter() - t0:.1f}s) at {client.http_url}")
 
     def learner():
         t0 = time.perf_counter()
@@ -106,15 +113,15 @@ def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=pr
         if keep("pool", rollout, rollout.shutdown):
             log(f"rollout pool up: {rollout.num_workers} worker(s) ({time.perf_counter() - t0:.1f}s)")
 
-    starting = ThreadPoolExecutor(2, thread_name_prefix="start")
-    futures = [starting.submit(learner), starting.submit(pool)]
+    starting = ThreadPoolExecutor(3, thread_name_prefix="start")
+    futures = [starting.submit(start) for start in (reward, learner, pool)]
     starting.shutdown(wait=False)
     try:
-        t0 = time.perf_counter()
-        services.reward = start_reward(cfg, store_dir, device, review)  # review: what the review page reads
-        log(f"reward service up ({time.perf_counter() - t0:.1f}s) at {services.reward.http_url}")
+        # The first failure ends the start; the order of `futures` decides which is named if several failed.
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         for f in futures:
-            f.result()
+            if f in done and f.exception() is not None:
+                raise f.exception()
         services.sync = WeightSync(services.learner, cfg.learner.weight_sync, device.collective_backend,
                                    cfg.learner.sync_timeout_s, log=log)
     except BaseException:
