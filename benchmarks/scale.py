@@ -19,7 +19,8 @@ Weak scaling: every worker gets one chunk of `--chunk-s` seconds per step (promp
 overhead. One pool serves every fleet size (grown with `add_workers`), so 64 processes start once.
 Per fleet size:
   * pool overhead per step: the loop's `gen_s` (pool.generate) minus the simulated chunk time, as a
-    share of the step's wall time (target <= 5% at 64 workers with 0.5 s chunks);
+    share of the step's wall time (target <= 5% at 64 workers with 0.5 s chunks), for the pool's
+    dispatch loop and for the floor beside it: bare Ray calls to the same workers;
   * dispatch latency per chunk: dispatch to result in hand, minus the chunk's engine time;
   * this process's own time dispatching chunks per step, and its CPU time (all threads, Ray's too)
     over the whole `pool.generate`: the pool's serial cost, which on a cluster is all the driver
@@ -53,28 +54,38 @@ MAX_BROADCAST_MB = 1024
 PROMPTS_PER_WORKER, N, TOKENS = 4, 4, 32
 
 
-def timed_chunk_run(arrow_slices: bool = False):
+def timed_chunk_run(bare_ray: bool = False):
     """The pool's ChunkRun, timing this process's own work per call (constructor and dispatches).
-    `arrow_slices`: the baseline, as the pool dispatched before: each chunk an Arrow RecordBatch slice
-    and the sampling config pickled per chunk (instead of `PromptSlice` lists and one `Pickled`)."""
-    from actors.dispatch import ChunkRun, prompt_batch
+    `bare_ray`: the floor, what no dispatch loop can beat: each chunk one Ray call to a worker, all
+    submitted at once and read with one `ray.get`; no polling, no timeouts, no retries, no freeing of
+    workers as they finish. Everything else in `pool.generate` (tokenizing, chunking, the exactly-once
+    assembly) is the same, so the difference between the two rows is the dispatch loop's own cost."""
+    import ray
+
+    from actors.dispatch import ChunkRun
 
     class Timed(ChunkRun):
-        if arrow_slices:
-            def _slice(self, rows):
-                return prompt_batch(*([col[r] for r in rows] for col in self.columns))
-
         def __init__(self, *a):
             t0 = time.perf_counter()
             super().__init__(*a)
-            if arrow_slices:
-                self.sampling = a[3]
             self.driver_s = time.perf_counter() - t0
 
         def _dispatch(self):
             t0 = time.perf_counter()
             super()._dispatch()
             self.driver_s += time.perf_counter() - t0
+
+        if bare_ray:
+            def run(self):
+                handles = [h for _, h in self.pool.workers()]
+                t0 = time.perf_counter()
+                sent = [(handles[i % len(handles)].generate.remote(self._slice(c.rows), self.sampling),
+                         time.monotonic()) for i, c in enumerate(self.queue)]
+                self.driver_s += time.perf_counter() - t0
+                self.results = ray.get([ref for ref, _ in sent], timeout=self.cfg.request_timeout_s)
+                now = time.monotonic()
+                self.accepted = [(t, now) for _, t in sent]
+                return self.results
 
     return Timed
 
@@ -181,7 +192,7 @@ def main() -> None:
         services = Services(reward=ConstantReward(), learner=learners[sizes[0]])
         services.per_token = per_token
         services.sync = WeightSync(services.learner, "object_store", "gloo", 600, log=print)
-        timed, baseline, versions = timed_chunk_run(), timed_chunk_run(arrow_slices=True), [0]
+        timed, floor, versions = timed_chunk_run(), timed_chunk_run(bare_ray=True), [0]
         (tmp / "none.jsonl").write_text(json.dumps({"id": "q", "prompt": "red"}) + "\n")
         cfg0 = job_config(1, args.steps, model_dir, str(tmp / "none.jsonl"))
         t0 = time.perf_counter()
@@ -198,7 +209,7 @@ def main() -> None:
                 cfg = job_config(w, args.steps, model_dir, str(prompts))
                 services.learner.version = versions[0]
                 r["steps"] = run_steps(services, cfg, tmp, str(w), timed)
-                r["baseline"] = run_steps(services, cfg, tmp, f"{w}-arrow", baseline)
+                r["floor"] = run_steps(services, cfg, tmp, f"{w}-bare", floor)
                 versions[0] = services.learner.version
                 for mb in sizes:
                     for transport in ("object_store", "broadcast"):
@@ -224,11 +235,11 @@ def render(results: list[dict], args, sizes: list[int], total_s: float) -> str:
     base = results[0]
     lines = [f"Command: `{cmd}` ({total_s:.0f} s in all). Medians over steps 2..{args.steps}; ratios are to "
              f"{base['workers']} worker(s) in the same run.", "",
-             "workers | chunks sent as | step s | sim chunk s | pool overhead s (share of step) | rest of step s | "
+             "workers | dispatched by | step s | sim chunk s | pool overhead s (share of step) | rest of step s | "
              "dispatch ms/chunk (median, p95) | this process dispatching, ms/step | this process's CPU in generate s "
              "(share of step)", "---|---|---|---|---|---|---|---|---"]
     for r in results:
-        for key, how in (("steps", "lists (PromptSlice)"), ("baseline", "Arrow slices (before)")):
+        for key, how in (("steps", "the pool's ChunkRun"), ("floor", "bare Ray calls (floor)")):
             a = r[key]
             lines.append(f"{r['workers']} | {how} | {a['step_s']:.3f} | {a['chunk_s']:.3f} | {a['pool_s']:.3f} "
                          f"({100 * a['pool_share']:.1f}%) | {a['other_s']:.3f} | {a['dispatch_ms']:.1f}, "

@@ -25,6 +25,8 @@ EXPORTED = {
     "wall_s": ("rlhf_step_seconds", "wall-clock seconds of the whole step"),
     "learner_idle_frac": ("rlhf_learner_idle_fraction", "share of the step the learner waited"),
     "sync_s": ("rlhf_weight_sync_seconds", "weight publish seconds"),
+    "sync_bytes": ("rlhf_weight_sync_bytes", "bytes a weight publish sends each rollout worker (the adapter's "
+                   "alone with learner.lora.sync: adapter)"),
     "policy_version": ("rlhf_policy_version", "learner policy version"),
     "staleness_mean": ("rlhf_sample_staleness", "mean versions between sample and learner"),
     "staleness_max": ("rlhf_sample_staleness_max", "most versions a sample of the step was behind"),

@@ -34,6 +34,8 @@ PANELS = [
     ("Rollout tokens/s", "short", [("rlhf_rollout_tokens_per_s", "tokens/s")], "Generated tokens per second."),
     ("Weight sync", "s", [("rlhf_weight_sync_seconds", "publish")],
      "Seconds to bring every rollout worker to the learner's weights."),
+    ("Weight sync size", "bytes", [("rlhf_weight_sync_bytes", "per worker")],
+     "Bytes one publish sends each rollout worker: the whole model, or the adapter alone (learner.lora.sync)."),
     ("Rollout workers", "short", [("rlhf_rollout_workers", "workers")], "Live vLLM rollout workers."),
     ("Importance-sampling weights", "short", [("rlhf_is_weight_mean", "mean"), ("rlhf_is_weight_max", "max"),
                                               ("rlhf_is_truncated_fraction", "truncated"),
