@@ -26,8 +26,15 @@ def browser():
 
 
 
+def stored_ratings(app) -> list[str]:
+    """The lines of the ratings file (none before the first rating): each test compares it before and
+    after, so the tests hold in any order, whatever the others rated."""
+    labels = app["ratings"] / "labels.jsonl"
+    return labels.read_text().splitlines() if labels.exists() else []
+
+
 def test_page_and_every_route_need_the_token(app):
-    url = app["url"]
+    url, before = app["url"], stored_ratings(app)
     assert requests.get(f"{url}/healthz", timeout=30).json() == {"ok": True}
     gets = ["review", "review/app.js", "samples", "curves", "ratings"]
     posts = [("rate", {"kind": "like", "prompt": "p", "response": "r", "value": True}),
@@ -39,7 +46,7 @@ def test_page_and_every_route_need_the_token(app):
         for route, body in posts:
             assert requests.post(f"{url}/{route}", json=body, headers=bad, timeout=30).status_code == 401, route
     assert requests.get(f"{url}/review?token=wrong", allow_redirects=False, timeout=30).status_code == 401
-    assert not (app["ratings"] / "labels.jsonl").exists()  # nothing a 401 could have stored
+    assert stored_ratings(app) == before  # nothing a 401 could have stored
     page = requests.get(f"{url}/review", headers=AUTH, timeout=30)
     assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
     signed = requests.get(f"{url}/review?token={TOKEN}", allow_redirects=False, timeout=30)
@@ -61,10 +68,10 @@ def test_page_and_every_route_need_the_token(app):
     ("GET", "nowhere", None, 404, "unknown endpoint"),
 ])
 def test_bad_input_is_a_one_line_json_4xx(app, method, route, body, status, says):
-    kw = {"data": body} if isinstance(body, bytes) else {"json": body}
+    kw, before = {"data": body} if isinstance(body, bytes) else {"json": body}, stored_ratings(app)
     r = requests.request(method, f"{app['url']}/{route}", headers=AUTH, timeout=30, **kw)
     assert r.status_code == status and says in r.json()["error"] and "\n" not in r.json()["error"], r.text
-    assert not (app["ratings"] / "labels.jsonl").exists()  # a bad batch stores nothing, not even its good half
+    assert stored_ratings(app) == before  # a bad batch stores nothing, not even its good half
 
 
 def test_a_cookie_post_must_be_json(app):
@@ -108,7 +115,7 @@ def test_like_score_and_ab_pick_through_the_page_are_stored_and_fused(app, brows
     from selenium.webdriver.common.by import By
 
     sign_in(browser, app["url"])
-    client, ratings = app["client"], app["ratings"]
+    client, ratings, earlier = app["client"], app["ratings"], len(stored_ratings(app))
     row = next(r for r in rows(browser) if r.get_attribute("data-step") == "0" and r.get_attribute("data-sample-idx") == "0")
     _, prompt, (liked, _) = STEPS[0][0]
     before = client.score([prompt], [liked])
@@ -117,13 +124,13 @@ def test_like_score_and_ab_pick_through_the_page_are_stored_and_fused(app, brows
     after = client.score([prompt], [liked])  # the next scoring call fuses it
     assert parts(before, "feedback") == [0.0] and parts(after, "feedback") == [1.0]
     assert after.column("reward")[0].as_py() == pytest.approx(0.5 * 1.0 + 0.5 * parts(after, "model")[0], rel=1e-5)
-    labels = [json.loads(line) for line in (ratings / "labels.jsonl").read_text().splitlines()]
+    labels = [json.loads(line) for line in stored_ratings(app)[earlier:]]
     assert [(x["prompt"], x["response"], x["label"], x["step"]) for x in labels] == [(prompt, liked, 1, 0)]
 
     other = rows(browser)[1]
     other.find_element(By.CSS_SELECTOR, "button.score[data-value='2']").click()
     wait(browser, lambda d: "saved: score 2" in d.find_element(By.ID, "status").text)
-    labels = [json.loads(line) for line in (ratings / "labels.jsonl").read_text().splitlines()]
+    labels = [json.loads(line) for line in stored_ratings(app)[earlier:]]
     assert (labels[-1]["response"], labels[-1]["label"], len(labels)) == (STEPS[1][0][2][1], 0, 2)
     assert parts(client.score([prompt], [labels[-1]["response"]]), "feedback") == [-0.5]
 
