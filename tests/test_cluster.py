@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +17,7 @@ from cluster.job.rollout_table import provenance, trainable_mask, with_rewards
 from cluster.launch.ray_session import check_port, check_reachable
 from cluster.outputs.run_dir import RunDir
 from contract.experience import EXPERIENCE_SCHEMA, rollout_batch
+from support_jobs import rlhf
 
 
 def rollouts(versions: list[int]) -> pa.Table:
@@ -233,11 +232,6 @@ def test_an_embedded_ray_whose_raylet_does_not_register_is_one_line(monkeypatch)
     with pytest.raises(JobFailed, match=r"^the embedded Ray cluster did not start: its raylet did not register "
                                         r"within Ray's 30 s .*--address$"):
         connect(RayConfig(dashboard_port=free), None, {})
-
-
-def rlhf(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
 
 
 @pytest.fixture

@@ -25,12 +25,12 @@ import requests
 import yaml
 
 from contract.net import free_port
-from support_jobs import wait_for
+import support_jobs
+from support_jobs import cli_env, wait_for
 from support_review import apply_filters, chromium, rows, sign_in, wait
 
 
 pytestmark = pytest.mark.slow
-VENV_BIN = str(Path(sys.executable).parent)
 TOKEN_ENV, TOKEN = "RLHF_TEST_JOB_TOKEN", "job-s3cret"
 PROMPTS = ["red cat runs", "<script>window.__pwned = 3</script> blue sky"]
 NAME, ALPHA = "review-job", 0.5
@@ -42,15 +42,11 @@ NEVER_EMITTED = {"is_weight_mean": "the learner reports importance-sampling weig
 
 
 def env() -> dict:
-    e = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}", RAY_metrics_report_interval_ms="1000",
-             **{TOKEN_ENV: TOKEN})
-    e.pop("RAY_ADDRESS", None)
-    return e
+    return cli_env(**{TOKEN_ENV: TOKEN})
 
 
 def rlhf(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env())
+    return support_jobs.rlhf(*args, timeout=timeout, **{TOKEN_ENV: TOKEN})
 
 
 def steps_on_disk(run: Path) -> list[int]:
