@@ -105,8 +105,8 @@ class ChunkRun:
         return self.results
 
     def _accept(self, ready: list) -> None:
-        """Read the finished chunks' results: in one `ray.get` (each call costs the dispatching process
-        ~0.5 ms, paid once per worker per step), or one by one when any of them failed."""
+        """Read the finished chunks' results: in one `ray.get` rather than one each, or one by one when
+        any of them failed (its worker is then replaced and its chunk queued again)."""
         try:
             got = ray.get(ready, timeout=self.cfg.request_timeout_s)
         except RayActorError:

@@ -56,9 +56,10 @@ PROMPTS_PER_WORKER, N, TOKENS = 4, 4, 32
 
 def timed_chunk_run(bare_ray: bool = False):
     """The pool's ChunkRun, timing this process's own work per call (constructor and dispatches).
-    `bare_ray`: the floor, what no dispatch loop can beat: each chunk one Ray call to a worker, all
-    submitted at once and read with one `ray.get`; no polling, no timeouts, no retries, no freeing of
-    workers as they finish. Everything else in `pool.generate` (tokenizing, chunking, the exactly-once
+    `bare_ray`: the floor of a dispatch loop that makes one Ray call per chunk: each chunk one call to a
+    worker, all submitted at once and read with one `ray.get`; no polling, no timeouts, no retries, no
+    freeing of workers as they finish. (Its dispatch latency per chunk is not comparable: every chunk's
+    result is in hand only when the last one is.) Everything else in `pool.generate` (tokenizing, chunking, the exactly-once
     assembly) is the same, so the difference between the two rows is the dispatch loop's own cost."""
     import ray
 

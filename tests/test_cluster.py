@@ -98,11 +98,9 @@ def test_the_learner_is_told_the_loops_staleness_and_the_samplers_settings():
     assert (plan.norm_tokens, plan.overlong_buffer, ctx["sampling_temperature"]) == (20, 4, 0.7)
 
 
-@pytest.mark.parametrize("failing", ["reward", "learner", "pool"])
-def test_the_first_service_to_fail_ends_the_start_at_once_and_what_was_starting_is_stopped(monkeypatch, failing):
-    """The services start together; the first to fail (a reward probe that cannot score, a learner or
-    pool that cannot start) ends the start without waiting for the other two (stand-ins here, held
-    mid-start), and each of those is shut down when its own start returns, never left running unowned."""
+def held_starts(monkeypatch, failing: str):
+    """Stand-ins for the three services' starts: `failing`'s raises at once, each other's holds until its
+    event in `release` is set. Returns (release, stopped): the stand-ins' names as each is shut down."""
     import threading
 
     import actors.pool
@@ -110,39 +108,104 @@ def test_the_first_service_to_fail_ends_the_start_at_once_and_what_was_starting_
     import learner.group
     import reward_service.app
     from cluster.errors import JobFailed
-    from contract.devices import DeviceProfile
 
-    release, stopped = threading.Event(), []
+    release, stopped = {k: threading.Event() for k in ("reward", "learner", "pool")}, []
+
+    def held(kind: str, name: str):
+        class StartingService:
+            num_workers, http_url = 1, "http://stand-in"
+
+            def __init__(self, *args, **kwargs):
+                assert release[kind].wait(30)
+
+            def shutdown(self):
+                stopped.append(name)
+        return type(name, (StartingService,), {})
 
     def fails(*args, **kwargs):
         raise JobFailed(f"{failing} cannot start: no")
 
-    class StartingService:  # stand-in: a learner group / rollout pool whose start takes until `release`
-        num_workers, http_url = 1, "http://stand-in"
-
-        def __init__(self, *args, **kwargs):
-            assert release.wait(30)
-
-        def shutdown(self):
-            stopped.append(type(self).__name__)
-
-    stand_ins = {"learner": type("LearnerGroup", (StartingService,), {}),
-                 "pool": type("RolloutPool", (StartingService,), {}),
-                 "reward": type("RewardClient", (StartingService,), {})}
+    stand_ins = {"learner": held("learner", "LearnerGroup"), "pool": held("pool", "RolloutPool"),
+                 "reward": held("reward", "RewardClient")}
     stand_ins[failing] = fails
     monkeypatch.setattr(learner.group, "LearnerGroup", stand_ins["learner"])
     monkeypatch.setattr(actors.pool, "RolloutPool", stand_ins["pool"])
     monkeypatch.setattr(services, "start_reward", stand_ins["reward"])
     monkeypatch.setattr(reward_service.app, "shutdown", lambda name: stopped.append("RewardClient"))
+    return release, stopped
+
+
+def start_in_thread(logged: list):
+    """start_services on a tiny config, in a thread; returns (thread, outcome: [exception])."""
+    import threading
+
+    from cluster.job.services import start_services
+    from contract.devices import DeviceProfile
+
     base = {"model": {"policy": "m"}, "data": {"prompts": "p"}, "reward": {"model_dir": "r"}}
-    with pytest.raises(JobFailed, match=f"{failing} cannot start"):
-        services.start_services(load_config(None, [], base=base), DeviceProfile("cpu"), "/nonexistent", log=print)
-    assert stopped == []  # raised while the other two were still starting
-    release.set()
-    deadline = time.monotonic() + 10
-    while len(stopped) < 2 and time.monotonic() < deadline:
+    outcome = []
+
+    def run():
+        try:
+            start_services(load_config(None, [], base=base), DeviceProfile("cpu"), "/nonexistent", log=logged.append)
+        except Exception as e:  # noqa: BLE001 - the test reads it
+            outcome.append(e)
+    th = threading.Thread(target=run)
+    th.start()
+    return th, outcome
+
+
+def wait_until(check, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not check() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert sorted(stopped) == sorted(n.__name__ for k, n in stand_ins.items() if k != failing)
+    return check()
+
+
+def test_a_reward_that_cannot_score_fails_the_start_at_once_and_what_was_starting_is_stopped(monkeypatch):
+    """The services start together; a failed reward probe ends the start without waiting for the
+    learner and the pool (held mid-start), each shut down when its own start returns, never left unowned."""
+    release, stopped = held_starts(monkeypatch, "reward")
+    th, outcome = start_in_thread([])
+    th.join(10)
+    assert not th.is_alive() and "reward cannot start" in str(outcome[0]) and stopped == []
+    release["learner"].set()
+    release["pool"].set()
+    assert wait_until(lambda: sorted(stopped) == ["LearnerGroup", "RolloutPool"]), stopped
+
+
+@pytest.mark.parametrize("failing, other", [("learner", "pool"), ("pool", "learner")])
+def test_a_learner_or_pool_that_cannot_start_ends_the_start_once_the_reward_app_stopped_itself(
+        monkeypatch, failing, other):
+    """Serve's actors outlive the job (the driver kills the controller once the start failed), so a
+    failed start waits for a reward app still starting, which stops itself when its start returns; the
+    learner or pool still starting is not waited for (its actors die with the controller), and is shut
+    down when its own start returns."""
+    release, stopped = held_starts(monkeypatch, failing)
+    th, outcome = start_in_thread([])
+    time.sleep(1.0)
+    assert th.is_alive() and stopped == []  # the reward app is still starting
+    release["reward"].set()
+    th.join(10)
+    assert not th.is_alive() and f"{failing} cannot start" in str(outcome[0])
+    assert stopped == ["RewardClient"]  # the other is still starting
+    release[other].set()
+    names = {"learner": "LearnerGroup", "pool": "RolloutPool"}
+    assert wait_until(lambda: sorted(stopped) == sorted(["RewardClient", names[other]])), stopped
+
+
+def test_a_reward_app_still_starting_past_the_bound_is_stopped_and_said(monkeypatch):
+    import cluster.job.services as services
+
+    monkeypatch.setattr(services, "REWARD_STOP_WAIT_S", 0.5)
+    release, stopped = held_starts(monkeypatch, "learner")
+    th, outcome = start_in_thread(logged := [])
+    th.join(10)
+    assert not th.is_alive() and "learner cannot start" in str(outcome[0])
+    assert stopped == ["RewardClient"] and any("still starting" in m for m in logged), logged
+    release["reward"].set()
+    release["pool"].set()
+    assert wait_until(lambda: sorted(stopped) == ["RewardClient", "RewardClient", "RolloutPool"]), stopped
 
 
 def test_demo_preferences_are_ranked_by_the_gold_score(tiny_models):

@@ -8,27 +8,17 @@ miss Ray's fixed 30 s registration limit."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from contract.net import free_port
+from support_jobs import rlhf
 
 pytestmark = pytest.mark.slow
-VENV_BIN = str(Path(sys.executable).parent)
 COLOURS = ["red", "blue", "green", "yellow", "orange", "purple"]
-
-
-def rlhf(*args, timeout=600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
 
 
 def jsonl(path: Path, rows: list[dict]) -> Path:
@@ -53,7 +43,7 @@ def test_sft_then_ppo_on_a_chat_model_with_a_different_template_rm(tiny_chat_mod
                "max_length": 64, "eval_fraction": 0.15, "device": "cpu", "ray": {"namespace": "chat-e2e-sft"}}
     (tmp_path / "sft.yaml").write_text(json.dumps(sft_cfg))
     t0 = time.perf_counter()
-    r = rlhf("train-sft", str(tmp_path / "sft.yaml"), "--address", address)
+    r = rlhf("train-sft", str(tmp_path / "sft.yaml"), "--address", address, timeout=600)
     print(f"train-sft {time.perf_counter() - t0:.0f}s")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     before, after = map(float, re.search(r"held-out loss ([\d.]+) -> ([\d.]+)", r.stdout).groups())
@@ -75,7 +65,7 @@ def test_sft_then_ppo_on_a_chat_model_with_a_different_template_rm(tiny_chat_mod
            "ray": {"namespace": "chat-e2e"}}
     (tmp_path / "job.yaml").write_text(json.dumps(job))
     t0 = time.perf_counter()
-    r = rlhf("train", str(tmp_path / "job.yaml"), "--address", address)
+    r = rlhf("train", str(tmp_path / "job.yaml"), "--address", address, timeout=600)
     print(f"train {time.perf_counter() - t0:.0f}s")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
 

@@ -1,6 +1,3 @@
-import subprocess
-import sys
-
 import pytest
 import yaml
 
@@ -8,6 +5,7 @@ from cluster.config import CONFIGS_DIR, JobConfig, apply_override, dump_config, 
 from cluster.config_yaml import render
 from contract.config_base import ConfigError, section_type
 from reward_service.config import RewardModelTrainConfig
+from support_jobs import rlhf
 
 BASE = {"model": {"policy": "m"}, "data": {"prompts": "p.jsonl"}, "reward": {"model_dir": "r"}}
 
@@ -16,10 +14,6 @@ def write(tmp_path, text):
     p = tmp_path / "cfg.yaml"
     p.write_text(text)
     return p
-
-
-def rlhf(*args):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def problems(overrides, base=BASE) -> list[str]:

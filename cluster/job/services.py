@@ -2,9 +2,10 @@
 
 All three start at once: each spends its start on process spawns and imports, which overlap (about
 a quarter off a job's start on a 2-core box). Failing fast is kept: the first of the three to fail
-stops the job then, without waiting for the other two, which are shut down as soon as their start
-returns (the reward service is probed with one request as soon as it is up, so a reward that cannot
-score is such a failure).
+stops the job then, without waiting for the learner or the engines, which are shut down as soon as
+their start returns (the reward service is probed with one request as soon as it is up, so a reward
+that cannot score is such a failure). Only a reward app still starting is waited for (bounded), since
+Serve's actors outlive the job: it stops itself when its start returns.
 """
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ from cluster.config import JobConfig
 from cluster.errors import JobFailed, one_line
 from cluster.job.weight_sync import WeightSync
 from contract.devices import DeviceProfile
+
+
+# Seconds a failed start waits for a reward app still starting to return and stop itself: a deploy that
+# places its replicas takes ~10-40 s (2-core box, tiny reward model); a cluster's model load takes longer.
+REWARD_STOP_WAIT_S = 180.0
 
 
 def learner_context(cfg: JobConfig) -> dict:
@@ -72,8 +78,8 @@ def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=pr
     """The reward app, the learner group and the pool start together (none needs another to start:
     `Services.current_weights` is None until the weight sync exists, and the pool's first workers load
     the initial checkpoint), then the weight sync, which joins the learner to the pool. The first start
-    to fail ends it: what did start is stopped, and a start still running stops its service itself
-    when it returns (`abandoned`). Caller's duty: transformers' lazy imports race in threads, so its
+    to fail ends it: what did start is stopped, a start still running stops its service itself when it
+    returns (`abandoned`), and a reward app still starting is waited for (REWARD_STOP_WAIT_S). Caller's duty: transformers' lazy imports race in threads, so its
     tokenizer classes must be resolved before this is called (the controller reads the prompts first)."""
     # Imported here, before the threads, for the same reason.
     import reward_service.app  # start_reward's, and the reward's shutdown
@@ -113,21 +119,34 @@ def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=pr
         if keep("pool", rollout, rollout.shutdown):
             log(f"rollout pool up: {rollout.num_workers} worker(s) ({time.perf_counter() - t0:.1f}s)")
 
+    def log_if_abandoned(start):
+        if abandoned.is_set() and start.exception() is not None:
+            log(f"after the failed start, a service's own start failed too: {one_line(start.exception())}")
+
     starting = ThreadPoolExecutor(3, thread_name_prefix="start")
     futures = [starting.submit(start) for start in (reward, learner, pool)]
+    reward_start = futures[0]
     starting.shutdown(wait=False)
     try:
         # The first failure ends the start; the order of `futures` decides which is named if several failed.
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         for f in futures:
             if f in done and f.exception() is not None:
+                futures.remove(f)  # the others' own failures, if any, are logged below
                 raise f.exception()
         services.sync = WeightSync(services.learner, cfg.learner.weight_sync, device.collective_backend,
                                    cfg.learner.sync_timeout_s, log=log)
     except BaseException:
         with lock:
             abandoned.set()
+        for f in futures:
+            f.add_done_callback(log_if_abandoned)
         stop_services(services)
+        # Serve's actors are detached: a reward app still starting would outlive this process (the driver
+        # kills the controller once the start has failed). Its start stops it when it returns.
+        if reward_start in futures and not wait([reward_start], timeout=REWARD_STOP_WAIT_S).done:
+            log(f"the reward app was still starting {REWARD_STOP_WAIT_S:.0f}s after the failure; stopping it")
+            _quietly(lambda: reward_service.app.shutdown("reward"))
         raise
     return services
 
