@@ -103,7 +103,11 @@ def deploy(cfg: RewardConfig, store_dir: str | Path, name: str = "reward",
     try:
         serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port},
                     controller_options={"runtime_env": {"env_vars": SERVE_CONTROLLER_ENV}})
-        serve.run(scorer, name=name, route_prefix=f"/{name}", logging_config={"enable_access_log": False})
+        # serve.run's wait for RUNNING has no limit (a replica no node can take would hold the job
+        # forever): the same deploy without it, then the same wait with reward.start_timeout_s.
+        serve._run(scorer, _blocking=False, name=name, route_prefix=f"/{name}",
+                   logging_config={"enable_access_log": False})
+        _wait_running(name, cfg.start_timeout_s)
     except BaseException:
         shutdown(name)  # Serve's actors are detached: a half-started app would outlive the job
         raise
@@ -115,6 +119,17 @@ def deploy(cfg: RewardConfig, store_dir: str | Path, name: str = "reward",
 # as the reward app, and on a busy node the proxy's imports alone take longer than that (seen on 2
 # cores). Seconds, for its first start (Serve allows n times as long for its n-th).
 SERVE_CONTROLLER_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}
+
+
+def _wait_running(name: str, timeout_s: float) -> None:
+    from ray.serve.context import _get_global_client
+
+    try:
+        _get_global_client()._wait_for_application_running(name, timeout_s=timeout_s)
+    except TimeoutError:
+        raise TimeoutError(f"reward.start_timeout_s={timeout_s:g}: the reward app was not running after "
+                           f"{timeout_s:g}s (replicas no node can take wait: see reward.resources, "
+                           "reward.cpus_per_replica, reward.num_replicas)") from None
 
 
 def _with_running_http(cfg: RewardConfig) -> RewardConfig:

@@ -61,6 +61,8 @@ class RewardConfig(Section):
     request_timeout_s: float = Field(120.0, gt=0, description="seconds; one scoring call, retries included, "
                                                               "before the step fails")
     max_retries: int = Field(5, ge=0, description="re-sends of a chunk whose replica died or was restarting")
+    start_timeout_s: float = Field(600.0, gt=0, description="seconds the reward app may take to be running "
+                                   "(replicas placed, model loaded) before the job fails; as rollout.start_timeout_s")
     retrain_every: int = Field(0, ge=0, description="after every N new ratings from the review page (A/B picks, "
                                                     "likes, scores), train the next reward model on the run's "
                                                     "ratings (as `rlhf train-rm --from-run`) and swap it in without a "

@@ -254,7 +254,7 @@ def test_port_and_address_checks_are_one_line():
 def test_a_reward_app_that_fails_half_way_leaves_no_serve_running(ray_local, serve_controller_pids, tmp_path,
                                                                  monkeypatch):
     """Serve's actors are detached: a deploy that fails after `serve.start` must stop Serve, or it
-    outlives the job on a shared cluster. `serve.run` is the stand-in that fails."""
+    outlives the job on a shared cluster. Serve's deploy (`serve._run`) is the stand-in that fails."""
     from ray import serve
 
     from contract.net import free_port
@@ -263,11 +263,35 @@ def test_a_reward_app_that_fails_half_way_leaves_no_serve_running(ray_local, ser
 
     if serve_controller_pids():  # only under xdist's reordering can another module's app still be up here
         pytest.skip("another test's Serve app runs on this session's Ray")
-    monkeypatch.setattr(serve, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("replica failed to start")))
+    monkeypatch.setattr(serve, "_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("replica failed to start")))
     cfg = RewardConfig(model_dir=None, functions=[{"path": "reward_service.functions:colour_fraction"}],
                        http_port=free_port())
     with pytest.raises(RuntimeError, match="replica failed to start"):
         reward_app.deploy(cfg, tmp_path / "store", name="reward_half")
+    deadline = time.monotonic() + 30
+    while serve_controller_pids() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not serve_controller_pids()
+
+
+def test_a_reward_app_no_node_can_take_fails_after_its_start_timeout_and_leaves_no_serve(
+        ray_local, serve_controller_pids, tmp_path):
+    """serve.run would wait forever for a replica that asks for a resource no node has (an autoscaling
+    cluster that never grows, or one whose capacity other jobs hold): reward.start_timeout_s ends it
+    in one line, and Serve is stopped."""
+    from contract.net import free_port
+    from reward_service import app as reward_app
+    from reward_service.config import RewardConfig
+
+    if serve_controller_pids():  # only under xdist's reordering can another module's app still be up here
+        pytest.skip("another test's Serve app runs on this session's Ray")
+    cfg = RewardConfig(model_dir=None, functions=[{"path": "reward_service.functions:colour_fraction"}],
+                       http_port=free_port(), resources={"no_such_node": 1}, start_timeout_s=3)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError) as e:
+        reward_app.deploy(cfg, tmp_path / "store", name="reward_unplaced")
+    assert str(e.value).startswith("reward.start_timeout_s=3: the reward app was not running after 3s")
+    assert "\n" not in str(e.value) and time.monotonic() - t0 < 60
     deadline = time.monotonic() + 30
     while serve_controller_pids() and time.monotonic() < deadline:
         time.sleep(0.5)
