@@ -17,7 +17,7 @@ from cluster.job.rollout_table import provenance, trainable_mask, with_rewards
 from cluster.launch.ray_session import check_port, check_reachable
 from cluster.outputs.run_dir import RunDir
 from contract.experience import EXPERIENCE_SCHEMA, rollout_batch
-from support_jobs import rlhf
+from support_jobs import rlhf, wait_for
 
 
 def rollouts(versions: list[int]) -> pa.Table:
@@ -155,13 +155,6 @@ def start_in_thread(logged: list):
     return th, outcome
 
 
-def wait_until(check, seconds: float = 10) -> bool:
-    deadline = time.monotonic() + seconds
-    while not check() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return check()
-
-
 def test_a_reward_that_cannot_score_fails_the_start_at_once_and_what_was_starting_is_stopped(monkeypatch):
     """The services start together; a failed reward probe ends the start without waiting for the
     learner and the pool (held mid-start), each shut down when its own start returns, never left unowned."""
@@ -171,7 +164,7 @@ def test_a_reward_that_cannot_score_fails_the_start_at_once_and_what_was_startin
     assert not th.is_alive() and "reward cannot start" in str(outcome[0]) and stopped == []
     release["learner"].set()
     release["pool"].set()
-    assert wait_until(lambda: sorted(stopped) == ["LearnerGroup", "RolloutPool"]), stopped
+    wait_for(lambda: sorted(stopped) == ["LearnerGroup", "RolloutPool"], 10, "the held starts to be stopped")
 
 
 @pytest.mark.parametrize("failing, other", [("learner", "pool"), ("pool", "learner")])
@@ -191,7 +184,8 @@ def test_a_learner_or_pool_that_cannot_start_ends_the_start_once_the_reward_app_
     assert stopped == ["RewardClient"]  # the other is still starting
     release[other].set()
     names = {"learner": "LearnerGroup", "pool": "RolloutPool"}
-    assert wait_until(lambda: sorted(stopped) == sorted(["RewardClient", names[other]])), stopped
+    wait_for(lambda: sorted(stopped) == sorted(["RewardClient", names[other]]), 10,
+             "the held starts to be stopped")
 
 
 def test_a_reward_app_still_starting_past_the_bound_is_stopped_and_said(monkeypatch):
@@ -205,7 +199,8 @@ def test_a_reward_app_still_starting_past_the_bound_is_stopped_and_said(monkeypa
     assert stopped == ["RewardClient"] and any("still starting" in m for m in logged), logged
     release["reward"].set()
     release["pool"].set()
-    assert wait_until(lambda: sorted(stopped) == ["RewardClient", "RewardClient", "RolloutPool"]), stopped
+    wait_for(lambda: sorted(stopped) == ["RewardClient", "RewardClient", "RolloutPool"], 10,
+             "the held starts to be stopped")
 
 
 def test_demo_preferences_are_ranked_by_the_gold_score(tiny_models):

@@ -79,8 +79,9 @@ def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=pr
     `Services.current_weights` is None until the weight sync exists, and the pool's first workers load
     the initial checkpoint), then the weight sync, which joins the learner to the pool. The first start
     to fail ends it: what did start is stopped, a start still running stops its service itself when it
-    returns (`abandoned`), and a reward app still starting is waited for (REWARD_STOP_WAIT_S). Caller's duty: transformers' lazy imports race in threads, so its
-    tokenizer classes must be resolved before this is called (the controller reads the prompts first)."""
+    returns (`abandoned`), and a reward app still starting is waited for (REWARD_STOP_WAIT_S).
+    Caller's duty: transformers' lazy imports race in threads, so its tokenizer classes must be
+    resolved before this is called (the controller reads the prompts first)."""
     # Imported here, before the threads, for the same reason.
     import reward_service.app  # start_reward's, and the reward's shutdown
     from actors.pool import RolloutPool
@@ -125,26 +126,26 @@ def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=pr
 
     starting = ThreadPoolExecutor(3, thread_name_prefix="start")
     futures = [starting.submit(start) for start in (reward, learner, pool)]
-    reward_start = futures[0]
     starting.shutdown(wait=False)
+    failed = None  # the start whose failure ended it (the others' own failures are logged below)
     try:
         # The first failure ends the start; the order of `futures` decides which is named if several failed.
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        for f in futures:
-            if f in done and f.exception() is not None:
-                futures.remove(f)  # the others' own failures, if any, are logged below
-                raise f.exception()
+        wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f for f in futures if f.done() and f.exception() is not None), None)
+        if failed is not None:
+            raise failed.exception()
         services.sync = WeightSync(services.learner, cfg.learner.weight_sync, device.collective_backend,
                                    cfg.learner.sync_timeout_s, log=log)
     except BaseException:
         with lock:
             abandoned.set()
         for f in futures:
-            f.add_done_callback(log_if_abandoned)
+            if f is not failed:
+                f.add_done_callback(log_if_abandoned)
         stop_services(services)
         # Serve's actors are detached: a reward app still starting would outlive this process (the driver
         # kills the controller once the start has failed). Its start stops it when it returns.
-        if reward_start in futures and not wait([reward_start], timeout=REWARD_STOP_WAIT_S).done:
+        if not wait(futures[:1], timeout=REWARD_STOP_WAIT_S).done:  # futures[0]: the reward's start
             log(f"the reward app was still starting {REWARD_STOP_WAIT_S:.0f}s after the failure; stopping it")
             _quietly(lambda: reward_service.app.shutdown("reward"))
         raise
