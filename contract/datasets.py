@@ -46,6 +46,8 @@ class Columns(Section):
     chosen: str = Field("chosen", description="preferred reply: text, or a conversation ending in it")
     rejected: str = Field("rejected", description="dispreferred reply: text, or a conversation ending in it")
     label: str = Field("label", description="pointwise like (1/true) or dislike (0/false)")
+    answer: str = Field("answer", description="a prompt's reference answer (text or number), which "
+                                              "reward.verifier checks responses against; prompts only")
     split: str | None = Field(None, description="split of a save_to_disk DatasetDict directory; None: 'train' "
                                                 "if present, else its only split")
 
@@ -191,7 +193,8 @@ def render_prompt(path, i: int, messages: list[dict], tokenizer) -> str:
 
 def load_prompts(path: str | Path, columns: Columns | None = None, tokenizer=None) -> pa.Table:
     """Columns: `prompt_id` (from the id column if present, else the row number), `prompt` (the
-    text the policy continues) and `messages` (the conversation as JSON, null for plain prompts).
+    text the policy continues), `messages` (the conversation as JSON, null for plain prompts), and
+    `reference` (the reference answer) when the file has an answer column.
 
     A conversation is rendered here, once, with `tokenizer`'s chat template (the policy's) and the
     generation prompt added; a trailing assistant message (a data set's reference reply) is dropped
@@ -226,8 +229,29 @@ def load_prompts(path: str | Path, columns: Columns | None = None, tokenizer=Non
             what = f"field {cols.prompt!r} must be text (got {type(prompt).__name__})" if prompt is not None \
                 else f"neither {cols.prompt!r} nor {cols.messages!r} is set"
             raise DatasetError(f"{path}: row {i}: {what}")
-    return pa.table({"prompt_id": _ids(table, path, cols), "prompt": pa.array(texts, pa.string()),
-                     "messages": pa.array(convs, pa.string())})
+    out = {"prompt_id": _ids(table, path, cols), "prompt": pa.array(texts, pa.string()),
+           "messages": pa.array(convs, pa.string())}
+    if cols.answer in table.column_names:
+        out["reference"] = pa.array(_references(path, _values(table, cols.answer), cols.answer), pa.string())
+    return pa.table(out)
+
+
+def _references(path, values: list, column: str) -> list[str]:
+    """Reference answers as text (numbers as written: 12, 2.5); a missing one is an error, not a 0."""
+    out = []
+    for i, v in enumerate(values):
+        if v is None or isinstance(v, (dict, list)) or (isinstance(v, float) and math.isnan(v)):
+            raise DatasetError(f"{path}: row {i}: field {column!r} must be a reference answer (text or a number), "
+                               f"got {v!r}")
+        out.append(str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
+    return out
+
+
+def require_answers(prompts: pa.Table, path, column: str) -> None:
+    """A verifier needs every prompt's reference answer: one line naming the file and the column."""
+    if "reference" not in prompts.column_names:
+        raise DatasetError(f"{path}: no {column!r} column; reward.verifier checks each response against the "
+                           f"prompt's reference answer (name its column with data.columns.answer)")
 
 
 def _split_strings(chosen: str, rejected: str) -> tuple[str, str, str]:

@@ -6,8 +6,12 @@ Everything else asks a `DeviceProfile` instead of branching on `torch.cuda.is_av
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from contract.dtype_choice import DtypeChoice
 
 DeviceKind = Literal["cpu", "cuda"]
 
@@ -40,7 +44,14 @@ class DeviceProfile:
 
     def vllm_engine_kwargs(self, kv_cache_bytes: int, gpu_memory_utilization: float) -> dict:
         if self.kind == "cpu":
-            return {"enforce_eager": True, "kv_cache_memory_bytes": kv_cache_bytes}
+            # No chunked prefill on CPU: when a step's prompt tokens exceed max_num_batched_tokens
+            # (4096 for vllm.LLM on CPU) vLLM prefills one prompt partly, samples it anyway and rewinds
+            # that request's torch.Generator with set_offset, which CPU generators lack: every seeded
+            # batch over the budget died with "CPU Generator does not use offset". Unchunked, a prompt
+            # is prefilled whole or waits for the next step (max_num_batched_tokens stays
+            # >= max_model_len), so a seeded generator advances once per sampled token, whatever the
+            # batch (docs/vllm_cpu_notes.md).
+            return {"enforce_eager": True, "kv_cache_memory_bytes": kv_cache_bytes, "enable_chunked_prefill": False}
         return {"gpu_memory_utilization": gpu_memory_utilization}
 
     def reset_peak_memory(self) -> None:
@@ -82,12 +93,29 @@ class DeviceProfile:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
         return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
+    def compute_dtype(self) -> str:
+        """bfloat16 or float32: what `auto` means for rollout.engine.dtype and learner.dtype. cuda: bfloat16
+        where the GPU has it; cpu: measured on this CPU, bfloat16 only when clearly faster
+        (contract/dtype_choice.py)."""
+        return self.dtype_choice().dtype
+
+    def dtype_choice(self) -> "DtypeChoice":
+        """`compute_dtype` with what decided it (timings, CPU model and flags); once per process."""
+        return _dtype_choice(self.kind)
+
     def ray_resources(self, cpus: float, gpus: float) -> dict:
         """Ray actor options for one worker/rank; GPUs are only requested on a CUDA profile."""
         res: dict = {"num_cpus": cpus}
         if self.kind == "cuda":
             res["num_gpus"] = gpus
         return res
+
+
+@functools.cache
+def _dtype_choice(kind: str) -> "DtypeChoice":
+    from contract import dtype_choice
+
+    return dtype_choice.cuda_choice() if kind == "cuda" else dtype_choice.cpu_choice()
 
 
 def _release_free_heap() -> None:

@@ -26,10 +26,15 @@ ROLLOUT_FIELDS = [
     # for a plain-text prompt; `prompt` then holds it rendered with the policy's chat template. The
     # reward model re-renders these messages with its own template (reward_service/model.py).
     pa.field("messages", pa.string(), nullable=True),
+    # The prompt's reference answer (the prompt file's `data.columns.answer`), which a verifier checks
+    # the response against; null when the task has none.
+    pa.field("reference", pa.string(), nullable=True),
 ]
 ROLLOUT_SCHEMA = pa.schema(ROLLOUT_FIELDS)
 # Columns a table may lack (older producers, hand-built tables): readers treat them as all null.
-OPTIONAL_COLUMNS = frozenset({"messages"})
+OPTIONAL_COLUMNS = frozenset({"messages", "reference", "verifier", "verifier_outcome"})
+# Columns that come from the prompt table, not from the engine: joined back onto the samples by prompt_id.
+PROMPT_COLUMNS = ("messages", "reference")
 
 REWARD_FIELDS = [
     pa.field("reward", pa.float32(), nullable=False),
@@ -38,6 +43,10 @@ REWARD_FIELDS = [
     pa.field("reward_parts", pa.map_(pa.string(), pa.float64()), nullable=False),
     # the reward model version that scored the sample (0: reward.model_dir; +1 per `rlhf reward-model update`)
     pa.field("reward_model_version", pa.int64(), nullable=False),
+    # the verifier that checked the response against `reference` ("math (math-verify 0.9.0)") and how
+    # that call ended: ok | timeout | error (not ok: the reward row is invalid). Null: no verifier.
+    pa.field("verifier", pa.string(), nullable=True),
+    pa.field("verifier_outcome", pa.string(), nullable=True),
 ]
 EXPERIENCE_SCHEMA = pa.schema(ROLLOUT_FIELDS + REWARD_FIELDS)
 
@@ -70,15 +79,18 @@ def concat(batches: list[pa.RecordBatch | pa.Table], schema: pa.Schema = ROLLOUT
     return pa.concat_tables([with_optional(t, schema).select(schema.names).cast(schema) for t in tables])
 
 
-def attach_messages(rollouts: pa.Table, prompts: pa.Table) -> pa.Table:
-    """`rollouts` with each row's `messages` taken from the prompt table by prompt_id (the pool
-    dispatches text and token ids only; the conversation rejoins its samples here)."""
+def attach_prompt_columns(rollouts: pa.Table, prompts: pa.Table) -> pa.Table:
+    """`rollouts` with each row's PROMPT_COLUMNS (`messages`, `reference`) taken from the prompt
+    table by prompt_id (the pool dispatches text and token ids only; the rest rejoins here)."""
     rollouts = with_optional(rollouts, ROLLOUT_SCHEMA)
-    if "messages" not in prompts.column_names:
-        return rollouts
-    by_id = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("messages").to_pylist()))
-    values = pa.array([by_id.get(p) for p in rollouts.column("prompt_id").to_pylist()], pa.string())
-    return rollouts.set_column(rollouts.column_names.index("messages"), ROLLOUT_SCHEMA.field("messages"), values)
+    pids = rollouts.column("prompt_id").to_pylist()
+    for name in PROMPT_COLUMNS:
+        if name not in prompts.column_names:
+            continue
+        by_id = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column(name).to_pylist()))
+        values = pa.array([by_id.get(p) for p in pids], pa.string())
+        rollouts = rollouts.set_column(rollouts.column_names.index(name), ROLLOUT_SCHEMA.field(name), values)
+    return rollouts
 
 
 def check_columns(table: pa.Table, schema: pa.Schema) -> None:

@@ -171,9 +171,11 @@ class LearnerConfig(Section):
     zero_stage: int = Field(0, ge=0, le=3, description=(
         "DeepSpeed ZeRO stage: 0 replicates everything, 2 shards optimizer state and gradients, 3 also the "
         "parameters. 0: one rank has nothing to shard"))
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description=(
-        "compute dtype of the policy and reference forwards (master weights stay fp32). float32: exact on "
-        "CPU and equal to the fp32 rollout engine's logprobs; bfloat16 on GPUs"))
+    dtype: Literal["float32", "bfloat16", "auto"] = Field("float32", description=(
+        "compute dtype of the policy and reference forwards (master weights stay fp32): float32, bfloat16, or "
+        "auto: the device profile's choice, made once at job start, the same as rollout.engine.dtype auto "
+        "(on a CPU bfloat16 only where measured clearly faster; on a GPU bfloat16 where supported); use it "
+        "for real models. Default float32: exact on CPU, equal to the fp32 rollout engine's logprobs on any box"))
     lr: float = Field(1e-5, gt=0, description=(
         "policy AdamW learning rate (per optimizer step). 1e-5: a common full-finetune RLHF value"))
     critic_lr: float = Field(1e-5, gt=0, description=(

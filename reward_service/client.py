@@ -53,7 +53,11 @@ def to_table(outs: list[dict]) -> pa.Table:
     parts = pa.MapArray.from_arrays(offsets, pa.array(names * n, pa.string()), pa.array(items, pa.float64()))
     errors = [e for o in outs for e in o["errors"]]
     versions = pa.array(np.concatenate([o["rm_version"] for o in outs]).astype(np.int64))
-    table = pa.Table.from_arrays([pa.array(reward), pa.array(valid), parts, versions], schema=REWARD_SCHEMA)
+    verifier = pa.array([o.get("verifier") for o in outs for _ in range(len(o["reward"]))], pa.string())
+    outcome = pa.array([x for o in outs for x in (o.get("verifier_outcome") or [None] * len(o["reward"]))],
+                       pa.string())
+    table = pa.Table.from_arrays([pa.array(reward), pa.array(valid), parts, versions, verifier, outcome],
+                                 schema=REWARD_SCHEMA)
     return table.replace_schema_metadata({ERRORS_KEY: json.dumps(errors).encode()})
 
 
@@ -95,20 +99,24 @@ class RewardClient:
             self._feedback = serve.get_deployment_handle("RewardFeedback", app_name=self.name)
         return self._feedback
 
-    def score(self, prompts: list[str], responses: list[str], messages: list[str | None] | None = None) -> pa.Table:
-        """One row per pair, in order: reward, reward_valid, reward_parts (see `reward_errors`).
+    def score(self, prompts: list[str], responses: list[str], messages: list[str | None] | None = None,
+              references: list[str | None] | None = None) -> pa.Table:
+        """One row per pair, in order: the REWARD_FIELDS (see `reward_errors` for invalid rows).
         `messages`: per pair the prompt's chat conversation as JSON (or None), which the reward model
-        re-renders in its own chat template (reward_service/model.py)."""
-        if len(prompts) != len(responses) or (messages is not None and len(messages) != len(prompts)):
+        re-renders in its own chat template (reward_service/model.py). `references`: per pair the
+        prompt's reference answer (or None), which the verifier checks the response against."""
+        extra = {"messages": messages, "references": references}
+        bad = {k: len(v) for k, v in extra.items() if v is not None and len(v) != len(prompts)}
+        if len(prompts) != len(responses) or bad:
             raise RewardServiceError(f"score: {len(prompts)} prompts but {len(responses)} responses"
-                                     + (f" and {len(messages)} messages" if messages is not None else ""))
+                                     + "".join(f" and {n} {k}" for k, n in bad.items()))
         if not prompts:
             return REWARD_SCHEMA.empty_table()
         b = self.cfg.max_batch_size
-        chunks = [(list(prompts[i:i + b]), list(responses[i:i + b]))
-                  + ((list(messages[i:i + b]),) if messages is not None and any(m is not None for m in messages) else ())
-                  for i in range(0, len(prompts), b)]
-        outs = self._call_all(lambda c: self.scorer.score.remote(*c), chunks)
+        sent = {k: v for k, v in extra.items() if v is not None and any(x is not None for x in v)}
+        chunks = [{"prompts": list(prompts[i:i + b]), "responses": list(responses[i:i + b]),
+                   **{k: list(v[i:i + b]) for k, v in sent.items()}} for i in range(0, len(prompts), b)]
+        outs = self._call_all(lambda c: self.scorer.score.remote(**c), chunks)
         return to_table(outs)
 
     def add_feedback(self, records: list[dict]) -> int:

@@ -15,6 +15,22 @@ class RewardFunctionConfig(Section):
     weight: float = Field(1.0, description="its weight in the sum of reward parts")
 
 
+class VerifierConfig(Section):
+    name: str = Field(..., pattern="^(math|exact|lcs)$", description=(
+        "math: math-verify compares the response with the prompt's reference answer symbolically (1 or 0); "
+        "exact: equal after trimming whitespace (1 or 0); lcs: 2*LCS/(len a + len b) of the characters, "
+        "partial credit (reverse-text). The reference is the prompt file's answer column (data.columns.answer)"))
+    weight: float = Field(1.0, description="its weight in the sum of reward parts")
+    timeout_s: float = Field(10.0, gt=0, description=(
+        "seconds one verifier call may take before its process is killed and the sample is recorded as a "
+        "timeout (not trained on, counted in verifier_timeouts); 10 s: symbolic comparison of a short answer "
+        "takes milliseconds, a pathological expression can take forever"))
+    processes: int = Field(2, ge=1, description="worker processes per reward replica that run verifier calls "
+                                                "(each on its own main thread, so math-verify's signal-based "
+                                                "limits work); 2: calls are short, the pool is warm after the "
+                                                "first step")
+
+
 class FeedbackConfig(Section):
     alpha: float = Field(0.0, ge=0.0, le=1.0, description="r = alpha*r_feedback + (1-alpha)*r_model; 0 (off): "
                                                           "live feedback is stored but does not change rewards")
@@ -33,6 +49,9 @@ class RewardConfig(Section):
     model_weight: float = Field(1.0, description="weight of the reward model's score in the sum of parts")
     functions: list[RewardFunctionConfig] = Field(default_factory=list,
                                                   description="reward functions added to the model's score")
+    verifier: VerifierConfig | None = Field(None, description=(
+        "a verifier scoring each response against its prompt's reference answer (verifiable tasks: "
+        "`rlhf make-task`); null: none"))
     python_path: list[str] = Field(default_factory=list,
                                    description="dirs put on the replicas' PYTHONPATH, for functions not installed")
     feedback: FeedbackConfig = Field(default_factory=FeedbackConfig, description="live human feedback fused into "
@@ -73,16 +92,18 @@ class RewardConfig(Section):
 
     @model_validator(mode="after")
     def _something_scores(self):
-        if self.model_dir is None and not self.functions:
-            raise ValueError("set reward.model_dir or at least one reward.functions entry")
+        if self.model_dir is None and not self.functions and self.verifier is None:
+            raise ValueError("set reward.model_dir or at least one reward.functions entry (or a reward.verifier)")
         return self
 
 
 class RewardModelTrainConfig(Section):
     """`rlhf train-rm`: Bradley-Terry on pairs or BCE on like/dislike labels, in one process."""
 
-    base_model: str = Field(..., description="HF sequence-classification directory with one output "
-                                             "(num_labels=1) the reward model starts from")
+    base_model: str = Field(..., description="HF directory the reward model starts from: a sequence classifier "
+                                             "with one output (num_labels=1), or a causal LM (*ForCausalLM: the "
+                                             "policy, an SFT output, a pretrained model) whose transformer body "
+                                             "gets a new one-output score head initialised from `seed`")
     data: str = Field(..., description="Parquet/JSONL: prompt, chosen, rejected (bradley_terry) or prompt, "
                                        "response, label 0/1 (bce)")
     output_dir: str = Field(..., description="where the trained model is written (replaced atomically); use it as "

@@ -1,7 +1,7 @@
 """HTTP of the reward app (under its route prefix, e.g. /reward): scoring, feedback, the review page.
 
     GET  /healthz                 {"ok": true}; the only route without the token
-    POST /score                   {"prompts": [...], "responses": [...]} -> rewards and parts
+    POST /score                   {"prompts": [...], "responses": [...], "references"?: [...]} -> rewards and parts
     POST /feedback                {"records": [{prompt, response, score}]} -> stored
     GET  /review                  the review page (HTML; ?token=T once sets a cookie, then redirects)
     GET  /review/app.js|style.css the page's script and style
@@ -134,7 +134,8 @@ async def handle(scorer, request: Request) -> Response:
             return ok(await scorer.add_feedback(body))
         if not isinstance(body, dict):
             raise DatasetError("score: expected an object {\"prompts\": [...], \"responses\": [...]}")
-        return ok(wire_to_json(await scorer.score(body.get("prompts"), body.get("responses"), body.get("messages"))))
+        return ok(wire_to_json(await scorer.score(body.get("prompts"), body.get("responses"), body.get("messages"),
+                                                 body.get("references"))))
     except (ValueError, DatasetError) as e:
         return error(e, 400)
 
@@ -147,4 +148,5 @@ def wire_to_json(out: dict) -> dict:
         return [float(v) if np.isfinite(v) else None for v in a]
     return {"reward": out["reward"].tolist(), "valid": out["valid"].tolist(),
             "parts": {k: clean(v) for k, v in out["parts"].items()}, "errors": out["errors"],
-            "reward_model_version": out["rm_version"].tolist()}
+            "reward_model_version": out["rm_version"].tolist(),
+            **({"verifier": out["verifier"], "verifier_outcome": out["verifier_outcome"]} if "verifier" in out else {})}

@@ -110,7 +110,7 @@ class RewardFeedback:
             return dict(self.acks.get(version, {}))
 
 
-def check_pairs(prompts, responses, messages=None) -> None:
+def check_pairs(prompts, responses, messages=None, references=None) -> None:
     if not isinstance(prompts, list) or not isinstance(responses, list):
         raise ValueError("score: 'prompts' and 'responses' must be lists of strings")
     if len(prompts) != len(responses):
@@ -120,6 +120,9 @@ def check_pairs(prompts, responses, messages=None) -> None:
     if messages is not None and (not isinstance(messages, list) or len(messages) != len(prompts)
                                  or not all(m is None or isinstance(m, str) for m in messages)):
         raise ValueError("score: 'messages' must be a list with one JSON conversation string (or null) per prompt")
+    if references is not None and (not isinstance(references, list) or len(references) != len(prompts)
+                                   or not all(r is None or isinstance(r, str) for r in references)):
+        raise ValueError("score: 'references' must be a list with one reference answer string (or null) per prompt")
 
 
 @serve.deployment(name="RewardScorer")
@@ -138,6 +141,12 @@ class RewardScorer:
                              version)
             threading.Thread(target=self._follow_versions, name="rm-versions", daemon=True).start()
         self.functions = [(f"fn:{f.path.split(':')[1]}", load_function(f.path, "reward.functions"), f.weight) for f in self.cfg.functions]
+        self.verifier = None
+        if self.cfg.verifier is not None:
+            from reward_service.verifiers import VerifierPool
+
+            v = self.cfg.verifier
+            self.verifier = VerifierPool(v.name, v.timeout_s, v.processes)
         self._model_item.set_max_batch_size(self.cfg.max_batch_size)
         self._model_item.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
         self.batch_sizes: deque[int] = deque(maxlen=10_000)
@@ -197,13 +206,18 @@ class RewardScorer:
         versions = np.asarray([v for s, v in head for _ in s] + [v for _, v in tail], dtype=np.int64)
         return scores, versions
 
-    async def score(self, prompts: list[str], responses: list[str], messages: list | None = None) -> dict:
+    async def score(self, prompts: list[str], responses: list[str], messages: list | None = None,
+                    references: list | None = None) -> dict:
         """`messages`: per pair the prompt's conversation as JSON or None; the reward model re-renders
-        it in its own chat template (reward functions and feedback still see prompt/response)."""
-        check_pairs(prompts, responses, messages)
+        it in its own chat template (reward functions and feedback still see prompt/response).
+        `references`: per pair the prompt's reference answer, which the verifier checks the response
+        against (a pair without one is recorded as a verifier error)."""
+        check_pairs(prompts, responses, messages, references)
         n = len(prompts)
         fb = self.feedback.match.remote(responses) if self.cfg.feedback.alpha > 0 else None
         model = asyncio.ensure_future(self._model_scores(prompts, responses, messages)) if self._current else None
+        verified = (asyncio.ensure_future(asyncio.to_thread(self.verifier.verify, responses, references or [None] * n))
+                    if self.verifier is not None else None)
         weighted, errors = {}, []
         for name, fn, weight in self.functions:
             values, err = call_function(name, fn, prompts, responses)
@@ -213,8 +227,17 @@ class RewardScorer:
         if model is not None:
             scores, versions = await model
             weighted = {"model": (scores, self.cfg.model_weight), **weighted}
+        outcomes = None
+        if verified is not None:
+            v = await verified
+            weighted[f"verifier:{self.verifier.name}"] = (v.values, self.cfg.verifier.weight)
+            errors += summarise(v.errors)
+            outcomes = v.outcomes
         feedback = (await fb) if fb is not None else None
-        return as_wire(combine(n, weighted, feedback, self.cfg.feedback.alpha, errors), versions)
+        wire = as_wire(combine(n, weighted, feedback, self.cfg.feedback.alpha, errors), versions)
+        if outcomes is not None:
+            wire.update(verifier=self.verifier.version, verifier_outcome=outcomes)
+        return wire
 
     def stats(self, reset: bool = False) -> dict:
         out = {"pid": os.getpid(), "actor_name": self.name, "batch_sizes": list(self.batch_sizes),
@@ -231,6 +254,11 @@ class RewardScorer:
         request_id = body.get("request_id") if isinstance(body, dict) else None
         validate_batch(records)  # a clear 400 here, before the store sees anything
         return await self.feedback.add.remote(records, request_id)
+
+
+def summarise(errors: list[str], keep: int = 3) -> list[str]:
+    """The first few messages and how many more: a step with 500 timeouts logs 4 lines, not 500."""
+    return errors[:keep] + ([f"... and {len(errors) - keep} more"] if len(errors) > keep else [])
 
 
 def as_wire(s: Scored, versions: np.ndarray) -> dict:

@@ -6,9 +6,16 @@ held-out (chosen, rejected) pairs (for labels: of (liked, disliked) pairs) the m
 Plain torch in one process: reward models here are small and world size 1 is what the issue asks
 to support without DeepSpeed. Inputs go through `model.encode_pairs`, the same path the Serve app
 uses, so the model is trained on exactly what it will be asked to score.
+
+`base_model` is a one-output sequence classifier, or a causal LM (the policy, an SFT output, a
+pretrained instruct model): then its transformer body gets a new one-output score head,
+`AutoModelForSequenceClassification.from_pretrained(dir, num_labels=1)`, the head drawn from `seed`,
+and the saved directory is a classifier the reward service serves as it is.
 """
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +27,38 @@ from contract.config_base import ConfigError
 from contract.datasets import load_labels, load_preferences
 from reward_service.config import RewardModelTrainConfig
 from reward_service.model import encode_pairs, load_classifier, load_tokenizer, pad_batch
+
+
+CAUSAL_LM = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")  # architectures suffixes of an LM
+
+
+def causal_lm_arch(model_dir: str | Path) -> str | None:
+    """The causal-LM class config.json names (None for a classifier or anything else)."""
+    archs = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    return next((a for a in archs if a.endswith(CAUSAL_LM)), None)
+
+
+def load_base(base_model: str, pad_token_id: int, seed: int, log: Callable[[str], None]):
+    """The model train-rm starts from: the classifier as it is, or a causal LM's body with a new
+    one-output head (initialised from `seed`, so a run is reproducible)."""
+    arch = causal_lm_arch(base_model)
+    if arch is None:
+        return load_classifier(base_model, pad_token_id)
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    torch.manual_seed(seed)
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists the new head as missing: the line below says it
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(base_model), num_labels=1,
+                                                                   dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(before)
+    model.config.pad_token_id = pad_token_id
+    log(f"train-rm: base_model {base_model} is a causal LM ({arch}): training its transformer body with a new "
+        f"one-output score head as {type(model).__name__} (head initialised from seed {seed})")
+    return model
 
 
 def _examples(cfg: RewardModelTrainConfig) -> dict[str, list]:
@@ -99,7 +138,7 @@ def _save_atomically(model, tok, output_dir: Path) -> None:
         tok.save_pretrained(tmp)
 
 
-def train_reward_model(cfg: RewardModelTrainConfig) -> dict:
+def train_reward_model(cfg: RewardModelTrainConfig, log: Callable[[str], None] = print) -> dict:
     """Train, evaluate on the held-out split, save to cfg.output_dir; returns the metrics."""
     if cfg.num_ranks != 1:
         raise ConfigError(f"num_ranks: train-rm runs in one process (got {cfg.num_ranks}); set num_ranks: 1")
@@ -117,7 +156,7 @@ def train_reward_model(cfg: RewardModelTrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(cfg.base_model)
     _check_template(ex, tok, cfg)
-    model = load_classifier(cfg.base_model, tok.pad_token_id)
+    model = load_base(cfg.base_model, tok.pad_token_id, cfg.seed, log)
     score = Scorer(model, tok, cfg.max_length)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     steps, epoch_losses = 0, []

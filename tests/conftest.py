@@ -6,8 +6,12 @@ box. Actor processes inherit the project through the editable install.
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 import pytest
+
+from support_tiers import TIER_TIMEOUT_S, TierTotals, tier_of
 
 # Before anything imports torch/vllm in this process.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
@@ -49,12 +53,45 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 def pytest_collection_modifyitems(config, items):
-    """In a pytest-xdist worker: modules with slow tests first, so the longest run while the short ones
-    fill the other worker (xdist hands out units in collection order: longest-first scheduling).
-    Whole modules move, each in its own order: some modules' tests build on their predecessors'."""
+    """Every test gets exactly one tier marker (unit / component / job, read from what it does:
+    tests/support_tiers.py) and, unless it sets its own @pytest.mark.timeout (or the run gives
+    --timeout / PYTEST_TIMEOUT), its tier's timeout. Then, in a pytest-xdist worker: modules with slow
+    tests first, so the longest run while the short ones fill the other worker (xdist hands out units
+    in collection order: longest-first scheduling). Whole modules move, each in its own order: some
+    modules' tests build on their predecessors'."""
+    explicit_timeout = config.getvalue("timeout") is not None or os.environ.get("PYTEST_TIMEOUT")
+    for item in items:
+        tier = tier_of(item)
+        item.add_marker(tier)
+        if not explicit_timeout and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TIER_TIMEOUT_S[tier]))
     if os.environ.get("PYTEST_XDIST_WORKER"):
         slow = {item.path for item in items if item.get_closest_marker("slow")}
         items.sort(key=lambda item: item.path not in slow)  # stable
+
+
+_TOTALS = TierTotals()
+_STARTED = time.monotonic()
+
+
+def pytest_runtest_logreport(report):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller sees every worker's reports
+        _TOTALS.add(report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per tier (tests, outcomes, summed seconds), also written to .pytest-tiers.json beside
+    pyproject.toml with every test's seconds: where the README's figures come from."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not _TOTALS.tests:
+        return
+    from contract.atomic import write_atomically
+
+    terminalreporter.section("per-tier totals")
+    for line in _TOTALS.lines():
+        terminalreporter.write_line(line)
+    out = terminalreporter.config.rootpath / ".pytest-tiers.json"
+    write_atomically(out, _TOTALS.to_json(time.monotonic() - _STARTED))
+    terminalreporter.write_line(f"(per-test seconds: {out})")
 
 
 @pytest.fixture(autouse=True)
@@ -108,6 +145,54 @@ def ray_local():
     start_local_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_ray(request):
+    """A `unit` test must not start Ray (an implicit `ray.init` by a `.remote()` call, say): that is a
+    component test whose tier the source did not show. It fails here, naming the fix."""
+    def ray_up() -> bool:
+        return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+    was_up = ray_up()
+    yield
+    if request.node.get_closest_marker("unit") is not None and not was_up and ray_up():
+        sys.modules["ray"].shutdown()
+        pytest.fail("a unit-tier test started Ray: use the ray_local fixture (tier component), or mark the "
+                    "test @pytest.mark.component (tests/support_tiers.py)", pytrace=False)
+
+
+def _serve_controller() -> str | None:
+    """The id of the live Ray Serve controller of this process's Ray (None: no Serve, or no Ray)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    try:
+        return ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")._actor_id.hex()
+    except ValueError:
+        return None
+
+
+@pytest.fixture(autouse=True)
+def _no_serve_left_behind(request):
+    """Serve's actors are detached: a Serve a test starts on the session's Ray and leaves running
+    outlives it, and every later test sees it. Checked after each test on `ray_local` (a module
+    fixture's Serve is up before its tests and stopped after them, so it is never counted), so the
+    leak fails the test that made it, not the next one that looks."""
+    if "ray_local" not in request.fixturenames:
+        yield
+        return
+    before = _serve_controller()
+    yield
+    deadline = time.monotonic() + 30  # serve.shutdown returns before the controller is gone
+    while (after := _serve_controller()) not in (None, before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if after not in (None, before):
+        from ray import serve
+
+        serve.shutdown()  # reported once, here; the tests after this one start clean
+        pytest.fail(f"this test left a Ray Serve controller running on the session's Ray (actor {after})",
+                    pytrace=False)
 
 
 @pytest.fixture(autouse=True)

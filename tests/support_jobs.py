@@ -78,16 +78,25 @@ def wait_for(predicate, timeout_s: float, what: str, proc: subprocess.Popen | No
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def actor_pid(dashboard: str, name: str) -> int | None:
+    """The pid of the live actor `name`, from the cluster's state API (`ray list actors`) at `dashboard`."""
+    r = subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "list", "actors", "--address", dashboard,
+                        "--filter", f"name={name}", "--filter", "state=ALIVE", "--format", "json"],
+                       capture_output=True, text=True, timeout=60, env=cli_env(RAY_AUTH_MODE="token"))
+    rows = json.loads(r.stdout or "[]") if r.returncode == 0 else []
+    return rows[0]["pid"] if rows else None
+
+
 def metrics_rows(run: Path) -> list[dict]:
     return RunDir(run).read_metrics()
 
 
-def check_exactly_once(run: Path, steps: int):
+def check_exactly_once(run: Path, steps: int, per_step: int = PROMPTS_PER_STEP, n: int = N):
     """One Parquet file per step, each with exactly prompts x n unique samples."""
     table = RunDir(run).read_rollouts()
     assert sorted(set(table.column("step").to_pylist())) == list(range(steps))
     for step in range(steps):
         rows = table.filter(pc.equal(table.column("step"), step))
         keys = list(zip(rows.column("prompt_id").to_pylist(), rows.column("sample_idx").to_pylist()))
-        assert len(keys) == PROMPTS_PER_STEP * N and len(set(keys)) == len(keys), (step, keys)
+        assert len(keys) == per_step * n and len(set(keys)) == len(keys), (step, keys)
     return table

@@ -14,3 +14,9 @@ def flat_or_colour(prompts: list[str], responses: list[str]) -> list[float]:
 
 def colour_only(prompts: list[str], responses: list[str]) -> list[float]:
     return colour_fraction(prompts, responses)
+
+
+def nan_scores(prompts: list[str], responses: list[str]) -> list[float]:
+    """A reward that cannot score: NaN for every response (the fault, named), so the reward service's
+    output checks mark every row invalid and a job's start-up probe fails."""
+    return [float("nan")] * len(responses)

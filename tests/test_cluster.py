@@ -98,9 +98,11 @@ def test_the_learner_is_told_the_loops_staleness_and_the_samplers_settings():
     assert (plan.norm_tokens, plan.overlong_buffer, ctx["sampling_temperature"]) == (20, 4, 0.7)
 
 
-def held_starts(monkeypatch, failing: str):
-    """Stand-ins for the three services' starts: `failing`'s raises at once, each other's holds until its
-    event in `release` is set. Returns (release, stopped): the stand-ins' names as each is shut down."""
+def held_starts(monkeypatch, failing: str | None, hold_s: float = 30):
+    """Stand-ins for the services' starts: `failing`'s raises at once, each other's holds (at most
+    `hold_s`) until its event in `release` is set. With `failing=None` the reward's start is the real
+    one (it fails by itself) and only the learner's and the pool's are stand-ins. Returns (release,
+    stopped): the stand-ins' names as each is shut down."""
     import threading
 
     import actors.pool
@@ -116,7 +118,7 @@ def held_starts(monkeypatch, failing: str):
             num_workers, http_url = 1, "http://stand-in"
 
             def __init__(self, *args, **kwargs):
-                assert release[kind].wait(30)
+                assert release[kind].wait(hold_s)
 
             def shutdown(self):
                 stopped.append(name)
@@ -127,27 +129,30 @@ def held_starts(monkeypatch, failing: str):
 
     stand_ins = {"learner": held("learner", "LearnerGroup"), "pool": held("pool", "RolloutPool"),
                  "reward": held("reward", "RewardClient")}
-    stand_ins[failing] = fails
+    if failing is not None:
+        stand_ins[failing] = fails
     monkeypatch.setattr(learner.group, "LearnerGroup", stand_ins["learner"])
     monkeypatch.setattr(actors.pool, "RolloutPool", stand_ins["pool"])
-    monkeypatch.setattr(services, "start_reward", stand_ins["reward"])
-    monkeypatch.setattr(reward_service.app, "shutdown", lambda name: stopped.append("RewardClient"))
+    if failing is not None:
+        monkeypatch.setattr(services, "start_reward", stand_ins["reward"])
+        monkeypatch.setattr(reward_service.app, "shutdown", lambda name: stopped.append("RewardClient"))
     return release, stopped
 
 
-def start_in_thread(logged: list):
-    """start_services on a tiny config, in a thread; returns (thread, outcome: [exception])."""
+def start_in_thread(logged: list, reward: dict | None = None, store: str = "/nonexistent"):
+    """start_services on a tiny config (its `reward` section replaced by `reward`), in a thread;
+    returns (thread, outcome: [exception])."""
     import threading
 
     from cluster.job.services import start_services
     from contract.devices import DeviceProfile
 
-    base = {"model": {"policy": "m"}, "data": {"prompts": "p"}, "reward": {"model_dir": "r"}}
+    base = {"model": {"policy": "m"}, "data": {"prompts": "p"}, "reward": reward or {"model_dir": "r"}}
     outcome = []
 
     def run():
         try:
-            start_services(load_config(None, [], base=base), DeviceProfile("cpu"), "/nonexistent", log=logged.append)
+            start_services(load_config(None, [], base=base), DeviceProfile("cpu"), store, log=logged.append)
         except Exception as e:  # noqa: BLE001 - the test reads it
             outcome.append(e)
     th = threading.Thread(target=run)
@@ -155,9 +160,34 @@ def start_in_thread(logged: list):
     return th, outcome
 
 
-def test_a_reward_that_cannot_score_fails_the_start_at_once_and_what_was_starting_is_stopped(monkeypatch):
-    """The services start together; a failed reward probe ends the start without waiting for the
-    learner and the pool (held mid-start), each shut down when its own start returns, never left unowned."""
+def test_a_reward_that_cannot_score_fails_the_start_at_once_and_what_was_starting_is_stopped(
+        ray_local, serve_controller_pids, monkeypatch, tmp_path):
+    """The services start together; a reward that cannot score (the real reward app on the session's
+    Ray, with a real reward function whose every value is NaN: its probe is invalid) ends the start
+    without waiting for the learner and the pool (stand-ins held mid-start), each shut down when its
+    own start returns, never left unowned; the failed reward app leaves no Serve behind."""
+    from pathlib import Path
+
+    from contract.net import free_port
+
+    assert serve_controller_pids() == [], "a Serve controller of an earlier test is still up (that test fails too)"
+    release, stopped = held_starts(monkeypatch, None, hold_s=600)
+    here = str(Path(__file__).parent)
+    th, outcome = start_in_thread([], reward={"model_dir": None, "functions": [{"path": "support_rewards:nan_scores"}],
+                                              "python_path": [here], "http_port": free_port(), "max_retries": 1},
+                                  store=str(tmp_path / "store"))
+    th.join(240)  # the reward app's deploy and probe: ~10-40 s on 2 cores
+    assert not th.is_alive() and stopped == [], stopped  # the learner and the pool are still starting
+    assert str(outcome[0]).startswith("reward service cannot score (probe request invalid): "), outcome
+    release["learner"].set()
+    release["pool"].set()
+    wait_for(lambda: sorted(stopped) == ["LearnerGroup", "RolloutPool"], 10, "the held starts to be stopped")
+    wait_for(lambda: not serve_controller_pids(), 30, "the failed reward app's Serve to stop")
+
+
+def test_a_failed_reward_start_ends_the_start_at_once_and_what_was_starting_is_stopped(monkeypatch):
+    """The same with all three starts stand-ins (the reward's raises at once): the orchestration alone,
+    in a second, without Ray."""
     release, stopped = held_starts(monkeypatch, "reward")
     th, outcome = start_in_thread([])
     th.join(10)
@@ -256,8 +286,7 @@ def test_a_reward_app_that_fails_half_way_leaves_no_serve_running(ray_local, ser
     from reward_service import app as reward_app
     from reward_service.config import RewardConfig
 
-    if serve_controller_pids():  # only under xdist's reordering can another module's app still be up here
-        pytest.skip("another test's Serve app runs on this session's Ray")
+    assert serve_controller_pids() == [], "a Serve controller of an earlier test is still up (that test fails too)"
     monkeypatch.setattr(serve, "_run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("replica failed to start")))
     cfg = RewardConfig(model_dir=None, functions=[{"path": "reward_service.functions:colour_fraction"}],
                        http_port=free_port())
@@ -278,8 +307,7 @@ def test_a_reward_app_no_node_can_take_fails_after_its_start_timeout_and_leaves_
     from reward_service import app as reward_app
     from reward_service.config import RewardConfig
 
-    if serve_controller_pids():  # only under xdist's reordering can another module's app still be up here
-        pytest.skip("another test's Serve app runs on this session's Ray")
+    assert serve_controller_pids() == [], "a Serve controller of an earlier test is still up (that test fails too)"
     cfg = RewardConfig(model_dir=None, functions=[{"path": "reward_service.functions:colour_fraction"}],
                        http_port=free_port(), resources={"no_such_node": 1}, start_timeout_s=3)
     t0 = time.monotonic()

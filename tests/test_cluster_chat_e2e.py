@@ -1,6 +1,8 @@
 """The paper's pipeline on a chat model, end to end through the CLI: `rlhf train-sft` on the tiny
-Qwen2-shaped ChatML policy, then `rlhf train` (PPO) from its output with chat prompts and a
-Llama-3-template reward model that has its own tokenizer, then `rlhf generate` on the result.
+Qwen2-shaped ChatML policy (2 DeepSpeed ranks, ZeRO-2: this is also the suite's one SFT run, checked
+for what SFT must do: held-out and training loss down, an HF directory that stops at the end of a
+turn), then `rlhf train` (PPO) from its output with chat prompts and a Llama-3-template reward model
+that has its own tokenizer, then `rlhf generate` on the result.
 
 Both training commands attach (`--address`) to the session's local Ray cluster instead of each
 starting one: a node start is most of a short job's time on a small box, and under load it can
@@ -26,6 +28,22 @@ def jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def check_sft_dir(d: Path, base_dir: Path) -> None:
+    """An HF directory: weights, config, generation config, chat template, tokenizer; generation stops at
+    the template's end of turn; the tied embedding stays tied, and training moved it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    assert {"model.safetensors", "config.json", "generation_config.json", "chat_template.jinja",
+            "tokenizer.json"} <= {p.name for p in d.iterdir()}
+    tok = AutoTokenizer.from_pretrained(d)
+    assert tok.convert_tokens_to_ids("<|im_end|>") in GenerationConfig.from_pretrained(d).eos_token_id
+    tuned = AutoModelForCausalLM.from_pretrained(d)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    assert tuned.config.tie_word_embeddings and tuned.lm_head.weight.data_ptr() == tuned.model.embed_tokens.weight.data_ptr()
+    assert not torch.equal(tuned.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
 def test_sft_then_ppo_on_a_chat_model_with_a_different_template_rm(tiny_chat_models, tmp_path, ray_local):
     import pyarrow.compute as pc
     from transformers import AutoTokenizer
@@ -38,9 +56,11 @@ def test_sft_then_ppo_on_a_chat_model_with_a_different_template_rm(tiny_chat_mod
     sft_rows = [{"messages": [{"role": "user", "content": f"Name colours, please ({i})."},
                               {"role": "assistant", "content": f"{COLOURS[i % 6]} {COLOURS[(i + 2) % 6]}"}]}
                 for i in range(48)]
+    # a step: 8 rows = 2 ranks x micro-batch 2 x 2 accumulated; 8 of 48 held out: 40 train, 5 steps an epoch
     sft_cfg = {"base_model": str(tiny_chat_models["policy"]), "data": str(jsonl(tmp_path / "sft.jsonl", sft_rows)),
-               "output_dir": str(tmp_path / "sft"), "epochs": 4, "lr": 3e-3, "batch_size": 8, "micro_batch_size": 8,
-               "max_length": 64, "eval_fraction": 0.15, "device": "cpu", "ray": {"namespace": "chat-e2e-sft"}}
+               "output_dir": str(tmp_path / "sft"), "epochs": 4, "lr": 3e-3, "batch_size": 8, "micro_batch_size": 2,
+               "num_ranks": 2, "zero_stage": 2, "max_length": 64, "eval_fraction": 1 / 6, "device": "cpu",
+               "ray": {"namespace": "chat-e2e-sft"}}
     (tmp_path / "sft.yaml").write_text(json.dumps(sft_cfg))
     t0 = time.perf_counter()
     r = rlhf("train-sft", str(tmp_path / "sft.yaml"), "--address", address, timeout=600)
@@ -48,7 +68,12 @@ def test_sft_then_ppo_on_a_chat_model_with_a_different_template_rm(tiny_chat_mod
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     before, after = map(float, re.search(r"held-out loss ([\d.]+) -> ([\d.]+)", r.stdout).groups())
     assert after < 0.5 * before, r.stdout
-    assert (tmp_path / "sft" / "model.safetensors").is_file()
+    assert "(8 held-out, 40 training examples, 20 steps," in r.stdout, r.stdout
+    assert "2 rank(s), ZeRO-2" in r.stdout, r.stdout
+    train_loss = [float(x) for x in re.findall(r"sft: epoch \d+/4: train loss ([\d.]+)", r.stdout)]
+    assert len(train_loss) == 4 and train_loss[-1] < train_loss[0], r.stdout
+    check_sft_dir(tmp_path / "sft", tiny_chat_models["policy"])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sft.tmp")]  # written atomically
 
     # 2. PPO from the SFT model: chat prompts in, the Llama-3-template RM scores.
     prompts = jsonl(tmp_path / "prompts.jsonl", [{"id": f"q{i}", "messages": [

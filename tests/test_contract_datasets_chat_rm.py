@@ -55,21 +55,51 @@ def test_reward_model_scores_the_rerendered_conversation(tiny_chat_models, rm_to
     assert got[1] != pytest.approx(want, abs=1e-5)  # without messages it scores the policy-rendered text
 
 
+def colour_pairs(n: int, seed: int) -> list[dict]:
+    """Distinct conversations (`good` / `bad` columns): a user question, and a reply with colour words
+    (chosen) or without (rejected), words and lengths drawn per row, so no row repeats another."""
+    import random
+
+    from reward_service.functions import COLOURS, FILLER
+
+    rng, rows, seen = random.Random(seed), [], set()
+    while len(rows) < n:
+        user = {"role": "user", "content": f"{rng.choice(['Name colours', 'Describe it', 'What do you see'])} "
+                                           f"({rng.randrange(10_000)})"}
+        good = rng.sample(COLOURS, rng.randint(2, 4)) + rng.sample(FILLER, rng.randint(0, 2))
+        bad = rng.sample(FILLER, rng.randint(2, 5))
+        rng.shuffle(good)
+        row = {"good": [user, {"role": "assistant", "content": " ".join(good)}],  # configurable column names
+               "bad": [user, {"role": "assistant", "content": " ".join(bad)}]}
+        if (key := json.dumps(row)) not in seen:
+            seen.add(key)
+            rows.append(row)
+    return rows
+
+
 def test_train_rm_on_conversations_in_its_own_template(tiny_chat_models, tiny_models, tmp_path):
+    """Distinct rows, so the held-out accuracy is of conversations the model never saw (not recall of
+    one memorised row); then fresh pairs, other questions and words, scored by the saved model."""
     from contract.config_base import ConfigError
     from reward_service.config import RewardModelTrainConfig
     from reward_service.train_rm import train_reward_model
 
-    user = {"role": "user", "content": "Name colours"}
-    rows = [{"good": [user, {"role": "assistant", "content": "red blue green"}],  # configurable column names
-             "bad": [user, {"role": "assistant", "content": "cat dog"}]}] * 24
+    rows = colour_pairs(64, seed=0)
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = RewardModelTrainConfig(base_model=str(tiny_chat_models["reward"]), data=str(data),
-                                 output_dir=str(tmp_path / "rm"), epochs=2, batch_size=8, lr=3e-3, eval_fraction=0.25,
+                                 output_dir=str(tmp_path / "rm"), epochs=3, batch_size=8, lr=3e-3, eval_fraction=0.25,
                                  columns={"chosen": "good", "rejected": "bad"})
     out = train_reward_model(cfg)
-    assert out["eval_accuracy"] == 1.0 and (tmp_path / "rm" / "chat_template.jinja").is_file()
+    assert (out["num_train"], out["num_eval"]) == (48, 16)
+    assert out["eval_accuracy"] >= 0.9, out
+    assert (tmp_path / "rm" / "chat_template.jinja").is_file()
+    fresh = [r for r in colour_pairs(40, seed=1) if r not in rows]
+    rm = RewardModel(tmp_path / "rm", max_length=128)
+    score = lambda col: rm.score([""] * len(fresh), [r[col][1]["content"] for r in fresh],  # noqa: E731
+                                 [json.dumps(r[col][:1]) for r in fresh])
+    agree = float((score("good") > score("bad")).mean())
+    assert len(fresh) >= 30 and agree >= 0.9, agree
     with pytest.raises(ConfigError, match=r"row 0 is a conversation, but base_model .* has no chat template"):
         train_reward_model(cfg.model_copy(update={"base_model": str(tiny_models["reward"]),
                                                   "output_dir": str(tmp_path / "rm2")}))

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from actors.config import SamplingConfig
 from cluster.errors import JobFailed, failing_as
-from cluster.job.rollout_table import provenance, with_rewards
+from cluster.job.rollout_table import provenance, scored, verifier_stats
 from contract.config_base import Section
 from contract.datasets import Columns, load_prompts
 
@@ -56,10 +56,7 @@ class Evaluator:
         t0 = time.perf_counter()
         rollouts = self.services.pool.generate(self.prompts, self.sampling)
         with failing_as(f"reward service failed in the eval at step {step}"):
-            rewards = self.services.reward.score(rollouts.column("prompt").to_pylist(),
-                                                 rollouts.column("response").to_pylist(),
-                                                 rollouts.column("messages").to_pylist())
-        table = with_rewards(rollouts, rewards)
+            table = scored(self.services.reward, rollouts)
         valid = table.column("reward_valid").to_numpy(zero_copy_only=False).astype(bool)
         if not valid.any():
             raise JobFailed(f"reward service returned no valid reward in the eval at step {step}")
@@ -74,4 +71,5 @@ class Evaluator:
             m["eval_policy_version_max"] = int(versions.max())
         if gold is not None:
             m["eval_gold_mean"] = float(np.mean(gold))
+        m.update(verifier_stats(table, prefix="eval_"))
         return m, provenance(table, step, np.zeros(table.num_rows, dtype=bool), gold, split="eval")

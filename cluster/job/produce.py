@@ -26,7 +26,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from cluster.errors import JobFailed, failing_as
-from cluster.job.rollout_table import with_rewards
+from cluster.job.rollout_table import scored
 from contract.config_base import Section
 from contract.datasets import PromptIterator
 
@@ -124,16 +124,14 @@ class StepProducer:
         rollouts = self.services.pool.generate(batch)
         t1 = time.perf_counter()
         with failing_as(f"reward service failed at step {step}"):
-            rewards = self.services.reward.score(rollouts.column("prompt").to_pylist(),
-                                                 rollouts.column("response").to_pylist(),
-                                                 rollouts.column("messages").to_pylist())
+            table = scored(self.services.reward, rollouts)
         t2 = time.perf_counter()
-        if rewards.num_rows and not any(rewards.column("reward_valid").to_pylist()):
+        if table.num_rows and not any(table.column("reward_valid").to_pylist()):
             from reward_service.client import reward_errors
 
-            why = "; ".join(reward_errors(rewards)[:3]) or "no reason given"
+            why = "; ".join(reward_errors(table)[:3]) or "no reason given"
             raise JobFailed(f"reward service returned no valid reward at step {step}: {why}"[:400])
-        return with_rewards(rollouts, rewards), t1 - t0, t2 - t1
+        return table, t1 - t0, t2 - t1
 
 
 def distinct_new_prompts(batch: pa.Table, seen: set[str]) -> pa.Table:

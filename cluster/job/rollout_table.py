@@ -24,6 +24,14 @@ def with_rewards(rollouts: pa.Table, rewards: pa.Table) -> pa.Table:
     return table.select(EXPERIENCE_SCHEMA.names)
 
 
+def scored(reward, rollouts: pa.Table) -> pa.Table:
+    """The rollouts scored by the reward client, as EXPERIENCE_SCHEMA (the train step's and the eval's
+    one way to score): text, the prompt's conversation and its reference answer go to the service."""
+    rewards = reward.score(rollouts.column("prompt").to_pylist(), rollouts.column("response").to_pylist(),
+                           rollouts.column("messages").to_pylist(), rollouts.column("reference").to_pylist())
+    return with_rewards(rollouts, rewards)
+
+
 def staleness(table: pa.Table, learner_version: int) -> np.ndarray:
     return learner_version - table.column("policy_version").to_numpy()
 
@@ -57,4 +65,19 @@ def rollout_stats(table: pa.Table, wall_s: float) -> dict[str, float]:
             "reward_std": float(rewards.std()) if len(rewards) else 0.0,
             "response_len": tokens / max(1, table.num_rows),
             # cut at max_new_tokens rather than ended by EOS or a stop string
-            "truncated_frac": float(pc.mean(pc.equal(table.column("finish_reason"), "length")).as_py() or 0.0)}
+            "truncated_frac": float(pc.mean(pc.equal(table.column("finish_reason"), "length")).as_py() or 0.0),
+            **verifier_stats(table)}
+
+
+def verifier_stats(table: pa.Table, prefix: str = "") -> dict[str, float]:
+    """Counts of verifier calls that timed out or failed (their samples are not trained on), and
+    the mean verifier score of the others; {} when no verifier scored the table."""
+    if "verifier_outcome" not in table.column_names or table.column("verifier_outcome").null_count == table.num_rows:
+        return {}
+    outcome = table.column("verifier_outcome")
+    parts = [dict(p) for p in table.column("reward_parts").to_pylist()]
+    ok = [p for p, o in zip(parts, outcome.to_pylist()) if o == "ok"]
+    score = [v for p in ok for k, v in p.items() if k.startswith("verifier:")]
+    return {f"{prefix}verifier_timeouts": int(pc.sum(pc.equal(outcome, "timeout")).as_py() or 0),
+            f"{prefix}verifier_errors": int(pc.sum(pc.equal(outcome, "error")).as_py() or 0),
+            f"{prefix}verifier_score": float(np.mean(score)) if score else float("nan")}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from cluster.config import JobConfig
 from cluster.errors import JobFailed, one_line
+from cluster.job.dtypes import resolve_job_dtypes
 from cluster.job.weight_sync import WeightSync
 from contract.devices import DeviceProfile
 
@@ -42,7 +43,9 @@ def start_reward(cfg: JobConfig, store_dir: str, device: DeviceProfile, review: 
 
     client = app.deploy(cfg.reward, store_dir, name="reward", device=device, **(review or {}))
     try:
-        probe = client.score(["probe"], ["probe response"])
+        # with a verifier, a probe it can check: a reference and a response every verifier accepts
+        probe = (client.score(["probe"], ["1"], references=["1"]) if cfg.reward.verifier
+                 else client.score(["probe"], ["probe response"]))
     except Exception as e:  # noqa: BLE001 - the client already retried
         app.shutdown("reward")
         raise JobFailed(f"reward service cannot score (probe request failed): {one_line(e)}") from None
@@ -87,6 +90,10 @@ def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=pr
     from actors.pool import RolloutPool
     from learner.group import LearnerGroup
 
+    resolved, line = resolve_job_dtypes(cfg, device)  # rlhf train resolved `auto` already; this is for direct callers
+    if resolved is not cfg:
+        cfg = resolved
+        log(line)
     ns = cfg.ray.namespace
     services = Services()
     lock, abandoned = threading.Lock(), threading.Event()

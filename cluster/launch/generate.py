@@ -64,6 +64,10 @@ def generate_command(checkpoint: str, prompts: str, n: int = 1, max_new_tokens: 
     device = resolve_device("auto")
     for k, v in device.actor_env(threads=os.cpu_count() or 1).items():
         os.environ.setdefault(k, v)  # before vLLM/torch start their thread pools
+    if dtype == "auto":  # what rollout.engine.dtype auto means: the device profile's measured choice
+        choice = device.dtype_choice()
+        dtype = choice.dtype
+        print(f"rlhf generate: dtype: {choice.summary()}", flush=True)
     model_dir = resolve_checkpoint(checkpoint)
     if reward_model is not None and not (Path(reward_model) / "config.json").is_file():
         raise UsageError(f"--reward-model {reward_model}: not a model directory (no config.json)")
@@ -81,7 +85,7 @@ def generate_command(checkpoint: str, prompts: str, n: int = 1, max_new_tokens: 
     from actors.engine import RolloutEngine
     from actors.prompts import PromptError
     from contract import chat
-    from contract.experience import attach_messages
+    from contract.experience import attach_prompt_columns
 
     ids = chat.encode_prompts(tok, table.column("prompt").to_pylist(), table.column("messages").to_pylist())
     longest = max(len(x) for x in ids)
@@ -94,7 +98,7 @@ def generate_command(checkpoint: str, prompts: str, n: int = 1, max_new_tokens: 
     sampling = SamplingConfig(n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     engine = RolloutEngine(str(model_dir), EngineConfig(dtype=dtype, max_model_len=max_model_len), device)
     try:
-        rows = attach_messages(pa.Table.from_batches([engine.generate(table, sampling, 0, "generate")]), table)
+        rows = attach_prompt_columns(pa.Table.from_batches([engine.generate(table, sampling, 0, "generate")]), table)
     except PromptError as e:
         raise UsageError(str(e)) from None
     rewards = [None] * rows.num_rows

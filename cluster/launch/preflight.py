@@ -59,12 +59,23 @@ def check_reward_model(key: str, d: str, problems: list[str],
 
 
 def check_train_rm(cfg) -> None:
-    """`rlhf train-rm`: the base model is a one-output sequence classifier (a causal LM fails deep in
-    transformers otherwise)."""
+    """`rlhf train-rm`: the base model is a one-output sequence classifier, or a causal LM of a family
+    transformers has a sequence-classification class for (train-rm puts a new one-output head on its
+    body); anything else would fail deep in transformers."""
     problems: list[str] = []
-    check_reward_model("base_model", cfg.base_model, problems,
-                       "a sequence classifier with one output (*ForSequenceClassification, num_labels=1), what "
-                       "train-rm starts from")
+    hf = _hf_config("base_model", cfg.base_model, problems)
+    archs = (hf or {}).get("architectures") or []
+    if hf is not None and any(a.endswith(CAUSAL_LM) for a in archs):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+        if hf.get("model_type") not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+            problems.append(f"base_model: {cfg.base_model} is a {archs[0]} (model_type {hf.get('model_type')}), a "
+                            f"family with no sequence-classification head in transformers; start from a "
+                            f"*ForSequenceClassification model with one output")
+    elif hf is not None:
+        check_reward_model("base_model", cfg.base_model, problems,
+                           "a sequence classifier with one output (*ForSequenceClassification, num_labels=1) or a "
+                           "causal LM (*ForCausalLM), what train-rm starts from")
     if problems:
         raise ConfigError(*problems)
 
@@ -104,7 +115,7 @@ def check_prompts(cfg, policy_ok: bool, problems: list[str]) -> None:
     """Prompt files load (chat `messages` render with the policy's chat template); the longest prompt
     leaves room for a whole response in max_model_len."""
     from contract.chat import encode_prompts
-    from contract.datasets import DatasetError, load_prompts
+    from contract.datasets import DEFAULT_COLUMNS, DatasetError, load_prompts, require_answers
 
     tok = None
     if policy_ok:
@@ -124,7 +135,10 @@ def check_prompts(cfg, policy_ok: bool, problems: list[str]) -> None:
     tables = []
     for key, path, columns, new_tokens in sets:
         try:
-            tables.append((key, load_prompts(path, columns, tok), new_tokens))
+            table = load_prompts(path, columns, tok)
+            if cfg.reward.verifier is not None:
+                require_answers(table, path, (columns or DEFAULT_COLUMNS).answer)
+            tables.append((key, table, new_tokens))
         except DatasetError as e:
             problems.append(f"{key}: {e}")
     if tok is None or not tables:

@@ -72,11 +72,14 @@ def cpus_needed(cfg: JobConfig) -> float:
 def train_command(config: str | None, overrides: list[str], resume: str | None = None,
                   run_dir: str | None = None, address: str | None = None) -> int:
     from contract.devices import resolve_device
+    from cluster.job.dtypes import resolve_job_dtypes
     from cluster.launch.preflight import check_cluster, preflight
 
     cfg, root = resolve_job(config, overrides, resume, run_dir)
     device = resolve_device(cfg.device)
+    cfg, dtype_line = resolve_job_dtypes(cfg, device)  # `auto` -> one concrete dtype for engines and learner
     preflight(cfg, device, embedded=not (address or os.environ.get("RAY_ADDRESS") or cfg.ray.address))
+    print(f"rlhf train: {dtype_line}", flush=True)
     import ray
 
     from cluster.job.controller import Controller, controller_options
