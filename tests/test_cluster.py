@@ -330,7 +330,12 @@ def test_an_embedded_ray_whose_raylet_does_not_register_is_one_line(monkeypatch)
     from cluster.errors import JobFailed
     from cluster.launch.ray_session import connect
 
+    from cluster.launch.ray_session import EMBEDDED_START_ATTEMPTS
+
+    calls = []
+
     def init_times_out(**kwargs):
+        calls.append(kwargs)
         raise Exception("The current node timed out during startup. This could happen because some of the raylet "
                         "failed to startup or the GCS has become overloaded.")
 
@@ -340,8 +345,22 @@ def test_an_embedded_ray_whose_raylet_does_not_register_is_one_line(monkeypatch)
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
     with pytest.raises(JobFailed, match=r"^the embedded Ray cluster did not start: its raylet did not register "
-                                        r"within Ray's 30 s .*--address$"):
+                                        r"within Ray's 30 s \(2 tries; .*--address$"):
         connect(RayConfig(dashboard_port=free), None, {})
+    assert EMBEDDED_START_ATTEMPTS == 2 and len(calls) == 2  # tried again once, then the one line
+
+    calls.clear()  # a second try that starts: the session is returned, no error
+
+    def times_out_once(**kwargs):
+        if not calls:
+            init_times_out(**kwargs)
+        calls.append(kwargs)
+        return type("Info", (), {"dashboard_url": f"127.0.0.1:{free}"})()
+
+    monkeypatch.setattr(ray, "init", times_out_once)
+    monkeypatch.setattr("cluster.launch.ray_session._metrics_port", lambda ray_module: None)
+    session = connect(RayConfig(dashboard_port=free), None, {})
+    assert len(calls) == 2 and session.dashboard_url == f"http://127.0.0.1:{free}"
 
 
 @pytest.fixture

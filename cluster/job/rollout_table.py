@@ -10,16 +10,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from contract.experience import EXPERIENCE_SCHEMA, REWARD_FIELDS, check_columns
+from contract.experience import EXPERIENCE_SCHEMA, OPTIONAL_COLUMNS, REWARD_FIELDS, check_columns
 
 
 def with_rewards(rollouts: pa.Table, rewards: pa.Table) -> pa.Table:
-    """Append the reward service's columns to a ROLLOUT_SCHEMA table -> EXPERIENCE_SCHEMA."""
+    """Append the reward service's columns to a ROLLOUT_SCHEMA table -> EXPERIENCE_SCHEMA (an optional
+    column the rewards lack, e.g. `verifier` from a service with no verifier, is all null)."""
     if rewards.num_rows != rollouts.num_rows:
         raise ValueError(f"reward service returned {rewards.num_rows} rows for {rollouts.num_rows} samples")
     table = rollouts
     for f in REWARD_FIELDS:
-        table = table.append_column(f, rewards.column(f.name).cast(f.type))
+        if f.name not in rewards.column_names and f.name in OPTIONAL_COLUMNS:
+            table = table.append_column(f, pa.nulls(rewards.num_rows, f.type))
+        else:
+            table = table.append_column(f, rewards.column(f.name).cast(f.type))
     check_columns(table, EXPERIENCE_SCHEMA)
     return table.select(EXPERIENCE_SCHEMA.names)
 

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from collections import Counter
@@ -251,6 +252,14 @@ def _first_missing(directory: Path) -> Path | None:
     return missing
 
 
+# transformers builds a model by patching process-wide state for the while (parameters made on the meta
+# device, then materialised): two threads converting at once interleave those patches and can leave one
+# in place, after which every model this process builds has meta parameters and untied embeddings. Seen
+# as later tests' tied-weight and "expected device meta" failures after two racing imports. Processes
+# race safely (cached_import's rename); threads of one process take turns here.
+_TRANSFORMERS_BUILDS = threading.Lock()
+
+
 def import_gguf(gguf_file: str | Path, out_dir: str | Path, check_prompts=CHECK_PROMPTS, *,
                 force: bool = False, tolerance: float = TOLERANCE) -> Path:
     """Convert `gguf_file` into the HF directory `out_dir` (see the module docstring); returns it.
@@ -270,9 +279,10 @@ def import_gguf(gguf_file: str | Path, out_dir: str | Path, check_prompts=CHECK_
     staging = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")  # as contract/atomic.py names them
     staging.mkdir()
     try:
-        tok, gmodel = _load_gguf(path)
-        _write_dir(path, tok, gmodel, staging)
-        diff = _verify(path, staging, tok, gmodel, check_prompts, tolerance)
+        with _TRANSFORMERS_BUILDS:
+            tok, gmodel = _load_gguf(path)
+            _write_dir(path, tok, gmodel, staging)
+            diff = _verify(path, staging, tok, gmodel, check_prompts, tolerance)
         report = {"source": str(path), "source_bytes": path.stat().st_size, "architecture": arch,
                   "tensor_types": types, "model_class": type(gmodel).__name__,
                   "parameters": sum(p.numel() for p in gmodel.parameters()),
