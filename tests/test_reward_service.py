@@ -161,16 +161,17 @@ def test_handle_feedback_validates_and_is_idempotent(app):
 def test_killed_replica_mid_burst_every_row_once(app, ray_local):
     """A replica killed with chunks queued on it: every row comes back once, in order, valid. On a
     fast box a replica can finish its queue before the kill lands (no retry: the kill missed); the
-    burst is then run again against a fresh victim (Serve replaces the dead one), three times at most,
+    burst is then run again against a fresh victim (Serve replaces the dead one), five times at most,
     and at least one kill must have hit requests in flight."""
     client = app["client"]
     from reward_service.model import RewardModel
 
     prompts, responses = pairs(2000, seed=7)  # 250 chunks: still in flight when the kill lands
+    responses = [r * 6 for r in responses]  # longer rows: each chunk busy its replica longer
     expected = RewardModel(app["model_dir"]).score(prompts, responses)
     send_all = client._call_all
     hits = []
-    for _ in range(3):
+    for _ in range(5):
         victim = client.replica_stats()[0]["actor_name"]
         retries_before = client.retries
         result, sending, killed = {}, threading.Event(), threading.Event()
