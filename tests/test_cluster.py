@@ -393,6 +393,9 @@ def test_bad_inputs_fail_before_ray_with_one_line(job_yaml, tmp_path):
             ([job_yaml(), f"ray.dashboard_port={busy}"], f"ray.dashboard_port: port {busy}"),
             ([job_yaml(), "--address", f"127.0.0.1:{busy + 1 if busy < 65535 else 1}", "--run-dir",
               str(tmp_path / "r")], "no Ray cluster reachable"),
+            # the demo (no config) with an address nobody answers: refused before it builds its models
+            (["--address", f"127.0.0.1:{busy + 1 if busy < 65535 else 1}", "--run-dir", str(tmp_path / "d")],
+             "no Ray cluster reachable"),
         ]
         with ThreadPoolExecutor(len(cases)) as runs:  # each CLI spends ~10 s importing; they overlap
             done = list(runs.map(lambda case: rlhf("train", *case[0]), cases))
@@ -400,3 +403,4 @@ def test_bad_inputs_fail_before_ray_with_one_line(job_yaml, tmp_path):
             lines = [line for line in r.stderr.splitlines() if line.strip()]
             assert r.returncode == 2, r.stderr
             assert len(lines) == 1 and lines[0].startswith("rlhf train: error: ") and message in lines[0], lines
+    assert not (tmp_path / "d").exists()  # the demo built nothing (it spent a minute on its models first)

@@ -75,6 +75,11 @@ def train_command(config: str | None, overrides: list[str], resume: str | None =
     from cluster.job.dtypes import resolve_job_dtypes
     from cluster.launch.preflight import check_cluster, preflight
 
+    given = address or os.environ.get("RAY_ADDRESS")
+    if given and given != "auto" and not given.startswith("ray://"):
+        from cluster.launch.ray_session import check_reachable
+
+        check_reachable(given)  # before the demo builds its models: a wrong address costs seconds, not minutes
     cfg, root = resolve_job(config, overrides, resume, run_dir)
     device = resolve_device(cfg.device)
     cfg, dtype_line = resolve_job_dtypes(cfg, device)  # `auto` -> one concrete dtype for engines and learner
