@@ -62,6 +62,9 @@ def plain_torch_train_s(model_dir: Path, table, cfg: dict) -> float:
     lcfg = LearnerConfig.model_validate({**cfg["learner"], "dtype": "float32"})
     s = cfg["rollout"]["sampling"]
     trained = table.filter(pa.array(table.column("trained").to_pylist()))
+    # a fresh learner is at version 0: the recorded step's samples are made current (only speed is measured)
+    i = trained.schema.get_field_index("policy_version")
+    trained = trained.set_column(i, "policy_version", pa.array([0] * trained.num_rows, pa.int64()))
     best = float("inf")
     for _ in range(2):
         learner = LocalLearner(lcfg, str(model_dir), sampling_temperature=s["temperature"],

@@ -78,6 +78,11 @@ def run_ours(cfg_file: Path, model_dir: Path, task_dir: Path, run_dir: Path, a, 
                          stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     if rc != 0:
         raise SystemExit(f"our job failed (exit {rc}); see {log.name}")
+    return ours_result(run_dir, time.perf_counter() - t0)
+
+
+def ours_result(run_dir: Path, process_s: float | None) -> dict:
+    """Our run's steps (cumulative training wall time from metrics.jsonl) and checkpoints."""
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     wall, steps = 0.0, []
     for m in metrics:
@@ -87,7 +92,7 @@ def run_ours(cfg_file: Path, model_dir: Path, task_dir: Path, run_dir: Path, a, 
                 "reward_mean", "kl", "rollout_tokens_per_s", "train_s", "gen_s", "response_len",
                 "verifier_timeouts", "verifier_errors")}})
     ckpts = {int(p.name.split("=")[1]): p / "learner" / "policy" for p in sorted((run_dir / "ckpt").glob("step=*"))}
-    return {"process_s": time.perf_counter() - t0, "steps": steps, "checkpoints": ckpts}
+    return {"process_s": process_s, "steps": steps, "checkpoints": ckpts}
 
 
 def run_trl(model_dir: Path, task_dir: Path, out: Path, a, dtype: str, cfg: dict) -> dict:
@@ -106,11 +111,16 @@ def run_trl(model_dir: Path, task_dir: Path, out: Path, a, dtype: str, cfg: dict
                              stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if rc != 0:
         raise SystemExit(f"TRL failed (exit {rc}); see {out.parent / 'trl.log'}")
+    return trl_result(out, time.perf_counter() - t0)
+
+
+def trl_result(out: Path, process_s: float | None) -> dict:
+    """TRL's steps (its own wall clock per logged step) and checkpoints."""
     log_rows = json.loads((out / "trl_log.json").read_text())
     steps = [{"step": r["step"], "wall_s": r["wall_s"], "reward_mean": float(r["reward"]),
               "kl": float(r["kl"]) if r.get("kl") is not None else None} for r in log_rows if "reward" in r]
     ckpts = {int(p.name.split("-")[1]): p for p in out.glob("checkpoint-*")}
-    return {"process_s": time.perf_counter() - t0, "steps": steps, "checkpoints": ckpts}
+    return {"process_s": process_s, "steps": steps, "checkpoints": ckpts}
 
 
 def evaluate(model_dir, task_file, verifier: str, k: int, max_new_tokens: int, dtype: str, limit: int) -> dict:
@@ -148,6 +158,9 @@ def main() -> None:
     ap.add_argument("--side-by-side", action="store_true", help="train ours and TRL at the same time (each gets "
                     "half the box, under the same load): the fair way on a box others share; default one after "
                     "the other")
+    ap.add_argument("--reuse", default=None, metavar="WORK_DIR",
+                    help="a work dir of an earlier run of this script with the same arguments whose training "
+                         "finished (its ours/ and trl/): skip training, measure floors and evaluate")
     ap.add_argument("--work", default="/tmp/rlhf-real-learning")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS_real_learning.md"))
     a = ap.parse_args()
@@ -157,22 +170,29 @@ def main() -> None:
     from cluster.tasks import make_task
     from contract.devices import resolve_device
 
-    work = Path(a.work) / f"{a.task}-{time.strftime('%Y%m%d-%H%M%S')}"
-    work.mkdir(parents=True)
+    work = Path(a.reuse) if a.reuse else Path(a.work) / f"{a.task}-{time.strftime('%Y%m%d-%H%M%S')}"
+    work.mkdir(parents=True, exist_ok=bool(a.reuse))
     cfg_file = ROOT / "cluster" / "configs" / f"smollm2_{a.task}.yaml"
     cfg = yaml.safe_load(cfg_file.read_text())
     a.lr = a.lr or cfg["learner"]["lr"]
     a.max_new_tokens = a.max_new_tokens or cfg["eval"]["max_new_tokens"]
     model_dir = cached_smollm2_dir()
     task_dir = work / "task"
-    make_task(a.task, task_dir, n_train=2000, n_heldout=max(a.heldout, 100), seed=a.seed)
+    command = "python -m benchmarks.real_learning " + " ".join(sys.argv[1:])
+    if not a.reuse:
+        (work / "command.txt").write_text(command + "\n")
+        make_task(a.task, task_dir, n_train=2000, n_heldout=max(a.heldout, 100), seed=a.seed)
     choice = resolve_device("auto").dtype_choice()
     dtype, verifier = choice.dtype, TASK_VERIFIER[a.task]
     print(f"dtype: {choice.summary()}", flush=True)
     t_start = time.perf_counter()
     load = LoadMeter()
     trl = None
-    if a.side_by_side and not a.skip_trl:
+    if a.reuse:
+        load.phase = "training (reused: measured by the earlier run)"
+        ours = ours_result(work / "ours", None)
+        trl = None if a.skip_trl else trl_result(work / "trl", None)
+    elif a.side_by_side and not a.skip_trl:
         # both at once: each sees the same box, the same load, at the same time (a shared 2-core box)
         from concurrent.futures import ThreadPoolExecutor
 
@@ -199,7 +219,8 @@ def main() -> None:
               "floors": floor, "bench_s": time.perf_counter() - t_start, "load": load.summary(),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                        cwd=ROOT).stdout.strip(),
-              "command": "python -m benchmarks.real_learning " + " ".join(sys.argv[1:])}
+              "command": command,
+              "trained_by": (work / "command.txt").read_text().strip() if (work / "command.txt").exists() else command}
     write_report(result, Path(a.out))
     print(f"wrote {a.out}", flush=True)
 

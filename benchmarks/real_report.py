@@ -85,6 +85,8 @@ def write_report(res: dict, out: Path) -> None:
     a = res["args"]
     lines = [f"# A real model on a real task: SmolLM2-135M-Instruct, {res['task']}, ours vs TRL", "",
              f"Command: `{res['command']}` (commit {res['commit']}, {res['bench_s'] / 60:.0f} min in all)  ",
+             *([f"Training by an earlier run of this script in the same work dir: `{res['trained_by']}`  "]
+               if res.get("trained_by", res["command"]) != res["command"] else []),
              f"CPU: {res['cpu']}  ", f"dtype: {res['dtype']}  ",
              f"Box load (mean 1-min load average per phase; 2 = both cores busy): "
              f"{', '.join(f'{k} {v}' for k, v in res.get('load', {}).items())}  ",
