@@ -66,7 +66,7 @@ class Controller:
     def scale(self, workers: int) -> dict:
         if workers < 1:
             raise ValueError(f"--workers: expected >= 1 (got {workers})")
-        if self.phase in ("done", "failed"):
+        if self.phase in ("stopping", "done", "failed"):
             raise RuntimeError(f"job {self.cfg.name} is {self.phase}; nothing to scale")
         if self.loop is not None:
             self.loop.request_workers(workers)
@@ -79,7 +79,7 @@ class Controller:
     def update_reward_model(self, model_dir: str) -> dict:
         """`rlhf reward-model update`: the running reward app scores with `model_dir` from now on (no
         restart; every sample's provenance names the version that scored it)."""
-        if self.services is None or self.services.reward is None or self.phase in ("done", "failed"):
+        if self.services is None or self.services.reward is None or self.phase in ("stopping", "done", "failed"):
             raise RuntimeError(f"job {self.cfg.name} is {self.phase}: no running reward service to update")
         entry = self.services.reward.update_model(model_dir)
         self._log(f"reward model v{entry['version']} <- {entry['model_dir']} (during step "
@@ -105,6 +105,7 @@ class Controller:
         from contract.devices import resolve_device
         from contract.placement import bundle
 
+        final = "failed"  # the phase the driver sees once everything is stopped
         try:
             self.phase = "starting"
             # Before the services start: their start runs in threads, and transformers' lazy imports
@@ -130,17 +131,24 @@ class Controller:
             self.phase = "running"
             self.loop.run_loop()
             write_report(self.run)
-            self.phase = "done"
+            final = "done"
         except JobFailed as e:
-            self.error, self.phase = str(e), "failed"
+            self.error = str(e)
         except Exception as e:  # noqa: BLE001 - reported to the driver as one line
             print(traceback.format_exc(), flush=True)
-            self.error, self.phase = one_line(e), "failed"
+            self.error = one_line(e)
         finally:
+            # "done"/"failed" only once the services are stopped: the driver kills this actor when it
+            # reads either, and a kill mid-stop left the reward app's detached Serve controller (and its
+            # HTTP port) on a cluster the job had attached to.
+            self.phase = "stopping"
             if self.services is not None:
                 stop_services(self.services)
             release_rollout_capacity()
             self.run.close()
+            if final == "failed" and self.error is None:
+                self.error = "the job's loop ended without finishing"
+            self.phase = final
 
     def _ask_autoscaler(self, workers: int) -> None:
         """`rlhf scale` past what the cluster holds: a standing autoscaler request (job/autoscale.py)."""
