@@ -145,7 +145,9 @@ def start_local_ray():
                      log_to_driver=False, configure_logging=False)
             return
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for it
-            if "timed out during startup" not in str(e) or attempt == 2:
+            from cluster.launch.ray_session import RAYLET_DID_NOT_REGISTER
+
+            if RAYLET_DID_NOT_REGISTER not in str(e) or attempt == 2:
                 raise
             ray.shutdown()
             for p in me.children(recursive=True):
