@@ -129,31 +129,17 @@ def tiny_chat_models(tmp_path_factory):
 
 
 def start_local_ray():
-    """The tests' embedded local Ray cluster (logical CPUs overcommitted on 2 cores). Ray gives its
-    raylet a fixed 30 s to register, which a loaded box misses: the processes that start left behind
-    are killed and it is started again (twice at most)."""
-    import psutil
+    """The tests' embedded local Ray cluster (logical CPUs overcommitted on 2 cores), started the way a
+    job starts its own: tried again (3 tries) when a loaded box makes the raylet miss Ray's 30 s."""
     import ray
+
+    from cluster.launch.ray_session import start_local
 
     if ray.is_initialized():
         return
-    me = psutil.Process()
-    for attempt in range(3):
-        before = {p.pid for p in me.children(recursive=True)}
-        try:
-            ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="rlhf-tests",
-                     log_to_driver=False, configure_logging=False)
-            return
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for it
-            from cluster.launch.ray_session import RAYLET_DID_NOT_REGISTER
-
-            if RAYLET_DID_NOT_REGISTER not in str(e) or attempt == 2:
-                raise
-            ray.shutdown()
-            for p in me.children(recursive=True):
-                if p.pid not in before:
-                    p.kill()
-            time.sleep(5)
+    if start_local(3, num_cpus=8, include_dashboard=False, namespace="rlhf-tests", log_to_driver=False,
+                   configure_logging=False) is None:
+        raise RuntimeError("the tests' Ray did not start: its raylet missed Ray's 30 s to register 3 times")
 
 
 @pytest.fixture(scope="session")

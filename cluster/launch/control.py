@@ -39,7 +39,7 @@ def _controller(address: str | None, name: str | None):
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
         raise UsageError("no cluster address: pass --address HOST:PORT or set RAY_ADDRESS")
-    if address != "auto" and not address.startswith(("ray://", "http://", "https://")):
+    if not address.startswith(("http://", "https://")):  # a dashboard address: ray.init checks it
         check_reachable(address)
     try:
         ctx = ray.init(address=address, logging_level="WARNING", log_to_driver=False)

@@ -38,7 +38,10 @@ def check_port(key: str, host: str, port: int) -> None:
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """`host:port` of a GCS must accept a TCP connection (ray.init would otherwise retry for minutes)."""
+    """`host:port` of a GCS must accept a TCP connection (ray.init would otherwise retry for minutes);
+    `auto` and `ray://` client addresses are left to ray.init."""
+    if address == "auto" or address.startswith("ray://"):
+        return
     target = address.split("://", 1)[-1]
     host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
@@ -74,8 +77,7 @@ def connect(cfg: RayConfig, address: str | None, env: dict[str, str],
     # Actor output stays in Ray's logs and the dashboard; the controller relays its own messages.
     quiet = dict(namespace=cfg.namespace, logging_level="WARNING", log_to_driver=False)
     if address:  # no runtime_env here: inside `ray job submit` it would clash with the job's own
-        if address != "auto" and not address.startswith("ray://"):
-            check_reachable(address)
+        check_reachable(address)
         try:
             ray.init(address=address, **quiet)
         except ConnectionError as e:
@@ -88,20 +90,36 @@ def connect(cfg: RayConfig, address: str | None, env: dict[str, str],
         check_port("ray.metrics_export_port", "127.0.0.1", cfg.metrics_export_port)
     extra = {} if cfg.metrics_export_port is None else {"_metrics_export_port": cfg.metrics_export_port}
     num_cpus = cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(cpus_needed) + 4)
-    for attempt in range(EMBEDDED_START_ATTEMPTS):
-        try:
-            info = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, runtime_env={"env_vars": env},
-                            dashboard_host=cfg.dashboard_host, dashboard_port=cfg.dashboard_port, **extra, **quiet)
-            break
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its raylet does not register
-            if RAYLET_DID_NOT_REGISTER not in str(e):
-                raise
-            ray.shutdown()  # what the failed start left, before the next try
-    else:
+    info = start_local(EMBEDDED_START_ATTEMPTS, num_cpus=num_cpus, include_dashboard=True,
+                       runtime_env={"env_vars": env}, dashboard_host=cfg.dashboard_host,
+                       dashboard_port=cfg.dashboard_port, **extra, **quiet)
+    if info is None:
         raise JobFailed(f"the embedded Ray cluster did not start: its raylet did not register within Ray's 30 s "
                         f"({EMBEDDED_START_ATTEMPTS} tries; a busy machine?); run again, or start one with "
                         f"`ray start --head` and pass --address")
     return RaySession(True, f"http://{info.dashboard_url}", _metrics_port(ray), cfg.namespace)
+
+
+def start_local(attempts: int, **init_kwargs):
+    """`ray.init(address="local", **init_kwargs)`, tried up to `attempts` times while its raylet misses
+    Ray's fixed 30 s to register (a busy box); the processes a failed try started are shut down and
+    killed before the next. Returns ray.init's answer, or None when every try timed out so."""
+    import psutil
+    import ray
+
+    me = psutil.Process()
+    for _ in range(attempts):
+        before = {p.pid for p in me.children(recursive=True)}
+        try:
+            return ray.init(address="local", **init_kwargs)
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its raylet does not register
+            if RAYLET_DID_NOT_REGISTER not in str(e):
+                raise
+            ray.shutdown()
+            for p in me.children(recursive=True):
+                if p.pid not in before:
+                    p.kill()
+    return None
 
 
 def _metrics_port(ray) -> int | None:

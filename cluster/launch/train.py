@@ -75,8 +75,7 @@ def train_command(config: str | None, overrides: list[str], resume: str | None =
     from cluster.job.dtypes import resolve_job_dtypes
     from cluster.launch.preflight import check_cluster, preflight
 
-    given = address or os.environ.get("RAY_ADDRESS")
-    if given and given != "auto" and not given.startswith("ray://"):
+    if given := address or os.environ.get("RAY_ADDRESS"):
         from cluster.launch.ray_session import check_reachable
 
         check_reachable(given)  # before the demo builds its models: a wrong address costs seconds, not minutes
