@@ -49,7 +49,7 @@ TEST_TIERS ?=
 TEST_SPACE := $(subst ,, )
 TEST_MARKS = $(if $(strip $(TEST_TIERS)),-m "$(subst $(TEST_SPACE), or ,$(strip $(TEST_TIERS)))")
 test: $(STAMP) sysdeps
-	$(VENV)/bin/python -m pytest tests -v -n $(TEST_WORKERS) --dist loadscope --durations=25 $(TEST_MARKS)
+	$(VENV)/bin/python tests/main.py tests -v -n $(TEST_WORKERS) --dist loadscope --durations=25 $(TEST_MARKS)
 
 bench: $(STAMP)
 	$(VENV)/bin/pip install -q -e ".[bench]"

@@ -404,3 +404,35 @@ def test_bad_inputs_fail_before_ray_with_one_line(job_yaml, tmp_path):
             assert r.returncode == 2, r.stderr
             assert len(lines) == 1 and lines[0].startswith("rlhf train: error: ") and message in lines[0], lines
     assert not (tmp_path / "d").exists()  # the demo built nothing (it spent a minute on its models first)
+
+
+def test_a_stop_signal_asks_the_job_to_stop_and_a_second_one_aborts():
+    """StopSignals (rlhf train): before the job runs any signal aborts (nothing to keep); while it runs
+    the first SIGTERM or Ctrl-C is recorded (the driver then stops the job as `rlhf stop` does) and a
+    second aborts at once; the process's own handlers come back afterwards. Real signals, sent to
+    this process."""
+    import os
+    import signal
+
+    from cluster.launch.train import StopSignals
+
+    def deliver(sig):
+        os.kill(os.getpid(), sig)
+        time.sleep(0.2)  # Python runs the handler at its next check
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    with StopSignals() as signals:
+        with pytest.raises(KeyboardInterrupt):
+            deliver(signal.SIGTERM)  # not armed yet: no controller to ask
+        assert signals.received is None
+        signals.armed = True
+        deliver(signal.SIGTERM)
+        assert signals.received == "SIGTERM" and signals.exit_code == 143
+        with pytest.raises(KeyboardInterrupt):
+            deliver(signal.SIGINT)  # the second one aborts
+        assert signals.received == "SIGTERM"
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    with StopSignals() as signals:
+        signals.armed = True
+        deliver(signal.SIGINT)
+        assert signals.received == "SIGINT" and signals.exit_code == 130

@@ -3,8 +3,9 @@ over gloo. Each job start costs 1.5-2 minutes on a 2-core box (process spawns an
 scenarios share runs:
 
 1. an async GRPO run one of whose learner ranks is killed with SIGKILL: the job stops in one line
-   naming the resume command; `rlhf train --resume`, whose driver is then killed with SIGKILL; and
-   `rlhf train --resume` again to the end.
+   naming the resume command; `rlhf train --resume`, whose driver is then killed with SIGKILL; a
+   resume stopped by SIGTERM, and one stopped by Ctrl-C (SIGINT to its process group): each stops
+   as `rlhf stop` does, with a checkpoint and the resume line.
 2. a reward service that cannot score: one line, non-zero exit (attached to the session's Ray: the
    job fails at its start, and an embedded cluster's own start would be most of its time).
 
@@ -55,12 +56,14 @@ def kill_session(proc: subprocess.Popen) -> None:
         pass
 
 
-@pytest.mark.timeout(1200)  # three job starts
-def test_async_run_survives_a_killed_learner_rank_then_a_killed_driver(tmp_path, tiny_models):
-    """One async GRPO run on 2 ranks, three drivers: a learner rank SIGKILLed (the job stops in one
+@pytest.mark.timeout(1500)  # four job starts
+def test_async_run_survives_a_killed_learner_rank_a_killed_driver_and_stop_signals(tmp_path, tiny_models):
+    """One async GRPO run on 2 ranks, four drivers: a learner rank SIGKILLed (the job stops in one
     line naming the resume command; the last checkpoint is whole), a resume whose driver is SIGKILLed
-    after its next checkpoint, and a resume that finishes. Every sample exactly once throughout, in
-    the order an uninterrupted run draws, at most one version behind the learner that trained on it."""
+    after its next checkpoint, a resume stopped by SIGTERM and one stopped by Ctrl-C (a checkpoint
+    where each stopped, the resume line, exit code 128 + the signal). Every sample exactly once
+    throughout, in the order an uninterrupted run draws, at most one version behind the learner that
+    trained on it."""
     every, dashboard = 2, free_port()
     run = tmp_path / "run"
     job = write_job(tmp_path, tiny_models, "e2e-crashes", run,
@@ -113,12 +116,15 @@ def test_async_run_survives_a_killed_learner_rank_then_a_killed_driver(tmp_path,
         kill_session(driver)
     assert f"at step {first_resume}, policy version {first_resume}" in out.read_text(), out.read_text()[-3000:]
 
-    # 3. resumed again, told where to end (a resume may change loop.steps)
+    # 3. resumed, then SIGTERM (kill, Kubernetes, Slurm, docker stop) to the driver: a graceful stop
     resume_at = int(RunDir(run).latest_checkpoint().name.removeprefix("step="))
-    steps = resume_at + 2
-    r = rlhf("train", "--resume", str(run), f"loop.steps={steps}", timeout=500)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"at step {resume_at}" in r.stdout
+    stopped_at = stop_by_signal(run, tmp_path / "driver3.out", ["--resume", str(run)], resume_at, "SIGTERM",
+                                lambda d: d.send_signal(signal.SIGTERM), of=100000)
+
+    # 4. resumed with a new loop.steps (a resume may change it), then Ctrl-C as a terminal sends it: SIGINT
+    # to the driver's whole process group (Ray's own processes block it, the driver stops the job)
+    steps = stop_by_signal(run, tmp_path / "driver4.out", ["--resume", str(run), "loop.steps=200000"], stopped_at,
+                           "SIGINT", lambda d: os.killpg(d.pid, signal.SIGINT), of=200000)
     metrics = metrics_rows(run)
     assert [m["step"] for m in metrics] == list(range(steps))  # each failed run's steps past its checkpoint redone
     assert [m["policy_version"] for m in metrics[resume_at:]] == list(range(resume_at + 1, steps + 1))
@@ -129,6 +135,34 @@ def test_async_run_survives_a_killed_learner_rank_then_a_killed_driver(tmp_path,
         assert version in (max(0, step - 1), step), (step, version)
     assert all(table.column("trained").to_pylist())
     assert json.loads((RunDir(run).latest_checkpoint() / "controller.json").read_text())["policy_version"] == steps
+
+
+def stop_by_signal(run: Path, out: Path, args: list[str], resume_at: int, name: str, send, of: int) -> int:
+    """`rlhf train ARGS` from step `resume_at`; once it has trained a step, `send(driver)`: the job stops
+    as `rlhf stop` stops it (the step in flight finished, a checkpoint at the step it stopped after, the
+    resume line), exit code 128 + the signal's number. Returns the step it stopped after."""
+    driver = start_train(args, out)
+    try:
+        # the resume line first: until then the metrics may still hold steps the last driver logged past its checkpoint
+        wait_for(lambda: f"at step {resume_at}," in out.read_text(), 400, f"the resume at step {resume_at}", driver)
+        wait_for(lambda: any(m["step"] >= resume_at for m in metrics_rows(run)), 300, f"a step after {resume_at}",
+                 driver)
+        send(driver)
+        rc = driver.wait(300)
+    finally:
+        kill_session(driver)
+    text = out.read_text()
+    assert rc == 128 + getattr(signal, name), text[-3000:]
+    assert f"rlhf train: {name}: stopping after the step in flight, with a checkpoint" in text, text[-3000:]
+    stopped = re.search(rf"rlhf train: stopped by {name} after step (\d+) of {of}; checkpoint (\S+); "
+                        rf"resume with: rlhf train --resume {re.escape(str(run.resolve()))}$", text, re.M)
+    assert stopped, text[-3000:]
+    step = int(stopped.group(1))
+    assert step > resume_at and stopped.group(2) == str(RunDir(run).latest_checkpoint()), (step, text[-3000:])
+    assert RunDir(run).latest_checkpoint().name == f"step={step:06d}"
+    assert max(m["step"] for m in metrics_rows(run)) == step - 1  # nothing past the checkpoint was logged
+    assert "Traceback" not in text and "interrupted" not in text, text[-3000:]
+    return step
 
 
 def test_reward_service_that_cannot_score_fails_in_one_line(tmp_path, tiny_models, ray_local):

@@ -9,6 +9,8 @@ the outcome. Nothing is written to the run directory before the checks pass.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -64,6 +66,45 @@ def resolve_job(config: str | None, overrides: list[str], resume: str | None,
     return cfg, Path(run_dir or cfg.run_dir or f"runs/{cfg.name}-{stamp}").resolve()
 
 
+class StopSignals:
+    """SIGTERM (what `kill`, Kubernetes, Slurm and `docker stop` send) or a first Ctrl-C stops a running
+    job the way `rlhf stop` does: the step in flight finishes (bounded by loop.timeout_s), a checkpoint
+    is written, and the resume line is printed. A second one aborts at once (KeyboardInterrupt: the
+    controller is killed, nothing more is written), as does any before the job runs (nothing to keep)."""
+
+    def __init__(self):
+        self.received: str | None = None  # the first signal's name, once one came while armed
+        self.armed = False                # a controller is running: a signal asks it to stop
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        self.install()
+        return self
+
+    def install(self) -> None:
+        """(Again) make these the process's handlers. `ray.init` installs Ray's own SIGTERM handler in
+        the driver (a C stack dump, then abort), so this runs again once Ray is up."""
+        if threading.current_thread() is not threading.main_thread():  # Python delivers signals there only
+            return
+        for s in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.signal(s, self._on_signal)
+            self._previous.setdefault(s, previous)
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.received is not None or not self.armed:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, the shell's convention for a process ended by it."""
+        return 128 + int(getattr(signal, self.received)) if self.received else 0
+
+
 def cpus_needed(cfg: JobConfig) -> float:
     return (cfg.learner.num_ranks * cfg.learner.cpus_per_rank + cfg.rollout.num_workers * cfg.rollout.cpus_per_worker
             + cfg.reward.num_replicas * cfg.reward.cpus_per_replica)
@@ -71,6 +112,12 @@ def cpus_needed(cfg: JobConfig) -> float:
 
 def train_command(config: str | None, overrides: list[str], resume: str | None = None,
                   run_dir: str | None = None, address: str | None = None) -> int:
+    with StopSignals() as signals:
+        return _train(config, overrides, resume, run_dir, address, signals)
+
+
+def _train(config: str | None, overrides: list[str], resume: str | None, run_dir: str | None,
+           address: str | None, signals: StopSignals) -> int:
     from contract.devices import resolve_device
     from cluster.job.dtypes import resolve_job_dtypes
     from cluster.launch.preflight import check_cluster, preflight
@@ -92,6 +139,7 @@ def train_command(config: str | None, overrides: list[str], resume: str | None =
     env = device.actor_env(threads=1)
     session = connect(cfg.ray, address, env, {"reward.http_port": (cfg.reward.http_host, cfg.reward.http_port)},
                       cpus_needed=cpus_needed(cfg))
+    signals.install()  # over the SIGTERM handler ray.init just installed
     resume_cmd = f"rlhf train --resume {root}"
     ctl = None
     try:
@@ -111,7 +159,7 @@ def train_command(config: str | None, overrides: list[str], resume: str | None =
         except ValueError as e:
             raise UsageError(f"cannot start the controller in namespace {cfg.ray.namespace!r} ({one_line(e)}); "
                              f"another job may be running there: set ray.namespace=OTHER") from None
-        final = follow(ctl, cfg)
+        final = follow(ctl, cfg, signals)
     finally:
         if ctl is not None:
             ray.kill(ctl)
@@ -121,20 +169,35 @@ def train_command(config: str | None, overrides: list[str], resume: str | None =
         ckpt = run.latest_checkpoint()
         hint = f"; last checkpoint {ckpt}; resume with: {resume_cmd}" if ckpt else "; no checkpoint was written"
         raise JobFailed(f"{final['error']}{hint}")
+    if signals.received:
+        print(f"rlhf train: stopped by {signals.received} after step {final['step']} of {final['steps']}; "
+              f"checkpoint {run.latest_checkpoint()}; resume with: {resume_cmd}", flush=True)
+        return signals.exit_code
     print_summary(final, root)
     return 0
 
 
-def follow(ctl, cfg: JobConfig) -> dict:
-    """Poll the controller into a progress bar until the job ends; a silent or dead controller is an error."""
+def follow(ctl, cfg: JobConfig, signals: StopSignals | None = None) -> dict:
+    """Poll the controller into a progress bar until the job ends; a silent or dead controller is an
+    error. A stop signal (`StopSignals`) asks the controller to stop as `rlhf stop` does."""
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError
     from tqdm import tqdm
 
     bar = None  # opened when the loop starts, so startup time does not skew the rate
-    last_step, last_change, seen = -1, time.monotonic(), 0
+    last_step, last_change, seen, stopping = -1, time.monotonic(), 0, False
+    if signals is not None:
+        signals.armed = True
     try:
         while True:
+            if signals is not None and signals.received and not stopping:
+                stopping = True
+                try:
+                    ray.get(ctl.stop.remote(), timeout=60)
+                except (RayActorError, GetTimeoutError) as e:
+                    raise JobFailed(f"the controller did not take the stop ({one_line(e)})") from None
+                tqdm.write(f"rlhf train: {signals.received}: stopping after the step in flight, with a checkpoint "
+                           f"(Ctrl-C again aborts at once)")
             try:
                 st = ray.get(ctl.status.remote(seen), timeout=60)
             except (RayActorError, GetTimeoutError) as e:
@@ -160,6 +223,8 @@ def follow(ctl, cfg: JobConfig) -> dict:
                 raise JobFailed(f"no step finished in {cfg.loop.timeout_s:.0f}s (loop.timeout_s); the job looks stuck")
             time.sleep(1.0)
     finally:
+        if signals is not None:
+            signals.armed = False
         if bar is not None:
             bar.close()
 
