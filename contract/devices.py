@@ -42,6 +42,11 @@ class DeviceProfile:
             env["OMP_WAIT_POLICY"] = "PASSIVE"
         return env
 
+    @property
+    def weights_in_host_memory(self) -> bool:
+        """Model weights, optimizer state and KV caches live in the host's RAM (cpu), not on a GPU."""
+        return self.kind == "cpu"
+
     def vllm_engine_kwargs(self, kv_cache_bytes: int, gpu_memory_utilization: float) -> dict:
         if self.kind == "cpu":
             # No chunked prefill on CPU: when a step's prompt tokens exceed max_num_batched_tokens

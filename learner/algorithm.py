@@ -1,8 +1,9 @@
 """One PPO-family update, written once over any torch modules: forward passes that return
 response-aligned tensors, advantages for the configured algorithm, and the micro-batch losses.
 
-The DeepSpeed ranks (rank.py) and the single-process baseline (benchmarks/learner.py) both run
-exactly these functions; only who owns the optimizer differs.
+update.py's `train_step` puts them in order; the DeepSpeed ranks (rank.py) and the single
+process of plain torch (local.py) both run exactly these functions; only who owns the optimizer
+differs.
 
 Loss scale: every sample weighs `w_i = 1 / (real samples in its minibatch)`, so a minibatch's loss
 is the mean over its samples of each sample's token-mean loss, whatever the cut into ranks and

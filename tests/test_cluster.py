@@ -391,6 +391,9 @@ def test_bad_inputs_fail_before_ray_with_one_line(job_yaml, tmp_path):
             ([job_yaml(model__policy=str(tmp_path / "nope"))], "model.policy: model directory"),
             ([job_yaml(data__prompts=str(empty))], "empty.jsonl: file is empty"),
             ([job_yaml(), f"ray.dashboard_port={busy}"], f"ray.dashboard_port: port {busy}"),
+            # more engines than the box's memory holds: the embedded cluster would start them for minutes
+            ([job_yaml(), "rollout.num_workers=200", "--run-dir", str(tmp_path / "w")],
+             "rollout.num_workers=200: the job needs at least"),
             ([job_yaml(), "--address", f"127.0.0.1:{busy + 1 if busy < 65535 else 1}", "--run-dir",
               str(tmp_path / "r")], "no Ray cluster reachable"),
             # the demo (no config) with an address nobody answers: refused before it builds its models

@@ -16,6 +16,7 @@ import ray
 from cluster.config import JobConfig
 from cluster.errors import JobFailed, one_line
 from cluster.job.loop import LoopState, Services, TrainingLoop
+from cluster.job.status import JobStatus, Phase
 from cluster.outputs.run_dir import RunDir
 
 CONTROLLER_NAME = "controller"
@@ -29,7 +30,8 @@ class Controller:
         self.run = RunDir(run_root)
         self.resume = resume
         self.gauges = RLGauges(self.cfg.name)
-        self.phase, self.error = "created", None
+        self.phase: Phase = "created"
+        self.error: str | None = None
         self.services: Services | None = None
         self.loop: TrainingLoop | None = None
         self.first: dict | None = None
@@ -46,22 +48,21 @@ class Controller:
         self._thread = threading.Thread(target=self._main, name="loop", daemon=True)
         self._thread.start()
 
-    def status(self, messages_from: int = 0) -> dict:
+    def status(self, messages_from: int = 0) -> JobStatus:
         """Where the job stands, plus the controller's log lines from index `messages_from` on."""
         pool = self.services.pool if self.services else None
+        reward = self.services.reward if self.services else None
         latest = self.run.latest_checkpoint()
-        return {"name": self.cfg.name, "phase": self.phase, "error": self.error, "run_dir": str(self.run.root),
-                "step": self.loop.state.step if self.loop else 0, "steps": self.cfg.loop.steps,
-                "mode": self.cfg.loop.mode, "policy_version": self.services.learner.version if self.services and self.services.learner else 0,
-                "num_workers": pool.num_workers if pool else 0,
-                "worker_ids": list(pool.worker_ids()) if pool else [],
-                "samples_per_s": self.last.get("samples", 0) / max(1e-9, self.last.get("wall_s", 0) or 1e-9),
-                "tokens_per_s": self.last.get("rollout_tokens_per_s", 0.0),
-                "first": self.first, "last": self.last,
-                "latest_checkpoint": str(latest) if latest else None, "uptime_s": time.time() - self.started,
-                "review_url": self.services.reward.review_url if self.services and self.services.reward else None,
-                "review_sign_in": self.services.reward.sign_in_hint() if self.services and self.services.reward else None,
-                "messages": self.messages[messages_from:], "num_messages": len(self.messages)}
+        return JobStatus(
+            name=self.cfg.name, phase=self.phase, error=self.error, run_dir=str(self.run.root),
+            step=self.loop.state.step if self.loop else 0, steps=self.cfg.loop.steps, mode=self.cfg.loop.mode,
+            policy_version=self.services.learner.version if self.services and self.services.learner else 0,
+            num_workers=pool.num_workers if pool else 0, worker_ids=list(pool.worker_ids()) if pool else [],
+            samples_per_s=self.last.get("samples", 0) / max(1e-9, self.last.get("wall_s", 0) or 1e-9),
+            tokens_per_s=self.last.get("rollout_tokens_per_s", 0.0), first=self.first, last=self.last,
+            latest_checkpoint=str(latest) if latest else None, uptime_s=time.time() - self.started,
+            review_url=reward.review_url if reward else None, review_sign_in=reward.sign_in_hint() if reward else None,
+            messages=self.messages[messages_from:], num_messages=len(self.messages))
 
     def scale(self, workers: int) -> dict:
         if workers < 1:

@@ -13,12 +13,18 @@ import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cluster.config import JobConfig
 from cluster.errors import JobFailed, one_line
 from cluster.job.dtypes import resolve_job_dtypes
 from cluster.job.weight_sync import WeightSync
 from contract.devices import DeviceProfile
+
+if TYPE_CHECKING:  # imported where they start: each pulls in a heavy stack (Serve, DeepSpeed, vLLM)
+    from actors.pool import RolloutPool
+    from learner.group import LearnerGroup
+    from reward_service.client import RewardClient
 
 
 # Seconds a failed start waits for a reward app still starting to return and stop itself: a deploy that
@@ -61,10 +67,10 @@ class Services:
     """The job's running services, started by `start_services`: the reward app, the learner group,
     the pool, and the weight sync (which owns what the learner has published)."""
 
-    reward: object = None    # reward_service.client.RewardClient
-    learner: object = None   # learner.group.LearnerGroup
-    sync: object = None      # cluster.job.weight_sync.WeightSync
-    pool: object = None      # actors.pool.RolloutPool
+    reward: RewardClient | None = None  # each None until it has started
+    learner: LearnerGroup | None = None
+    sync: WeightSync | None = None
+    pool: RolloutPool | None = None
 
     def current_weights(self):
         """What a new or replacement rollout worker loads first: the sync's latest publish (None

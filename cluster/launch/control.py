@@ -83,18 +83,17 @@ def stop_command(address: str | None = None, name: str | None = None) -> int:
 
 def status_command(address: str | None = None, name: str | None = None) -> int:
     st = _ask(_controller(address, name).status.remote())
-    last = st["last"] or {}
-    print(f"job {st['name']} ({st['mode']}): {st['phase']}, step {st['step']}/{st['steps']}, "
-          f"policy version {st['policy_version']}")
-    print(f"  rollout workers {st['num_workers']}: {', '.join(st['worker_ids'])}")
-    print(f"  throughput {st['samples_per_s']:.1f} samples/s, {st['tokens_per_s']:.0f} rollout tokens/s; "
+    last = st.last or {}
+    print(f"job {st.name} ({st.mode}): {st.phase}, step {st.step}/{st.steps}, policy version {st.policy_version}")
+    print(f"  rollout workers {st.num_workers}: {', '.join(st.worker_ids)}")
+    print(f"  throughput {st.samples_per_s:.1f} samples/s, {st.tokens_per_s:.0f} rollout tokens/s; "
           f"reward {last.get('reward_mean', float('nan')):.3f}, kl {last.get('kl', float('nan')):.4f}")
-    print(f"  run dir {st['run_dir']}; last checkpoint {st['latest_checkpoint']}")
-    if st.get("review_url"):
-        print(f"  review page {st['review_url']}: {st['review_sign_in']}")
+    print(f"  run dir {st.run_dir}; last checkpoint {st.latest_checkpoint}")
+    if st.review_url:
+        print(f"  review page {st.review_url}: {st.review_sign_in}")
     print(f"  Ray dashboard {dashboard_access(_session.get('dashboard_url'))}")
-    if st["error"]:
-        print(f"  error: {st['error']}")
+    if st.error:
+        print(f"  error: {st.error}")
     return 0
 
 

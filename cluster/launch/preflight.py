@@ -8,7 +8,8 @@ that could be seen in seconds. Every problem is one line naming the key; all are
 - prompt files readable, and their longest prompt + `max_new_tokens` within `max_model_len`;
 - `reward.functions` and `loop.gold_function` importable;
 - resources: what the job asks (CPUs, GPUs, custom resources per role) against what the cluster
-  has (`ray.cluster_resources()` once attached) or what an embedded cluster will get.
+  has (`ray.cluster_resources()` once attached) or what an embedded cluster will get, and for an
+  embedded cluster the host memory its processes need at least (memory_estimate.py).
 """
 from __future__ import annotations
 
@@ -225,6 +226,12 @@ def preflight(cfg, device, embedded: bool) -> None:
     check_functions(cfg, problems)
     if embedded:
         problems += check_embedded(cfg, device)
+    if embedded and not problems:  # the models are readable: what the embedded cluster must hold
+        import psutil
+
+        from cluster.launch.memory_estimate import check_memory
+
+        problems += check_memory(cfg, device, psutil.virtual_memory().available)
     if problems:
         raise ConfigError(*problems)
 

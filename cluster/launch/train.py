@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cluster.config import CONFIGS_DIR, JobConfig, apply_override, dump_config, load_config, read_yaml
 from cluster.errors import JobFailed, UsageError, one_line
+from cluster.job.status import JobStatus
 from cluster.outputs.run_dir import RunDir
 
 DEMO_YAML = CONFIGS_DIR / "demo.yaml"
@@ -165,19 +166,19 @@ def _train(config: str | None, overrides: list[str], resume: str | None, run_dir
             ray.kill(ctl)
         if session.started_here:
             ray.shutdown()
-    if final["phase"] != "done":
+    if final.phase != "done":
         ckpt = run.latest_checkpoint()
         hint = f"; last checkpoint {ckpt}; resume with: {resume_cmd}" if ckpt else "; no checkpoint was written"
-        raise JobFailed(f"{final['error']}{hint}")
+        raise JobFailed(f"{final.error}{hint}")
     if signals.received:
-        print(f"rlhf train: stopped by {signals.received} after step {final['step']} of {final['steps']}; "
+        print(f"rlhf train: stopped by {signals.received} after step {final.step} of {final.steps}; "
               f"checkpoint {run.latest_checkpoint()}; resume with: {resume_cmd}", flush=True)
         return signals.exit_code
     print_summary(final, root)
     return 0
 
 
-def follow(ctl, cfg: JobConfig, signals: StopSignals | None = None) -> dict:
+def follow(ctl, cfg: JobConfig, signals: StopSignals | None = None) -> JobStatus:
     """Poll the controller into a progress bar until the job ends; a silent or dead controller is an
     error. A stop signal (`StopSignals`) asks the controller to stop as `rlhf stop` does."""
     import ray
@@ -202,24 +203,24 @@ def follow(ctl, cfg: JobConfig, signals: StopSignals | None = None) -> dict:
                 st = ray.get(ctl.status.remote(seen), timeout=60)
             except (RayActorError, GetTimeoutError) as e:
                 raise JobFailed(f"the controller stopped answering ({one_line(e)})") from None
-            for msg in st["messages"]:
+            for msg in st.messages:
                 tqdm.write(f"[controller] {msg}")
-            seen = st["num_messages"]
-            if bar is None and st["phase"] not in ("created", "starting"):
-                bar = tqdm(total=cfg.loop.steps, initial=st["step"], desc=cfg.name, unit="step", dynamic_ncols=True,
+            seen = st.num_messages
+            if bar is None and st.phase not in ("created", "starting"):
+                bar = tqdm(total=cfg.loop.steps, initial=st.step, desc=cfg.name, unit="step", dynamic_ncols=True,
                            mininterval=1.0)
-            if bar is not None and st["step"] != last_step:
-                bar.n = st["step"]
-                last_step, last_change = st["step"], time.monotonic()
-                m = st["last"]
+            if bar is not None and st.step != last_step:
+                bar.n = st.step
+                last_step, last_change = st.step, time.monotonic()
+                m = st.last
                 if m:
-                    bar.set_postfix_str(f"v{st['policy_version']} reward {m.get('reward_mean', 0):.3f} "
+                    bar.set_postfix_str(f"v{st.policy_version} reward {m.get('reward_mean', 0):.3f} "
                                         f"kl {m.get('kl', 0):.4f} {m.get('rollout_tokens_per_s', 0):.0f} tok/s "
-                                        f"workers {st['num_workers']}", refresh=False)
+                                        f"workers {st.num_workers}", refresh=False)
                 bar.refresh()
-            if st["phase"] in ("done", "failed"):
+            if st.ended:
                 return st
-            if st["phase"] == "running" and time.monotonic() - last_change > cfg.loop.timeout_s:
+            if st.phase == "running" and time.monotonic() - last_change > cfg.loop.timeout_s:
                 raise JobFailed(f"no step finished in {cfg.loop.timeout_s:.0f}s (loop.timeout_s); the job looks stuck")
             time.sleep(1.0)
     finally:
@@ -229,9 +230,9 @@ def follow(ctl, cfg: JobConfig, signals: StopSignals | None = None) -> dict:
             bar.close()
 
 
-def print_summary(st: dict, root: Path) -> None:
-    first, last = st.get("first") or {}, st.get("last") or {}
-    print(f"rlhf train: done, {st['step']} steps, policy version {st['policy_version']}; run dir {root}")
+def print_summary(st: JobStatus, root: Path) -> None:
+    first, last = st.first or {}, st.last or {}
+    print(f"rlhf train: done, {st.step} steps, policy version {st.policy_version}; run dir {root}")
     if "gold_mean" in last:
         print(f"  gold score (task's true objective): step 0 {first.get('gold_mean', float('nan')):.3f} -> "
               f"final {last['gold_mean']:.3f}")
