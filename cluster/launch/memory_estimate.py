@@ -36,6 +36,7 @@ def parameters(model_dir: str) -> int:
 def roles(cfg, device) -> list[tuple[str, int, float]]:
     """(count key, count, bytes each at least) per role."""
     from actors.engine import kv_cache_bytes
+    from cluster.launch.preflight import reward_replicas
 
     host = device.weights_in_host_memory
     policy = parameters(cfg.model.policy)
@@ -53,10 +54,8 @@ def roles(cfg, device) -> list[tuple[str, int, float]]:
         rank += parameters(lc.critic_model or cfg.model.policy) * (2 * b + 8 / (lc.num_ranks if lc.zero_stage >= 1
                                                                                   else 1))
     replica = BASE["reward"] + (parameters(cfg.reward.model_dir) * 4 if cfg.reward.model_dir and host else 0)
-    auto = cfg.reward.autoscaling or {}
-    replicas = int(auto.get("min_replicas", 1) or 1) if auto else cfg.reward.num_replicas
     return [("rollout.num_workers", cfg.rollout.num_workers, worker), ("learner.num_ranks", lc.num_ranks, rank),
-            ("reward.num_replicas", replicas, replica)]
+            ("reward.num_replicas", reward_replicas(cfg), replica)]
 
 
 def check_memory(cfg, device, available: float) -> list[str]:

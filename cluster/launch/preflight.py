@@ -185,13 +185,17 @@ def demand(cfg, device) -> list[tuple[str, int, dict[str, float]]]:
         b = {"CPU": cpus, **({"GPU": gpu} if gpus and gpu else {})}
         return {**b, **(getattr(section, "resources", None) or {})}
 
-    auto = cfg.reward.autoscaling or {}
-    replicas = int(auto.get("min_replicas", 1) or 1) if auto else cfg.reward.num_replicas
     return [("learner.num_ranks", cfg.learner.num_ranks,
              unit(cfg.learner.cpus_per_rank, cfg.learner.gpus_per_rank, cfg.learner)),
             ("rollout.num_workers", cfg.rollout.num_workers,
              unit(cfg.rollout.cpus_per_worker, cfg.rollout.gpus_per_worker, cfg.rollout)),
-            ("reward.num_replicas", replicas, unit(cfg.reward.cpus_per_replica, 0, cfg.reward))]
+            ("reward.num_replicas", reward_replicas(cfg), unit(cfg.reward.cpus_per_replica, 0, cfg.reward))]
+
+
+def reward_replicas(cfg) -> int:
+    """Scorer replicas the job starts with: reward.num_replicas, or the autoscaler's min_replicas."""
+    auto = cfg.reward.autoscaling or {}
+    return int(auto.get("min_replicas", 1) or 1) if auto else cfg.reward.num_replicas
 
 
 def check_resources(roles: list[tuple[str, int, dict]], total: dict[str, float], where: str,
