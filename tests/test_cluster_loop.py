@@ -96,7 +96,9 @@ def test_async_k2_dynamic_sampling_and_eval_on_the_real_stack(tiny_models, ray_l
     assert max(r["staleness_max"] for r in train_rows) == 2
     # Step 0 trains on version-0 samples with version-0 weights: the engine's logprobs (of the
     # tempered distribution it sampled from) equal the learner's, which the job scores at T = 0.7.
-    assert train_rows[0]["staleness_max"] == 0 and train_rows[0]["logprob_gap"] < 2e-3
+    # Both fp32 on the same weights: measured 1.3e-7 here; 1e-4 as the learner's and LoRA's same-weights
+    # checks hold (tests/test_learner.py, test_learner_lora.py). Later steps train on older samples: not equal.
+    assert train_rows[0]["staleness_max"] == 0 and train_rows[0]["logprob_gap"] < 1e-4
     assert all(r["dropped_stale"] == 0 for r in train_rows)
 
     table = run.read_rollouts()
