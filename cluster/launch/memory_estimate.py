@@ -45,14 +45,15 @@ def roles(cfg, device) -> list[tuple[str, int, float]]:
                                 if host else 0)
     lc = cfg.learner
     b = BYTES.get(lc.dtype, 4)
+    trained = 2 * b + 8 / (lc.num_ranks if lc.zero_stage >= 1 else 1)  # weights, gradients, AdamW's two fp32
+    # moments (sharded from ZeRO-1 on), per trained parameter
     if lc.lora is not None:  # frozen base weights; the adapters and their optimizer are small
         per_param = b
-    else:  # weights and gradients, AdamW's two fp32 moments (sharded from ZeRO-1 on), the reference
-        per_param = 2 * b + 8 / (lc.num_ranks if lc.zero_stage >= 1 else 1) + (b if lc.rl.kl_coef > 0 else 0)
+    else:  # + the frozen reference
+        per_param = trained + (b if lc.rl.kl_coef > 0 else 0)
     rank = BASE["learner"] + (policy * per_param if host else 0)
     if lc.rl.algorithm == "ppo" and host:  # the critic: weights, gradients and moments
-        rank += parameters(lc.critic_model or cfg.model.policy) * (2 * b + 8 / (lc.num_ranks if lc.zero_stage >= 1
-                                                                                  else 1))
+        rank += parameters(lc.critic_model or cfg.model.policy) * trained
     replica = BASE["reward"] + (parameters(cfg.reward.model_dir) * 4 if cfg.reward.model_dir and host else 0)
     return [("rollout.num_workers", cfg.rollout.num_workers, worker), ("learner.num_ranks", lc.num_ranks, rank),
             ("reward.num_replicas", reward_replicas(cfg), replica)]

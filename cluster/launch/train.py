@@ -178,7 +178,7 @@ def _train(config: str | None, overrides: list[str], resume: str | None, run_dir
     return 0
 
 
-def follow(ctl, cfg: JobConfig, signals: StopSignals | None = None) -> JobStatus:
+def follow(ctl, cfg: JobConfig, signals: StopSignals) -> JobStatus:
     """Poll the controller into a progress bar until the job ends; a silent or dead controller is an
     error. A stop signal (`StopSignals`) asks the controller to stop as `rlhf stop` does."""
     import ray
@@ -187,11 +187,10 @@ def follow(ctl, cfg: JobConfig, signals: StopSignals | None = None) -> JobStatus
 
     bar = None  # opened when the loop starts, so startup time does not skew the rate
     last_step, last_change, seen, stopping = -1, time.monotonic(), 0, False
-    if signals is not None:
-        signals.armed = True
+    signals.armed = True
     try:
         while True:
-            if signals is not None and signals.received and not stopping:
+            if signals.received and not stopping:
                 stopping = True
                 try:
                     ray.get(ctl.stop.remote(), timeout=60)
@@ -224,8 +223,7 @@ def follow(ctl, cfg: JobConfig, signals: StopSignals | None = None) -> JobStatus
                 raise JobFailed(f"no step finished in {cfg.loop.timeout_s:.0f}s (loop.timeout_s); the job looks stuck")
             time.sleep(1.0)
     finally:
-        if signals is not None:
-            signals.armed = False
+        signals.armed = False
         if bar is not None:
             bar.close()
 
