@@ -47,8 +47,8 @@ class EngineConfig(Section):
     seed: int = Field(0, description="vLLM engine seed (sampling without rollout.sampling.seed)")
     lora_rank: int = Field(0, ge=0, description=(
         "rank r of the LoRA adapter weight syncs bring (vLLM runtime LoRA: enable_lora, max_lora_rank the "
-        "smallest size vLLM offers >= r); 0: LoRA off, syncs bring full weights. Set by the job config from "
-        "learner.lora.r when learner.lora.sync is adapter, so it is not configured twice; 0 otherwise"))
+        "smallest size vLLM offers >= r); 0: LoRA off, syncs bring full weights. A job config leaves it unset: "
+        "its plan derives it from learner.lora (r when learner.lora.sync is adapter, else 0; cluster/plan.py)"))
 
 
 class RolloutConfig(Section):

@@ -123,6 +123,6 @@ class RolloutEngine:
         """A LoRA adapter (PEFT names, its adapter_config.json) served from now on as policy `version`."""
         if not self.cfg.lora_rank:
             raise RuntimeError("rollout engine: a LoRA adapter sent to an engine started without LoRA "
-                               "(rollout.engine.lora_rank 0; the job config sets it from learner.lora)")
+                               "(rollout.engine.lora_rank 0; a job's plan sets it from learner.lora)")
         self.adapter.load(self.llm, version, named, config_json)
         self.llm.reset_prefix_cache()

@@ -57,6 +57,7 @@ def plain_torch_train_s(model_dir: Path, table, cfg: dict) -> float:
     import pyarrow as pa
 
     from learner.config import LearnerConfig
+    from learner.algorithm import make_plan
     from learner.local import LocalLearner
 
     lcfg = LearnerConfig.model_validate({**cfg["learner"], "dtype": "float32"})
@@ -67,8 +68,8 @@ def plain_torch_train_s(model_dir: Path, table, cfg: dict) -> float:
     trained = trained.set_column(i, "policy_version", pa.array([0] * trained.num_rows, pa.int64()))
     best = float("inf")
     for _ in range(2):
-        learner = LocalLearner(lcfg, str(model_dir), sampling_temperature=s["temperature"],
-                               max_new_tokens=s["max_new_tokens"])
+        learner = LocalLearner(lcfg, str(model_dir), plan=make_plan(lcfg.rl, temperature=s["temperature"],
+                                                                     max_new_tokens=s["max_new_tokens"]))
         t0 = time.perf_counter()
         learner.train_step(trained)
         best = min(best, time.perf_counter() - t0)

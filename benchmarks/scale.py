@@ -180,6 +180,7 @@ def main() -> None:
     from cluster.demo.tiny_models import make_tiny_models
     from cluster.job.services import Services
     from cluster.job.weight_sync import WeightSync
+    from cluster.plan import make_job_plan
     from contract.devices import DeviceProfile
 
     ray.cloudpickle.register_pickle_by_value(scale_sim)  # shipped by value: workers need no path to benchmarks/
@@ -190,12 +191,12 @@ def main() -> None:
         tmp = Path(tmpdir)
         model_dir = str(make_tiny_models(tmp / "models")["policy"])
         learners = {mb: SimulatedLearner(mb) for mb in sizes}
-        services = Services(reward=ConstantReward(), learner=learners[sizes[0]])
+        (tmp / "none.jsonl").write_text(json.dumps({"id": "q", "prompt": "red"}) + "\n")
+        cfg0 = job_config(1, args.steps, model_dir, str(tmp / "none.jsonl"))
+        services = Services(make_job_plan(cfg0), reward=ConstantReward(), learner=learners[sizes[0]])
         services.per_token = per_token
         services.sync = WeightSync(services.learner, "object_store", "gloo", 600, log=print)
         timed, floor, versions = timed_chunk_run(), timed_chunk_run(bare_ray=True), [0]
-        (tmp / "none.jsonl").write_text(json.dumps({"id": "q", "prompt": "red"}) + "\n")
-        cfg0 = job_config(1, args.steps, model_dir, str(tmp / "none.jsonl"))
         t0 = time.perf_counter()
         services.pool = RolloutPool(cfg0.rollout, model_dir, DeviceProfile("cpu"),
                                     weights_source=services.current_weights, name_prefix="sim",

@@ -109,11 +109,11 @@ class JobConfig(Section):
             problems.append(f"reward.max_length: {self.reward.max_length} must exceed "
                             f"rollout.sampling.max_new_tokens ({self.rollout.sampling.max_new_tokens}), or the "
                             f"reward model scores responses cut short")
+        if self.rollout.engine.lora_rank:
+            problems.append(f"rollout.engine.lora_rank: a job derives it from learner.lora (r when lora.sync is "
+                            f"adapter, else 0; cluster/plan.py); remove it (got {self.rollout.engine.lora_rank})")
         if problems:
             raise ValueError("\n".join(problems))
-        lora = getattr(self.learner, "lora", None)
-        if lora is not None and lora.sync == "adapter":  # the engines serve the synced adapter (actors/adapter.py)
-            self.rollout.engine.lora_rank = lora.r
         return self
 
 

@@ -32,7 +32,7 @@ def response_hidden_index(mb: Batch) -> torch.Tensor:
     return idx.clamp(max=mb.input_ids.shape[1] - 1)
 
 
-def scoring_temperature(sampling_temperature: float) -> float:
+def scoring_temperature(temperature: float) -> float:
     """The temperature the learner scores at: the sampler's T, so log pi = log_softmax(z / T).
 
     T = 0 is greedy decoding, which has no sampling distribution to match: it is scored at T = 1
@@ -45,26 +45,27 @@ def scoring_temperature(sampling_temperature: float) -> float:
     top_p < 1 or top_k > 0 the engine's logprob of a sampled token is log pi_T(a) - log(kept mass)
     >= the learner's, and `logprob_gap` measures that truncation, not a weight or kernel mismatch.
     """
-    if sampling_temperature < 0:
-        raise ValueError(f"sampling temperature must be >= 0 (got {sampling_temperature})")
-    return sampling_temperature if sampling_temperature > 0 else 1.0
+    if temperature < 0:
+        raise ValueError(f"rollout.sampling.temperature: must be >= 0 (got {temperature})")
+    return temperature if temperature > 0 else 1.0
 
 
 @dataclass(frozen=True)
 class Plan:
     """What an update needs beyond the learner config, resolved once by `make_plan` from the config
-    and from what the job says about its rollouts (which other config sections own)."""
+    and from what the job says about its rollouts (which other config sections own). A job's is
+    part of its plan (cluster/plan.py), sent as it is to every rank."""
 
-    temperature: float = 1.0          # the scoring temperature (`scoring_temperature` of the sampler's)
+    temperature: float = 1.0          # rollout.sampling.temperature as scored (`scoring_temperature`: 0 -> 1)
     correction: str = "off"           # rollout_correction.mode resolved: off | tis | mis
     max_new_tokens: int | None = None  # the sampler's response limit (overlong penalty's L_max)
     norm_tokens: int | None = None     # seq_sum_norm's constant C
     overlong_buffer: int | None = None  # overlong penalty's L_cache
 
 
-def make_plan(cfg: RLConfig, sampling_temperature: float = 1.0, async_rollouts: bool = False,
+def make_plan(cfg: RLConfig, temperature: float = 1.0, async_rollouts: bool = False,
               max_new_tokens: int | None = None) -> Plan:
-    """`sampling_temperature`: rollout.sampling.temperature; `async_rollouts`: the loop is async
+    """`temperature`: rollout.sampling.temperature; `async_rollouts`: the loop is async
     (decides rollout_correction.mode null); `max_new_tokens`: rollout.sampling.max_new_tokens
     (seq_sum_norm's default C, the overlong penalty's L_max). Raises ValueError, naming the key,
     on what cannot be resolved."""
@@ -81,7 +82,7 @@ def make_plan(cfg: RLConfig, sampling_temperature: float = 1.0, async_rollouts: 
         if buffer >= max_new_tokens:
             raise ValueError(f"learner.rl.overlong.buffer_tokens: {buffer} must be below max_new_tokens "
                              f"({max_new_tokens})")
-    return Plan(scoring_temperature(sampling_temperature), cfg.rollout_correction.effective_mode(async_rollouts),
+    return Plan(scoring_temperature(temperature), cfg.rollout_correction.effective_mode(async_rollouts),
                 max_new_tokens, norm, buffer)
 
 

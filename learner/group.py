@@ -14,7 +14,7 @@ import ray
 from contract.atomic import staged_dir
 from contract.devices import DeviceProfile
 from contract.weights import GroupAddress, WeightManifest
-from learner.algorithm import make_plan
+from learner.algorithm import Plan, make_plan
 from learner.batch import prepare
 from learner.config import LearnerConfig
 from learner.rank import LearnerRank
@@ -29,23 +29,18 @@ def _first_of(*results):
 
 class LearnerGroup:
     def __init__(self, cfg: LearnerConfig, policy_dir: str, device: DeviceProfile, critic_dir: str | None = None,
-                 seed: int = 0, namespace: str | None = None, sampling_temperature: float = 1.0,
-                 async_rollouts: bool = False, max_new_tokens: int | None = None, max_staleness: int = 0):
-        """What the job knows about its rollouts and the learner config does not own:
-        `sampling_temperature`: rollout.sampling.temperature; the learner scores
-        log_softmax(logits / T) in every pass (T = 0, greedy, is scored at T = 1).
-        `async_rollouts`: loop.mode == "async"; learner.rl.rollout_correction.mode null means tis
-        then, off otherwise. `max_new_tokens`: rollout.sampling.max_new_tokens (the constant C of
-        loss_aggregation seq_sum_norm unless loss_norm_tokens is set; L_max of overlong.mode penalty).
-        See `learner.algorithm.make_plan`. `max_staleness`: the oldest policy lag (versions) a train step
-        accepts: the loop's loop.max_staleness when async, 0 when sync."""
-        make_plan(cfg.rl, sampling_temperature, async_rollouts, max_new_tokens)  # fails here, before any actor
+                 seed: int = 0, namespace: str | None = None, plan: Plan | None = None, max_staleness: int = 0):
+        """`plan`: what an update needs of the job beyond `cfg` (the temperature the rollouts sample
+        at, the loop's mode, the response limit), a job's from its plan (cluster/plan.py); None:
+        `make_plan(cfg.rl)`, rollouts sampled at T = 1 by a sync loop. Sent as it is to every rank.
+        `max_staleness`: the oldest policy lag (versions) a train step accepts (the job plan's)."""
+        plan = plan or make_plan(cfg.rl)
         self.cfg, self.version, self.max_staleness = cfg, 0, max_staleness
         self._namespace = namespace
         self._joined = False
         self._ranks = start_ranks(  # learner.resources: only nodes of the learner role (contract.placement)
             LearnerRank, lambda r: (r, cfg.model_dump_json(), policy_dir, critic_dir or cfg.critic_model, device.kind,
-                                    seed, sampling_temperature, async_rollouts, max_new_tokens),
+                                    seed, plan),
             cfg.num_ranks, device, cfg.cpus_per_rank, cfg.gpus_per_rank, cfg.resources, cfg.init_timeout_s,
             namespace, "learner-rank")
         try:

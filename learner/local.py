@@ -47,13 +47,12 @@ class LocalLearner:
     rank, world, collective = 0, 1, False
 
     def __init__(self, cfg: LearnerConfig, policy_dir: str, critic_dir: str | None = None, seed: int = 0,
-                 device: str = "cpu", sampling_temperature: float = 1.0, async_rollouts: bool = False,
-                 max_new_tokens: int | None = None, max_staleness: int = 0):
+                 device: str = "cpu", plan: alg.Plan | None = None, max_staleness: int = 0):
         if cfg.dtype != "float32":
             raise ValueError(f"LocalLearner trains in float32 (learner.dtype {cfg.dtype!r} is DeepSpeed's mixed "
                              f"precision)")
         self.cfg, self.seed, self.device, self.version, self.max_staleness = cfg, seed, device, 0, max_staleness
-        self.plan = alg.make_plan(cfg.rl, sampling_temperature, async_rollouts, max_new_tokens)
+        self.plan = plan or alg.make_plan(cfg.rl)
         policy, self.ref, critic = load_models(cfg, policy_dir, critic_dir or cfg.critic_model, seed, device)
         self.actor = policy.to(device)
         self.critic = None if critic is None else critic.to(device)

@@ -35,13 +35,10 @@ def deepspeed_config(cfg: LearnerConfig, lr: float) -> dict:
 
 class LearnerRank:
     def __init__(self, rank: int, cfg_json: str, policy_dir: str, critic_dir: str | None, device: str, seed: int,
-                 sampling_temperature: float = 1.0, async_rollouts: bool = False, max_new_tokens: int | None = None):
-        """`sampling_temperature`: the rollout sampler's temperature; every pass scores at it
-        (0 = greedy: scored at 1, see `algorithm.scoring_temperature`). `async_rollouts`: the loop
-        is async (rollout correction's auto mode). `max_new_tokens`: the sampler's response limit
-        (seq_sum_norm's default constant, the overlong penalty's L_max). See `algorithm.make_plan`."""
-        self.rank, self.cfg = rank, LearnerConfig.model_validate_json(cfg_json)
-        self.plan = alg.make_plan(self.cfg.rl, sampling_temperature, async_rollouts, max_new_tokens)
+                 plan: alg.Plan):
+        """`plan`: what an update needs beyond the learner config (scoring temperature, correction,
+        lengths), made once by the group (`algorithm.make_plan`)."""
+        self.rank, self.cfg, self.plan = rank, LearnerConfig.model_validate_json(cfg_json), plan
         self.world = self.cfg.num_ranks
         self.policy_dir, self.critic_dir, self.device, self.seed = policy_dir, critic_dir, device, seed
         self.weight_group = None

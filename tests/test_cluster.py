@@ -65,7 +65,7 @@ def test_stale_and_invalid_samples_are_kept_in_parquet_but_not_trained(tmp_path)
     assert exp.schema.names == EXPERIENCE_SCHEMA.names
     mask = trainable_mask(exp, learner_version=3, max_staleness=1)
     assert mask.tolist() == [True, True, False, False]  # version 1 is 2 behind; row 3 invalid
-    assert trainable_mask(exp, 3, None).tolist() == [True, True, True, False]  # sync: validity only
+    assert trainable_mask(exp, 3, 0).tolist() == [True, False, False, False]  # sync: only current rows
     run = RunDir(tmp_path).create("")
     run.write_rollouts(7, provenance(exp, 7, mask, gold=[0.0, 0.25, 0.5, 1.0]))
     table = run.read_rollouts()
@@ -81,21 +81,25 @@ def test_reward_row_count_mismatch_is_an_error():
         with_rewards(rollouts([0, 0]), rewards([1.0], [True]))
 
 
-def test_the_learner_is_told_the_loops_staleness_and_the_samplers_settings():
-    from cluster.job.services import learner_context
-    from learner.algorithm import make_plan
+def test_the_job_plan_tells_the_learner_the_loops_staleness_and_the_samplers_settings():
+    from cluster.plan import make_job_plan
 
     base = {"model": {"policy": "m"}, "data": {"prompts": "p"}, "reward": {"model_dir": "r"}}
-    assert learner_context(load_config(None, ["loop.mode=async", "loop.max_staleness=2"], base=base))[
-        "max_staleness"] == 2
-    assert learner_context(load_config(None, ["loop.max_staleness=2"], base=base))["max_staleness"] == 0
+    plan = make_job_plan(load_config(None, ["loop.mode=async", "loop.max_staleness=2"], base=base))
+    assert (plan.max_staleness, plan.learner.correction) == (2, "tis")  # null correction: tis when async
+    plan = make_job_plan(load_config(None, ["loop.max_staleness=2"], base=base))
+    assert (plan.max_staleness, plan.learner.correction) == (0, "off")
     # the overlong penalty's L_max and seq_sum_norm's constant are the sampler's max_new_tokens: a job with
     # them resolves its plan (it failed at learner start when the job did not pass max_new_tokens)
     cfg = load_config(None, ["learner.rl.overlong.mode=penalty", "learner.rl.loss_aggregation=seq_sum_norm",
                              "rollout.sampling.max_new_tokens=20", "rollout.sampling.temperature=0.7"], base=base)
-    ctx = learner_context(cfg)
-    plan = make_plan(cfg.learner.rl, ctx["sampling_temperature"], ctx["async_rollouts"], ctx["max_new_tokens"])
-    assert (plan.norm_tokens, plan.overlong_buffer, ctx["sampling_temperature"]) == (20, 4, 0.7)
+    plan = make_job_plan(cfg)
+    assert (plan.learner.norm_tokens, plan.learner.overlong_buffer, plan.learner.temperature) == (20, 4, 0.7)
+    # greedy sampling (T = 0) is scored at T = 1; replicas from the autoscaler's floor when it is on
+    assert make_job_plan(load_config(None, ["rollout.sampling.temperature=0"], base=base)).learner.temperature == 1.0
+    auto = load_config(None, ["reward.autoscaling={min_replicas: 2, max_replicas: 4}"], base=base)
+    assert (make_job_plan(base_cfg := load_config(None, [], base=base)).reward_replicas,
+            make_job_plan(auto).reward_replicas) == (base_cfg.reward.num_replicas, 2)
 
 
 def held_starts(monkeypatch, failing: str | None, hold_s: float = 30):

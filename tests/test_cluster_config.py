@@ -11,6 +11,7 @@ import pytest
 
 from cluster.config import load_config
 from cluster.launch import preflight as pf
+from cluster.plan import make_job_plan
 from cluster.launch.train import DEMO_YAML, demo_config, resolve_job
 from contract.config_base import ConfigError
 from contract.devices import DeviceProfile
@@ -91,11 +92,16 @@ def test_a_good_job_passes(job):
 
 
 def test_the_engines_get_room_for_the_adapter_an_adapter_sync_brings(job):
-    """learner.lora with sync adapter (the default) sets rollout.engine.lora_rank to r: no second
-    setting to keep in step; merged sync or no LoRA leaves the engines without LoRA."""
-    assert job().rollout.engine.lora_rank == 0
-    assert job("learner.lora.r=8").rollout.engine.lora_rank == 8
-    assert job("learner.lora.r=8", "learner.lora.sync=merged").rollout.engine.lora_rank == 0
+    """learner.lora with sync adapter (the default) gives the engines LoRA of rank r in the job's plan:
+    no second setting to keep in step, and no validator rewriting a user key; merged sync or no LoRA
+    leaves the engines without LoRA; a job config that sets the engine's rank itself is refused."""
+    assert make_job_plan(job()).rollout.engine.lora_rank == 0
+    cfg = job("learner.lora.r=8")
+    assert make_job_plan(cfg).rollout.engine.lora_rank == 8
+    assert cfg.rollout.engine.lora_rank == 0  # the user's config is left as written
+    assert make_job_plan(job("learner.lora.r=8", "learner.lora.sync=merged")).rollout.engine.lora_rank == 0
+    with pytest.raises(ConfigError, match=r"rollout.engine.lora_rank: a job derives it from learner.lora "):
+        job("learner.lora.r=8", "rollout.engine.lora_rank=8")
     pf.preflight(job("learner.lora.r=8"), CPU, embedded=True)
     assert check(job("learner.lora.r=1024")) == [
         "learner.lora.r: 1024 is too large for an adapter sync (vLLM serves LoRA ranks up to 512 (got 1024); set "
@@ -166,9 +172,9 @@ def test_resources_the_cluster_cannot_offer():
 
 def test_what_the_job_asks_per_role(job):
     cfg = job("rollout.num_workers=3", "rollout.gpus_per_worker=0.5", "reward.num_replicas=2")
-    assert pf.demand(cfg, CPU) == [("learner.num_ranks", 1, {"CPU": 1.0}), ("rollout.num_workers", 3, {"CPU": 1.0}),
+    assert pf.demand(cfg, make_job_plan(cfg), CPU) == [("learner.num_ranks", 1, {"CPU": 1.0}), ("rollout.num_workers", 3, {"CPU": 1.0}),
                                    ("reward.num_replicas", 2, {"CPU": 1.0})]
-    assert pf.demand(cfg, CUDA)[1] == ("rollout.num_workers", 3, {"CPU": 1.0, "GPU": 0.5})
+    assert pf.demand(cfg, make_job_plan(cfg), CUDA)[1] == ("rollout.num_workers", 3, {"CPU": 1.0, "GPU": 0.5})
 
 
 def test_an_embedded_cluster_too_small(job, monkeypatch):
@@ -182,18 +188,21 @@ def test_an_embedded_cluster_too_small(job, monkeypatch):
     lines = check(job(), CUDA)  # this machine has one GPU
     assert lines == ["learner.num_ranks=1: the job needs 2 GPU (learner 1 x 1 + rollout 1 x 1) but this machine "
                      "has 1"]
-    monkeypatch.setattr(pf, "demand", lambda cfg, device: [("rollout.num_workers", 1, {"CPU": 1.0, "rollout": 1.0})])
+    monkeypatch.setattr(pf, "demand", lambda cfg, plan, device: [("rollout.num_workers", 1, {"CPU": 1.0, "rollout": 1.0})])
     assert check(job()) == ["rollout.resources: rollout is a custom resource and an embedded cluster has none; "
                             "attach to a cluster whose nodes offer it (--address / ray.address) or remove the key"]
 
 
 def test_an_attached_cluster_is_compared_once_connected(job, ray_local):
-    pf.check_cluster(job(), CPU)
+    def check_cluster(cfg):
+        pf.check_cluster(cfg, make_job_plan(cfg), CPU)
+
+    check_cluster(job())
     with pytest.raises(ConfigError) as e:
-        pf.check_cluster(job("rollout.num_workers=40"), CPU)
+        check_cluster(job("rollout.num_workers=40"))
     assert e.value.lines[0].startswith("rollout.num_workers=40: the job needs 42 CPU (learner 1 x 1 + rollout "
                                        "40 x 1 + reward 1 x 1) but the Ray cluster (1 node(s)")
-    pf.check_cluster(job("rollout.num_workers=40", "ray.check_resources=false"), CPU)
+    check_cluster(job("rollout.num_workers=40", "ray.check_resources=false"))
 
 
 def test_cli_refuses_in_one_line_per_problem_and_writes_nothing(job, tiny_models, tmp_path):

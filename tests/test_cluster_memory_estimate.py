@@ -8,10 +8,20 @@ import shutil
 import pytest
 
 from cluster.config import load_config
-from cluster.launch.memory_estimate import BASE, FIXED, GiB, check_memory, parameters, roles
+from cluster.launch import memory_estimate
+from cluster.launch.memory_estimate import BASE, FIXED, GiB, parameters
+from cluster.plan import make_job_plan
 from contract.devices import DeviceProfile
 
 CPU, CUDA = DeviceProfile("cpu"), DeviceProfile("cuda")
+
+
+def roles(cfg, device):
+    return memory_estimate.roles(cfg, make_job_plan(cfg), device)
+
+
+def check_memory(cfg, device, available):
+    return memory_estimate.check_memory(cfg, make_job_plan(cfg), device, available)
 
 
 @pytest.fixture

@@ -95,7 +95,7 @@ def test_learner_group_reports_correction_metrics_reduced_over_ranks(tiny_models
     cfg = learner_cfg(num_ranks=2, zero_stage=2)
     cfg.rl.algorithm, cfg.rl.kl_coef = "grpo", 0.0
     group = LearnerGroup(cfg, str(tiny_models["policy"]), CPU, namespace=f"learner-{uuid.uuid4().hex[:6]}",
-                         async_rollouts=True)
+                         plan=alg.make_plan(cfg.rl, async_rollouts=True))
     try:
         metrics = group.train_step(experience_table(n=8, logprobs=logprobs))
     finally:

@@ -146,7 +146,7 @@ def test_plan_needs_what_the_job_must_pass():
         RLConfig(ratio_level="sequence", dual_clip=3.0)
 
 
-def test_learner_group_takes_max_new_tokens_and_counts_truncated_samples(tiny_models, ray_local):
+def test_learner_group_takes_its_plan_and_counts_truncated_samples(tiny_models, ray_local):
     import uuid
 
     from learner.group import LearnerGroup
@@ -157,7 +157,7 @@ def test_learner_group_takes_max_new_tokens_and_counts_truncated_samples(tiny_mo
     with pytest.raises(ValueError, match="loss_norm_tokens"):  # before any actor starts
         LearnerGroup(cfg, str(tiny_models["policy"]), CPU)
     group = LearnerGroup(cfg, str(tiny_models["policy"]), CPU, namespace=f"learner-{uuid.uuid4().hex[:6]}",
-                         max_new_tokens=6)
+                         plan=alg.make_plan(cfg.rl, max_new_tokens=6))
     try:
         metrics = group.train_step(experience_table(n=8, finish_reason=["length", "stop"] * 4))
     finally:

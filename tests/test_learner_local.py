@@ -6,6 +6,7 @@ import pytest
 import ray
 import torch
 
+from learner import algorithm as alg
 from learner.group import LearnerGroup
 from learner.local import LocalLearner
 from support_learner import CPU, experience_table, learner_cfg
@@ -20,7 +21,7 @@ def test_local_update_equals_a_one_rank_zero0_group(tiny_models, ray_local):
     cfg.rl.clip_high, cfg.rl.loss_aggregation = 0.28, "token_mean"
     cfg.rl.overlong.mode, cfg.rl.rollout_correction.mode = "mask", "tis"
     table = experience_table(n=14, finish_reason=["stop"] * 10 + ["length"] * 4)
-    args = dict(sampling_temperature=0.9, max_new_tokens=8)
+    args = dict(plan=alg.make_plan(cfg.rl, temperature=0.9, max_new_tokens=8))
     local = LocalLearner(cfg, str(tiny_models["policy"]), **args)
     before = local.state_dict()
     want = local.train_step(table)

@@ -281,6 +281,7 @@ def test_a_lora_job_samples_with_the_adapter_the_learner_trains(tiny_models, ray
     from cluster.job.loop import LoopState, TrainingLoop
     from cluster.job.services import start_services, stop_services
     from cluster.outputs.run_dir import RunDir
+    from cluster.plan import make_job_plan
     from contract.datasets import PromptIterator, load_prompts
     from contract.devices import DeviceProfile
     from pathlib import Path
@@ -299,7 +300,7 @@ def test_a_lora_job_samples_with_the_adapter_the_learner_trains(tiny_models, ray
                     "rl": {"algorithm": "grpo", "kl_coef": 0.01, "minibatch_size": 8, "micro_batch_size": 8}},
         "loop": {"steps": steps, "mode": "sync"},
     })
-    assert cfg.rollout.engine.lora_rank == LORA["r"]
+    assert make_job_plan(cfg).rollout.engine.lora_rank == LORA["r"]
     sys.path.insert(0, str(here))
     run = RunDir(tmp_path / "run").create("")
     services = start_services(cfg, DeviceProfile("cpu"), str(tmp_path / "store"), log=lambda m: None)

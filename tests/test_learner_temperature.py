@@ -106,7 +106,7 @@ def test_with_top_k_the_engine_logprob_is_renormalised_over_the_kept_tokens(engi
 
 
 def test_learner_group_scores_at_its_sampling_temperature(tiny_models, ray_local, policy):
-    """LearnerGroup(sampling_temperature=0.7) hands T to its ranks: with rollout logprobs taken
+    """LearnerGroup(plan=make_plan(temperature=0.7)) hands T to its ranks: with rollout logprobs taken
     at T = 0.7 from the same weights, the old pass (the logprob_gap metric) agrees with them."""
     import uuid
 
@@ -118,8 +118,9 @@ def test_learner_group_scores_at_its_sampling_temperature(tiny_models, ray_local
     with torch.no_grad():
         lp = alg.response_logprobs(policy, b, temperature=T)
     table = experience_table(n=8, logprobs=[lp[i, :int(b.mask[i].sum())].tolist() for i in range(8)])
-    group = LearnerGroup(learner_cfg(num_ranks=1, zero_stage=0), str(tiny_models["policy"]), CPU,
-                         namespace=f"learner-{uuid.uuid4().hex[:6]}", sampling_temperature=T)
+    cfg = learner_cfg(num_ranks=1, zero_stage=0)
+    group = LearnerGroup(cfg, str(tiny_models["policy"]), CPU, namespace=f"learner-{uuid.uuid4().hex[:6]}",
+                         plan=alg.make_plan(cfg.rl, temperature=T))
     try:
         metrics = group.train_step(table)
     finally:

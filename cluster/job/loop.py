@@ -82,8 +82,7 @@ class TrainingLoop:
     def _train(self, p: ScoredRollouts, wall_start: float, sync_s: float) -> dict:
         learner = self.services.learner
         version_before = learner.version
-        max_stale = self.cfg.loop.max_staleness if self.cfg.loop.mode == "async" else None
-        fresh = trainable_mask(p.table, version_before, max_stale)
+        fresh = trainable_mask(p.table, version_before, self.services.plan.max_staleness)
         valid = p.table.column("reward_valid").to_numpy(zero_copy_only=False).astype(bool)
         mask = fresh & p.keep
         n_invalid = int((~valid).sum())

@@ -40,12 +40,11 @@ def staleness(table: pa.Table, learner_version: int) -> np.ndarray:
     return learner_version - table.column("policy_version").to_numpy()
 
 
-def trainable_mask(table: pa.Table, learner_version: int, max_staleness: int | None) -> np.ndarray:
-    """Valid reward and (async) at most `max_staleness` versions behind the learner."""
+def trainable_mask(table: pa.Table, learner_version: int, max_staleness: int) -> np.ndarray:
+    """Valid reward and at most `max_staleness` versions behind the learner (the job plan's: 0 when sync,
+    as the learner's experience check holds it)."""
     ok = table.column("reward_valid").to_numpy(zero_copy_only=False).astype(bool)
-    if max_staleness is not None:
-        ok &= staleness(table, learner_version) <= max_staleness
-    return ok
+    return ok & (staleness(table, learner_version) <= max_staleness)
 
 
 def provenance(table: pa.Table, step: int, trained: np.ndarray, gold: list[float] | None,

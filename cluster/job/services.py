@@ -19,6 +19,7 @@ from cluster.config import JobConfig
 from cluster.errors import JobFailed, one_line
 from cluster.job.dtypes import resolve_job_dtypes
 from cluster.job.weight_sync import WeightSync
+from cluster.plan import JobPlan, make_job_plan
 from contract.devices import DeviceProfile
 
 if TYPE_CHECKING:  # imported where they start: each pulls in a heavy stack (Serve, DeepSpeed, vLLM)
@@ -30,17 +31,6 @@ if TYPE_CHECKING:  # imported where they start: each pulls in a heavy stack (Ser
 # Seconds a failed start waits for a reward app still starting to return and stop itself: a deploy that
 # places its replicas takes ~10-40 s (2-core box, tiny reward model); a cluster's model load takes longer.
 REWARD_STOP_WAIT_S = 180.0
-
-
-def learner_context(cfg: JobConfig) -> dict:
-    """What the learner must know of the rollouts and the loop, which its own config does not hold
-    (LearnerGroup's keyword arguments): the sampler's temperature (every pass scores at it), whether
-    the loop is async (rollout correction's auto mode), the sampler's max_new_tokens (seq_sum_norm's
-    constant, the overlong penalty's L_max), and the oldest policy lag a step accepts: exactly what the
-    loop lets through (loop.max_staleness when async; 0 when sync)."""
-    s = cfg.rollout.sampling
-    return dict(sampling_temperature=s.temperature, async_rollouts=cfg.loop.mode == "async",
-                max_new_tokens=s.max_new_tokens, max_staleness=cfg.loop.max_staleness if cfg.loop.mode == "async" else 0)
 
 
 def start_reward(cfg: JobConfig, store_dir: str, device: DeviceProfile, review: dict | None = None):
@@ -64,9 +54,10 @@ def start_reward(cfg: JobConfig, store_dir: str, device: DeviceProfile, review: 
 
 @dataclass
 class Services:
-    """The job's running services, started by `start_services`: the reward app, the learner group,
-    the pool, and the weight sync (which owns what the learner has published)."""
+    """The job's running services, started by `start_services` from the job's plan: the reward app,
+    the learner group, the pool, and the weight sync (which owns what the learner has published)."""
 
+    plan: JobPlan  # what they are started from (cluster/plan.py)
     reward: RewardClient | None = None  # each None until it has started
     learner: LearnerGroup | None = None
     sync: WeightSync | None = None
@@ -101,7 +92,8 @@ def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=pr
         cfg = resolved
         log(line)
     ns = cfg.ray.namespace
-    services = Services()
+    plan = make_job_plan(cfg)
+    services = Services(plan=plan)
     lock, abandoned = threading.Lock(), threading.Event()
 
     def keep(field: str, service, stop) -> bool:
@@ -121,14 +113,14 @@ def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=pr
     def learner():
         t0 = time.perf_counter()
         group = LearnerGroup(cfg.learner, cfg.model.policy, device, critic_dir=cfg.learner.critic_model,
-                             seed=cfg.seed, namespace=ns, **learner_context(cfg))
+                             seed=cfg.seed, namespace=ns, plan=plan.learner, max_staleness=plan.max_staleness)
         if keep("learner", group, group.shutdown):
             log(f"learner group up: {cfg.learner.num_ranks} rank(s), ZeRO-{cfg.learner.zero_stage} "
                 f"({time.perf_counter() - t0:.1f}s)")
 
     def pool():
         t0 = time.perf_counter()
-        rollout = RolloutPool(cfg.rollout, cfg.model.policy, device, weights_source=services.current_weights,
+        rollout = RolloutPool(plan.rollout, cfg.model.policy, device, weights_source=services.current_weights,
                               namespace=ns, log=log)
         if keep("pool", rollout, rollout.shutdown):
             log(f"rollout pool up: {rollout.num_workers} worker(s) ({time.perf_counter() - t0:.1f}s)")

@@ -33,10 +33,9 @@ def parameters(model_dir: str) -> int:
     return sum(f.stat().st_size for f in files) // stored
 
 
-def roles(cfg, device) -> list[tuple[str, int, float]]:
+def roles(cfg, plan, device) -> list[tuple[str, int, float]]:
     """(count key, count, bytes each at least) per role."""
     from actors.engine import kv_cache_bytes
-    from cluster.launch.preflight import reward_replicas
 
     host = device.weights_in_host_memory
     policy = parameters(cfg.model.policy)
@@ -56,12 +55,12 @@ def roles(cfg, device) -> list[tuple[str, int, float]]:
         rank += parameters(lc.critic_model or cfg.model.policy) * trained
     replica = BASE["reward"] + (parameters(cfg.reward.model_dir) * 4 if cfg.reward.model_dir and host else 0)
     return [("rollout.num_workers", cfg.rollout.num_workers, worker), ("learner.num_ranks", lc.num_ranks, rank),
-            ("reward.num_replicas", reward_replicas(cfg), replica)]
+            ("reward.num_replicas", plan.reward_replicas, replica)]
 
 
-def check_memory(cfg, device, available: float) -> list[str]:
+def check_memory(cfg, plan, device, available: float) -> list[str]:
     """One line if the job cannot fit in `available` bytes of host memory, naming the biggest role."""
-    parts = roles(cfg, device)
+    parts = roles(cfg, plan, device)
     need = FIXED + sum(n * each for _, n, each in parts)
     if need <= available:
         return []

@@ -17,7 +17,12 @@ import json
 import sys
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 from contract.config_base import ConfigError
+
+if TYPE_CHECKING:
+    from cluster.plan import JobPlan
 
 CAUSAL_LM = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 LONGEST_CHECKED = 1000  # prompts tokenized for the length check: the longest by characters
@@ -81,7 +86,7 @@ def check_train_rm(cfg) -> None:
         raise ConfigError(*problems)
 
 
-def check_models(cfg, problems: list[str]) -> dict | None:
+def check_models(cfg, plan, problems: list[str]) -> dict | None:
     """Model directories and their kinds; returns the policy's config.json (None if unusable)."""
     policy = _hf_config("model.policy", cfg.model.policy, problems)
     if policy is not None:
@@ -101,11 +106,11 @@ def check_models(cfg, problems: list[str]) -> dict | None:
                             f"reward.model_dir (config.json max_position_embeddings)")
     if cfg.learner.critic_model:
         _hf_config("learner.critic_model", cfg.learner.critic_model, problems)
-    if cfg.rollout.engine.lora_rank:  # an adapter sync: vLLM must be able to serve an adapter of this rank
+    if plan is not None and plan.rollout.engine.lora_rank:  # an adapter sync: vLLM must serve an adapter of it
         from actors.adapter import lora_engine_kwargs
 
         try:
-            lora_engine_kwargs(cfg.rollout.engine.lora_rank)
+            lora_engine_kwargs(plan.rollout.engine.lora_rank)
         except ValueError as e:
             problems.append(f"learner.lora.r: {cfg.learner.lora.r} is too large for an adapter sync "
                             f"({str(e).split(': ', 1)[1]})")
@@ -177,7 +182,7 @@ def check_functions(cfg, problems: list[str]) -> None:
             problems.append(str(e))
 
 
-def demand(cfg, device) -> list[tuple[str, int, dict[str, float]]]:
+def demand(cfg, plan, device) -> list[tuple[str, int, dict[str, float]]]:
     """(count key, count, one unit's bundle) per role: what the job reserves from Ray."""
     gpus = device.kind == "cuda"
 
@@ -189,13 +194,7 @@ def demand(cfg, device) -> list[tuple[str, int, dict[str, float]]]:
              unit(cfg.learner.cpus_per_rank, cfg.learner.gpus_per_rank, cfg.learner)),
             ("rollout.num_workers", cfg.rollout.num_workers,
              unit(cfg.rollout.cpus_per_worker, cfg.rollout.gpus_per_worker, cfg.rollout)),
-            ("reward.num_replicas", reward_replicas(cfg), unit(cfg.reward.cpus_per_replica, 0, cfg.reward))]
-
-
-def reward_replicas(cfg) -> int:
-    """Scorer replicas the job starts with: reward.num_replicas, or the autoscaler's min_replicas."""
-    auto = cfg.reward.autoscaling or {}
-    return int(auto.get("min_replicas", 1) or 1) if auto else cfg.reward.num_replicas
+            ("reward.num_replicas", plan.reward_replicas, unit(cfg.reward.cpus_per_replica, 0, cfg.reward))]
 
 
 def check_resources(roles: list[tuple[str, int, dict]], total: dict[str, float], where: str,
@@ -222,28 +221,37 @@ def check_resources(roles: list[tuple[str, int, dict]], total: dict[str, float],
     return problems
 
 
-def preflight(cfg, device, embedded: bool) -> None:
-    """Everything checkable before a Ray session exists; raises one ConfigError listing every problem."""
+def preflight(cfg, device, embedded: bool) -> JobPlan:
+    """Everything checkable before a Ray session exists, and the job's plan (cluster/plan.py);
+    raises one ConfigError listing every problem."""
+    from cluster.plan import make_job_plan
+
     problems: list[str] = []
-    policy = check_models(cfg, problems)
+    try:
+        plan = make_job_plan(cfg)
+    except ValueError as e:
+        plan = None
+        problems.append(str(e))
+    policy = check_models(cfg, plan, problems)
     check_prompts(cfg, policy is not None, problems)
     check_functions(cfg, problems)
-    if embedded:
-        problems += check_embedded(cfg, device)
+    if embedded and plan is not None:
+        problems += check_embedded(cfg, plan, device)
     if embedded and not problems:  # the models are readable: what the embedded cluster must hold
         import psutil
 
         from cluster.launch.memory_estimate import check_memory
 
-        problems += check_memory(cfg, device, psutil.virtual_memory().available)
+        problems += check_memory(cfg, plan, device, psutil.virtual_memory().available)
     if problems:
         raise ConfigError(*problems)
+    return plan
 
 
-def check_embedded(cfg, device) -> list[str]:
+def check_embedded(cfg, plan, device) -> list[str]:
     """An embedded cluster gets max(cores, what the job asks + 4) CPUs unless ray.num_cpus says
     otherwise, this machine's GPUs, and no custom resources."""
-    roles = demand(cfg, device)
+    roles = demand(cfg, plan, device)
     custom = sorted({r for _, _, b in roles for r in b} - {"CPU", "GPU"})
     problems = [f"{k.split('.')[0]}.resources: {r} is a custom resource and an embedded cluster has none; attach "
                 f"to a cluster whose nodes offer it (--address / ray.address) or remove the key"
@@ -259,7 +267,7 @@ def check_embedded(cfg, device) -> list[str]:
     return problems
 
 
-def check_cluster(cfg, device) -> None:
+def check_cluster(cfg, plan, device) -> None:
     """Once attached: the job's demand against the cluster's resources (skipped with
     ray.check_resources=false, for an autoscaling cluster that grows on demand)."""
     import ray
@@ -268,6 +276,6 @@ def check_cluster(cfg, device) -> None:
         return
     nodes = [{k: float(v) for k, v in n.get("Resources", {}).items()} for n in ray.nodes() if n.get("Alive")]
     where = f"the Ray cluster ({len(nodes)} node(s); ray.check_resources=false if it autoscales)"
-    problems = check_resources(demand(cfg, device), ray.cluster_resources(), where, nodes)
+    problems = check_resources(demand(cfg, plan, device), ray.cluster_resources(), where, nodes)
     if problems:
         raise ConfigError(*problems)

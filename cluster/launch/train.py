@@ -106,9 +106,9 @@ class StopSignals:
         return 128 + int(getattr(signal, self.received)) if self.received else 0
 
 
-def cpus_needed(cfg: JobConfig) -> float:
-    return (cfg.learner.num_ranks * cfg.learner.cpus_per_rank + cfg.rollout.num_workers * cfg.rollout.cpus_per_worker
-            + cfg.reward.num_replicas * cfg.reward.cpus_per_replica)
+def cpus_needed(roles: list[tuple[str, int, dict[str, float]]]) -> float:
+    """CPUs the job's roles reserve (preflight.demand)."""
+    return sum(n * bundle["CPU"] for _, n, bundle in roles)
 
 
 def train_command(config: str | None, overrides: list[str], resume: str | None = None,
@@ -121,7 +121,7 @@ def _train(config: str | None, overrides: list[str], resume: str | None, run_dir
            address: str | None, signals: StopSignals) -> int:
     from contract.devices import resolve_device
     from cluster.job.dtypes import resolve_job_dtypes
-    from cluster.launch.preflight import check_cluster, preflight
+    from cluster.launch.preflight import check_cluster, demand, preflight
 
     if given := address or os.environ.get("RAY_ADDRESS"):
         from cluster.launch.ray_session import check_reachable
@@ -130,7 +130,7 @@ def _train(config: str | None, overrides: list[str], resume: str | None, run_dir
     cfg, root = resolve_job(config, overrides, resume, run_dir)
     device = resolve_device(cfg.device)
     cfg, dtype_line = resolve_job_dtypes(cfg, device)  # `auto` -> one concrete dtype for engines and learner
-    preflight(cfg, device, embedded=not (address or os.environ.get("RAY_ADDRESS") or cfg.ray.address))
+    plan = preflight(cfg, device, embedded=not (address or os.environ.get("RAY_ADDRESS") or cfg.ray.address))
     print(f"rlhf train: {dtype_line}", flush=True)
     import ray
 
@@ -139,13 +139,13 @@ def _train(config: str | None, overrides: list[str], resume: str | None, run_dir
 
     env = device.actor_env(threads=1)
     session = connect(cfg.ray, address, env, {"reward.http_port": (cfg.reward.http_host, cfg.reward.http_port)},
-                      cpus_needed=cpus_needed(cfg))
+                      cpus_needed=cpus_needed(demand(cfg, plan, device)))
     signals.install()  # over the SIGTERM handler ray.init just installed
     resume_cmd = f"rlhf train --resume {root}"
     ctl = None
     try:
         if not session.started_here:
-            check_cluster(cfg, device)
+            check_cluster(cfg, plan, device)
         run = RunDir(root).create(dump_config(cfg))
         print(f"rlhf train: run dir {root}", flush=True)
         if session.dashboard_url:
