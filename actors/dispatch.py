@@ -81,9 +81,8 @@ class ChunkRun:
             while self.queue or inflight:
                 self._dispatch()
                 if not inflight:
-                    with pool._lock:
-                        if not pool._members and not pool._starting:
-                            raise RuntimeError("rollout pool: no live workers left to generate "
+                    if not pool.has_workers():
+                        raise RuntimeError("rollout pool: no live workers left to generate "
                                                f"{sum(len(c.rows) for c in self.queue)} prompt(s)")
                     time.sleep(POLL_S)
                     continue
@@ -95,13 +94,13 @@ class ChunkRun:
                 for ref, (wid, chunk, t) in list(inflight.items()):
                     if now - t > self.cfg.request_timeout_s:  # hung, not dead: treated as dead
                         del inflight[ref]
-                        pool._release(wid)
+                        pool.release(wid)
                         self._retry(wid, chunk, TimeoutError(
                             f"rollout worker {wid}: no result within rollout.request_timeout_s="
                             f"{self.cfg.request_timeout_s}"))
         finally:
             for wid, _, _ in inflight.values():
-                pool._release(wid)
+                pool.release(wid)
         return self.results
 
     def _accept(self, ready: list) -> None:
@@ -120,28 +119,22 @@ class ChunkRun:
             except RayActorError as err:
                 self._retry(wid, chunk, err)
             finally:
-                self.pool._release(wid)
+                self.pool.release(wid)
 
     def _retry(self, wid: str, chunk: Chunk, err: Exception) -> None:
         """The worker failed this chunk (died, or hung past the request timeout): the pool kills and
         replaces it, and the chunk goes back in the queue."""
-        self.pool._on_death(wid, err)
+        self.pool.replace(wid, err)
         if chunk.attempts >= self.cfg.max_retries:
             raise RuntimeError(f"rollout pool: {len(chunk.rows)} prompt(s) failed on a worker {chunk.attempts + 1} "
                                f"time(s) (rollout.max_retries={self.cfg.max_retries}); last: {err}") from err
         self.queue.append(Chunk(chunk.rows, chunk.attempts + 1))
 
     def _dispatch(self) -> None:
-        pool = self.pool
-        with pool._lock:
-            for wid, m in pool._members.items():
-                if not self.queue:
-                    return
-                if not m.busy:
-                    chunk = self.queue.popleft()
-                    m.busy = True
-                    ref = m.handle.generate.remote(self._slice(chunk.rows), self.sampling)
-                    self.inflight[ref] = (wid, chunk, time.monotonic())
+        for wid, handle in self.pool.claim_idle(len(self.queue)):
+            chunk = self.queue.popleft()
+            ref = handle.generate.remote(self._slice(chunk.rows), self.sampling)
+            self.inflight[ref] = (wid, chunk, time.monotonic())
 
     def _slice(self, rows: list[int]) -> PromptSlice:
         return PromptSlice(*([col[r] for r in rows] for col in self.columns))

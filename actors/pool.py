@@ -188,14 +188,29 @@ class RolloutPool:
         # a chat prompt's conversation rejoins its samples (the Parquet and the reward model use it)
         return attach_prompt_columns(ordered_exactly_once(concat(batches), ids, sampling.n), prompts)
 
-    def _release(self, wid: str) -> None:
+    # ---- what a generate call's dispatch (actors/dispatch.py) asks of the membership -------------
+    def claim_idle(self, k: int) -> list[tuple[str, Any]]:
+        """Up to `k` serving workers with no chunk in hand, each marked busy until `release`d."""
+        with self._lock:
+            idle = [(wid, m) for wid, m in self._members.items() if not m.busy][:k]
+            for _, m in idle:
+                m.busy = True
+            return [(wid, m.handle) for wid, m in idle]
+
+    def has_workers(self) -> bool:
+        """Some worker serves or is starting: a waiting chunk will find one."""
+        with self._lock:
+            return bool(self._members or self._starting)
+
+    def release(self, wid: str) -> None:
+        """`wid` finished (or gave up) its chunk: free for the next, or, if it was retiring, killed now."""
         with self._lock:
             if wid in self._members:
                 self._members[wid].busy = False
             elif wid in self._retiring:
                 ray.kill(self._retiring.pop(wid), no_restart=True)
 
-    def _on_death(self, wid: str, err: Exception) -> None:
+    def replace(self, wid: str, err: Exception) -> None:
         """Drop a dead (or hung) worker; if it was serving (not retiring), kill it and start a
         replacement in the background."""
         with self._lock:
@@ -218,7 +233,7 @@ class RolloutPool:
             try:
                 ray.get(r, timeout=self.cfg.request_timeout_s)
             except RayActorError as err:
-                self._on_death(wid, err)  # its replacement loads the current version before serving
+                self.replace(wid, err)  # its replacement loads the current version before serving
 
     # ---- the broadcast weight group (formed by the publisher, joined by every current member) ------
     def weight_group_members(self) -> tuple[int, int]:

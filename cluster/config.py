@@ -16,8 +16,6 @@ import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from actors.config import RolloutConfig
-from cluster.job.evaluation import EvalConfig
-from cluster.job.produce import DynamicSamplingConfig
 from contract.config_base import ConfigError, Section, describe_validation_errors
 from contract.datasets import Columns
 from learner.config import LearnerConfig
@@ -26,6 +24,31 @@ from reward_service.config import RewardConfig
 CONFIGS_DIR = Path(__file__).parent / "configs"  # the shipped job YAMLs
 PLACEHOLDER = re.compile(r"^<[^<>]+>$")  # `<required>` and the like: a value the user must fill in
 
+
+
+class EvalConfig(Section):
+    prompts: str | None = Field(None, description="held-out prompt file (same formats as data.prompts); None: no "
+                                                  "evaluation")
+    every_steps: int = Field(10, ge=1, description="evaluate before the first step and after every this many steps "
+                                                   "(and after the last); each eval costs one generate call")
+    n: int = Field(1, ge=1, description="samples per held-out prompt")
+    temperature: float = Field(0.0, ge=0.0, description="eval sampling temperature; 0 = greedy, the policy's "
+                                                        "most likely answer, so evals are comparable across steps")
+    max_new_tokens: int | None = Field(None, ge=1, description="None: rollout.sampling.max_new_tokens")
+    seed: int = Field(0, description="per-prompt sampling seed base, so evals at different steps draw alike")
+    columns: Columns = Field(default_factory=Columns, description="column names of eval.prompts (chat "
+                                                                  "`messages` are rendered with the policy's chat "
+                                                                  "template), as data.columns for data.prompts")
+
+
+class DynamicSamplingConfig(Section):
+    enabled: bool = Field(False, description="drop groups whose rewards are all equal (no GRPO/RLOO signal) and "
+                                             "draw more prompts until the step has data.prompts_per_step groups with "
+                                             "signal (DAPO); off by default: it costs extra generation")
+    max_draws: int = Field(3, ge=1, description="generate calls per step at most (the first included); bounds the "
+                                                "cost when most groups are uniform")
+    min_std: float = Field(0.0, ge=0.0, description="a group counts as uniform when the std of its rewards is <= "
+                                                    "this (0: exactly equal)")
 
 class ModelConfig(Section):
     policy: str = Field(..., description="HF causal-LM directory of the pretrained (SFT) policy; also the frozen "

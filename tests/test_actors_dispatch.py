@@ -7,7 +7,6 @@ left to timing.
 """
 from __future__ import annotations
 
-import threading
 from types import SimpleNamespace
 
 import pyarrow as pa
@@ -29,20 +28,22 @@ def stand_in_worker(ray_local):
 
 
 class PoolStandIn:
-    """What ChunkRun reads and calls on its pool, recording releases and deaths."""
+    """What ChunkRun calls on its pool (RolloutPool's dispatch API), recording releases and deaths."""
 
     def __init__(self, handles: dict):
-        from actors.pool import _Member
-
         self.cfg = SimpleNamespace(request_timeout_s=30, max_retries=2)
-        self._lock, self._starting = threading.Lock(), []
-        self._members = {wid: _Member(h) for wid, h in handles.items()}
-        self.released, self.deaths = [], []
+        self.handles, self.released, self.deaths = handles, [], []
 
-    def _release(self, wid):
+    def claim_idle(self, k):
+        return list(self.handles.items())[:k]
+
+    def has_workers(self):
+        return True
+
+    def release(self, wid):
         self.released.append(wid)
 
-    def _on_death(self, wid, err):
+    def replace(self, wid, err):
         self.deaths.append((wid, type(err).__name__))
 
 

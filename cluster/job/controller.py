@@ -18,15 +18,17 @@ from cluster.errors import JobFailed, one_line
 from cluster.job.loop import LoopState, Services, TrainingLoop
 from cluster.job.status import JobStatus, Phase
 from cluster.outputs.run_dir import RunDir
+from cluster.plan import JobPlan
 
 CONTROLLER_NAME = "controller"
 
 
 class Controller:
-    def __init__(self, cfg: dict, run_root: str, resume: bool):
+    def __init__(self, cfg: dict, plan: JobPlan, run_root: str, resume: bool):
+        """`plan`: the job's plan as `rlhf train`'s preflight made it from `cfg` (cluster/plan.py)."""
         from cluster.job.gauges import RLGauges
 
-        self.cfg = JobConfig.model_validate(cfg)
+        self.cfg, self.plan = JobConfig.model_validate(cfg), plan
         self.run = RunDir(run_root)
         self.resume = resume
         self.gauges = RLGauges(self.cfg.name)
@@ -119,7 +121,7 @@ class Controller:
             shared = check_shared_run_dir(self.run.root, learner_node_candidates(
                 bundle(device, lc.cpus_per_rank, lc.gpus_per_rank, lc.resources)), strict=False)
             self.services = start_services(self.cfg, device, str(self.run.root / "reward_store"), log=self._log,
-                                           review=review_paths(self.run.root))
+                                           review=review_paths(self.run.root), plan=self.plan)
             self.refresh = reward_started(self.cfg, self.run.root, self.services.reward, self._log)
             check_shared_run_dir(self.run.root, [n for n in self.services.learner.node_ids() if n not in shared])
             state = self._restore(prompts) if self.resume else LoopState()

@@ -13,28 +13,11 @@ import time
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
-
 from actors.config import SamplingConfig
+from cluster.config import EvalConfig
 from cluster.errors import JobFailed, failing_as
 from cluster.job.rollout_table import provenance, scored, verifier_stats
-from contract.config_base import Section
-from contract.datasets import Columns, load_prompts
-
-
-class EvalConfig(Section):
-    prompts: str | None = Field(None, description="held-out prompt file (same formats as data.prompts); None: no "
-                                                  "evaluation")
-    every_steps: int = Field(10, ge=1, description="evaluate before the first step and after every this many steps "
-                                                   "(and after the last); each eval costs one generate call")
-    n: int = Field(1, ge=1, description="samples per held-out prompt")
-    temperature: float = Field(0.0, ge=0.0, description="eval sampling temperature; 0 = greedy, the policy's "
-                                                        "most likely answer, so evals are comparable across steps")
-    max_new_tokens: int | None = Field(None, ge=1, description="None: rollout.sampling.max_new_tokens")
-    seed: int = Field(0, description="per-prompt sampling seed base, so evals at different steps draw alike")
-    columns: Columns = Field(default_factory=Columns, description="column names of eval.prompts (chat "
-                                                                  "`messages` are rendered with the policy's chat "
-                                                                  "template), as data.columns for data.prompts")
+from contract.datasets import load_prompts
 
 
 class Evaluator:

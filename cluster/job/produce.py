@@ -23,22 +23,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from pydantic import Field
-
+from cluster.config import DynamicSamplingConfig
 from cluster.errors import JobFailed, failing_as
 from cluster.job.rollout_table import scored
-from contract.config_base import Section
 from contract.datasets import PromptIterator
-
-
-class DynamicSamplingConfig(Section):
-    enabled: bool = Field(False, description="drop groups whose rewards are all equal (no GRPO/RLOO signal) and "
-                                             "draw more prompts until the step has data.prompts_per_step groups with "
-                                             "signal (DAPO); off by default: it costs extra generation")
-    max_draws: int = Field(3, ge=1, description="generate calls per step at most (the first included); bounds the "
-                                                "cost when most groups are uniform")
-    min_std: float = Field(0.0, ge=0.0, description="a group counts as uniform when the std of its rewards is <= "
-                                                    "this (0: exactly equal)")
 
 
 @dataclass

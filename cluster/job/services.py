@@ -74,7 +74,7 @@ class Services:
 
 
 def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=print,
-                   review: dict | None = None) -> Services:
+                   review: dict | None = None, plan: JobPlan | None = None) -> Services:
     """The reward app, the learner group and the pool start together (none needs another to start:
     `Services.current_weights` is None until the weight sync exists, and the pool's first workers load
     the initial checkpoint), then the weight sync, which joins the learner to the pool. The first start
@@ -92,7 +92,7 @@ def start_services(cfg: JobConfig, device: DeviceProfile, store_dir: str, log=pr
         cfg = resolved
         log(line)
     ns = cfg.ray.namespace
-    plan = make_job_plan(cfg)
+    plan = plan or make_job_plan(cfg)  # rlhf train's preflight made it; this is for direct callers
     services = Services(plan=plan)
     lock, abandoned = threading.Lock(), threading.Event()
 

@@ -155,7 +155,7 @@ def _train(config: str | None, overrides: list[str], resume: str | None, run_dir
                   f"http://127.0.0.1:{session.metrics_port}/metrics", flush=True)
         try:
             ctl = ray.remote(Controller).options(**controller_options(cfg, env)).remote(
-                cfg.model_dump(mode="json"), str(root), bool(resume))
+                cfg.model_dump(mode="json"), plan, str(root), bool(resume))
             ray.get(ctl.start.remote(), timeout=120)
         except ValueError as e:
             raise UsageError(f"cannot start the controller in namespace {cfg.ray.namespace!r} ({one_line(e)}); "
