@@ -226,14 +226,19 @@ class RolloutPool:
     # ---- weights, health, teardown ----------------------------------------------------------
     def update_weights(self, version: int, ref) -> None:
         """Object-store transport to every worker. Workers started later load what `weights_source`
-        names (the publisher's latest), so the pool keeps no copy of its own."""
-        members = self.workers()
-        refs = [h.update_weights.remote(version, ref) for _, h in members]
-        for (wid, _), r in zip(members, refs):
+        names (the publisher's latest), so the pool keeps no copy of its own. A worker that dies
+        while loading, or hangs past rollout.request_timeout_s (as a hung generate does), is killed
+        and replaced; its replacement loads the current version before it serves."""
+        refs = {h.update_weights.remote(version, ref): wid for wid, h in self.workers()}
+        done, hung = ray.wait(list(refs), num_returns=len(refs), timeout=self.cfg.request_timeout_s)
+        for r in done:
             try:
                 ray.get(r, timeout=self.cfg.request_timeout_s)
             except RayActorError as err:
-                self.replace(wid, err)  # its replacement loads the current version before serving
+                self.replace(refs[r], err)
+        for r in hung:
+            self.replace(refs[r], TimeoutError(f"rollout worker {refs[r]}: weights of version {version} not loaded "
+                                               f"within rollout.request_timeout_s={self.cfg.request_timeout_s}"))
 
     # ---- the broadcast weight group (formed by the publisher, joined by every current member) ------
     def weight_group_members(self) -> tuple[int, int]:

@@ -142,6 +142,28 @@ def test_a_hung_worker_is_replaced_and_its_chunk_redone_exactly_once(pool):
     wait_for(lambda: not running(pid), timeout=60)  # killed, not left frozen
 
 
+def test_a_worker_hung_while_loading_weights_is_replaced_and_the_version_re_sent(pool, tiny_models, published):
+    """A hang during a weight load is met as a hang in generate is: past rollout.request_timeout_s the
+    worker is killed and replaced, the update returns instead of failing the job, and the replacement
+    serves the version that was being loaded (it reads the publisher's current weights first)."""
+    wait_for(lambda: pool.num_workers == 2)
+    victim = sorted(pool.worker_ids())[0]
+    pid = ray.get(ray.get_actor(victim, namespace="rlhf-tests").ping.remote(), timeout=60)["pid"]
+    published["current"] = (4, put_state(tiny_models["policy"]))
+    os.kill(pid, signal.SIGSTOP)
+    pool.cfg.request_timeout_s = 8.0
+    try:
+        pool.update_weights(4, published["current"][1])
+    finally:
+        pool.cfg.request_timeout_s = 120.0
+    assert victim not in pool.worker_ids()
+    wait_for(lambda: pool.num_workers == 2)
+    versions = [ray.get(h.ping.remote(), timeout=60)["version"] for _, h in pool.workers()]
+    assert versions == [4, 4]
+    assert set(pool.generate(prompts(8, prefix="v"), LONG)["policy_version"].to_pylist()) == {4}
+    wait_for(lambda: not running(pid), timeout=60)  # killed, not left frozen
+
+
 def running(pid: int) -> bool:
     """Alive and not a zombie waiting to be reaped."""
     try:
