@@ -7,7 +7,7 @@
 | `worker.py`   | `RolloutWorker`: the engine as a Ray actor; loads published weights, joins the broadcast group |
 | `pool.py`     | `RolloutPool`: N workers behind one `generate`; scaling, death and hang tolerant |
 | `dispatch.py` | one `generate` call: token-balanced chunks handed to free workers, each result accepted once |
-| `launch.py`   | where a worker may run (placement by role) and how the pool waits for it |
+| `worker_placement.py` | where a worker may run (placement by role) and how the pool waits for it |
 | `balance.py`  | token-balanced chunking |
 | `prompts.py`  | the checks a prompt table passes before dispatch |
 

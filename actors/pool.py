@@ -6,7 +6,7 @@ while busy finishes its chunk and is killed after. Each chunk's result is accept
 table holds every (prompt_id, sample_idx) exactly once. Thread-safe: scaling and weight updates
 may come from other threads while a generate runs.
 
-Workers go only where `rollout.resources` allows, spread over those nodes (`launch.py`). Growing
+Workers go only where `rollout.resources` allows, spread over those nodes (`worker_placement.py`). Growing
 the pool (`scale_to`, replacements) never blocks the caller: a new worker waits for a node in the
 background, loads the current weights and only then serves; one with no node after
 `rollout.placement_timeout_s` is named in a warning and keeps waiting, so a node added later is used.
@@ -27,7 +27,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from actors.balance import expected_tokens, split_balanced
 from actors.config import RolloutConfig, SamplingConfig
 from actors.dispatch import ChunkRun
-from actors.launch import Cancelled, name_taken, wait_placed, worker_options
+from actors.worker_placement import Cancelled, name_taken, wait_placed, worker_options
 from actors.prompts import check_prompt_lengths, check_prompt_table
 from actors.worker import RolloutWorker
 from contract.devices import DeviceProfile

@@ -49,7 +49,7 @@ class Worker:
         """Load the engine (idempotent); the worker can generate once this returns."""
         if self.engine is None:
             if isinstance(self._engine_factory, str):
-                from contract.functions import load_function
+                from contract.user_code import load_function
 
                 factory = load_function(self._engine_factory, "engine_factory")
             elif self._engine_factory is not None:

@@ -11,6 +11,6 @@ The three worker packages never import each other or `cluster`; they meet only h
 | `datasets.py`, `chat.py` | prompt, preference and SFT data readers; chat conversations and templates |
 | `placement.py`   | placement by role (custom resources per role) |
 | `atomic.py`      | the one way to write a file or directory so no reader sees it half written |
-| `functions.py`   | loading `package.module:function` named in a config |
+| `user_code.py`   | loading `package.module:function` named in a config |
 | `net.py`         | free ports |
 """

@@ -16,7 +16,7 @@ holds its parts (forward passes, advantages for the configured algorithm, the mi
 | `micro.py`     | token-budget micro-batches |
 | `models.py`, `lora.py` | the modules as configured: activation checkpointing, LoRA adapters, HF-named weights |
 | `rank.py`      | `LearnerRank`: one DeepSpeed rank inside a Ray actor |
-| `ranks.py`     | `Ranks`: start, call and stop a set of rank actors together (RL and SFT) |
+| `rank_group.py` | `Ranks`: start, call and stop a set of rank actors together (RL and SFT) |
 | `group.py`     | `LearnerGroup`: the controller's handle on the ranks (placement group, timeouts, checkpoints, publish) |
 | `sft.py`       | supervised fine-tuning on the same ranks |
 

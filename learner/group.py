@@ -1,6 +1,6 @@
 """LearnerGroup: the controller-side handle on M learner ranks (Ray actors "learner-rank-{r}").
 
-The ranks are started, rendezvoused and called as a `learner.ranks.Ranks` (one placement group, DeepSpeed
+The ranks are started, rendezvoused and called as a `learner.rank_group.Ranks` (one placement group, DeepSpeed
 initialised on all at once); every call waits with a timeout and watches all ranks together: a rank
 that dies or raises becomes a RuntimeError that names the operation, never a hang on the survivors.
 """
@@ -18,7 +18,7 @@ from learner.algorithm import Plan, make_plan
 from learner.batch import prepare
 from learner.config import LearnerConfig
 from learner.rank import LearnerRank
-from learner.ranks import start_ranks
+from learner.rank_group import start_ranks
 
 
 @ray.remote(num_cpus=0)

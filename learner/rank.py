@@ -6,9 +6,7 @@ is collective: the controller calls it on all ranks at once (ZeRO-3 gathers need
 """
 from __future__ import annotations
 
-import datetime as dt
 import json
-import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,10 +14,11 @@ from pathlib import Path
 import torch
 
 from learner import algorithm as alg
-from learner import lora, models, ops, update
+from learner import lora, models, update
 from learner import micro as micro_batches
 from learner.batch import Batch
 from learner.config import LearnerConfig
+from learner.rank_group import join_deepspeed_group, rank_endpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
@@ -44,27 +43,14 @@ class LearnerRank:
         self.weight_group = None
 
     def endpoint(self, local_only: bool) -> tuple[str, int]:
-        """(address peers reach this rank's node at, a free port there), for a rendezvous store this
-        rank hosts: the DeepSpeed group's, and the weight-sync group's (whose peers may be rollout
-        workers on other nodes)."""
-        import ray
-
-        from contract.net import free_port
-
-        host = "127.0.0.1" if local_only else ray.util.get_node_ip_address()
-        return host, free_port("")
+        return rank_endpoint(local_only)
 
     def setup(self, master_addr: str, master_port: int) -> None:
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world), LOCAL_RANK="0")
         import deepspeed
         from transformers import AutoModelForCausalLM
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        ops.skip_shm_op()  # learner/ops.py: no g++ compile of an op training never uses
-        backend = "nccl" if self.device == "cuda" else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, timeout=dt.timedelta(seconds=self.cfg.dist_timeout_s))
-        torch.manual_seed(self.seed)
+        join_deepspeed_group(self.rank, self.world, master_addr, master_port, self.device, self.cfg.dist_timeout_s,
+                             self.seed)
         dtype = getattr(torch, self.cfg.dtype)
         policy = models.load_policy(self.cfg, self.policy_dir)  # + activation checkpointing, LoRA
         self.actor, *_ = deepspeed.initialize(model=policy, model_parameters=models.trainable(policy),

@@ -5,7 +5,7 @@ with the model's own chat template and only the assistant turns' tokens are targ
 end-of-turn token included, so the model learns to stop); a plain prompt/response pair is
 `prompt + response + EOS` with the response and EOS as targets. Every other label is -100.
 
-`SFTGroup` starts `num_ranks` `SFTRank` Ray actors as the RL learner's do (`learner.ranks`: one
+`SFTGroup` starts `num_ranks` `SFTRank` Ray actors as the RL learner's do (`learner.rank_group`: one
 placement group, every wait with a timeout, a dead rank a one-line error, never a hang) and
 initialises DeepSpeed with the RL learner's config builder (`learner.rank.deepspeed_config`). One
 optimizer step takes `batch_size` examples; each rank runs its micro-batches. The step's loss is
@@ -14,9 +14,7 @@ step), so the result does not depend on how the step is cut into ranks and micro
 """
 from __future__ import annotations
 
-import datetime as dt
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,26 +172,19 @@ class SFTRank:
         self.world = self.cfg.num_ranks
 
     def endpoint(self, local_only: bool) -> tuple[str, int]:
-        import ray
+        from learner.rank_group import rank_endpoint
 
-        from contract.net import free_port
-
-        return ("127.0.0.1" if local_only else ray.util.get_node_ip_address()), free_port("")
+        return rank_endpoint(local_only)
 
     def setup(self, master_addr: str, master_port: int) -> None:
-        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world), LOCAL_RANK="0")
         import deepspeed
         from transformers import AutoModelForCausalLM
 
-        from learner.ops import skip_shm_op
         from learner.rank import deepspeed_config
+        from learner.rank_group import join_deepspeed_group
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        skip_shm_op()  # learner/ops.py: no g++ compile of an op training never uses
-        deepspeed.init_distributed(dist_backend="nccl" if self.device == "cuda" else "gloo",
-                                   timeout=dt.timedelta(seconds=self.cfg.dist_timeout_s))
-        torch.manual_seed(self.cfg.seed)
+        join_deepspeed_group(self.rank, self.world, master_addr, master_port, self.device, self.cfg.dist_timeout_s,
+                             self.cfg.seed)
         model = AutoModelForCausalLM.from_pretrained(self.cfg.base_model, dtype=torch.float32)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                config=deepspeed_config(self.cfg.learner_config(), self.cfg.lr))
@@ -243,11 +234,11 @@ class SFTRank:
 # ---- the group (driver side) --------------------------------------------------------------------
 
 class SFTGroup:
-    """`num_ranks` SFTRank actors started as a `learner.ranks.Ranks` (one placement group, DeepSpeed
+    """`num_ranks` SFTRank actors started as a `learner.rank_group.Ranks` (one placement group, DeepSpeed
     initialised on all of them); every call awaited with a timeout, a dead rank a one-line error."""
 
     def __init__(self, cfg: SFTConfig, device, namespace: str | None = None):
-        from learner.ranks import start_ranks
+        from learner.rank_group import start_ranks
 
         self.cfg = cfg
         self._ranks = start_ranks(SFTRank, lambda r: (r, cfg.model_dump_json(), device.kind), cfg.num_ranks, device,

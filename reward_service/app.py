@@ -20,7 +20,7 @@ from ray.serve.exceptions import RayServeException
 
 from contract.config_base import ConfigError
 from contract.devices import DeviceProfile
-from contract.functions import load_function
+from contract.user_code import load_function
 from reward_service.client import RewardClient
 from reward_service.config import RewardConfig
 from reward_service.replicas import RewardFeedback, RewardScorer

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from contract.functions import ScoreFn as RewardFn
+from contract.user_code import ScoreFn as RewardFn
 
 
 @dataclass

@@ -29,7 +29,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
-from contract.functions import load_function
+from contract.user_code import load_function
 from reward_service import http
 from reward_service.combine import Scored, call_function, combine
 from reward_service.config import RewardConfig

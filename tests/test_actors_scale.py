@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from actors.config import RolloutConfig, SamplingConfig
-from actors.launch import worker_bundle, worker_options
+from actors.worker_placement import worker_bundle, worker_options
 from contract.devices import DeviceProfile
 from contract.experience import rollout_batch
 from learner.config import LearnerConfig

@@ -14,7 +14,7 @@ import math
 import ray
 
 from actors.config import RolloutConfig
-from actors.launch import worker_bundle
+from actors.worker_placement import worker_bundle
 from contract.devices import DeviceProfile
 
 _requested = False  # whether this process (the job's controller) holds a standing request

@@ -13,10 +13,11 @@ import time
 
 import numpy as np
 import pyarrow as pa
+
 from actors.config import SamplingConfig
 from cluster.config import EvalConfig
-from cluster.errors import JobFailed, failing_as
-from cluster.job.rollout_table import provenance, scored, verifier_stats
+from cluster.job.produce import generate_and_score
+from cluster.job.rollout_table import provenance, verifier_stats
 from contract.datasets import load_prompts
 
 
@@ -37,12 +38,8 @@ class Evaluator:
     def run(self, step: int, version: int) -> tuple[dict, pa.Table]:
         """Metrics and the provenance table of one eval of the policy at `version`."""
         t0 = time.perf_counter()
-        rollouts = self.services.pool.generate(self.prompts, self.sampling)
-        with failing_as(f"reward service failed in the eval at step {step}"):
-            table = scored(self.services.reward, rollouts)
+        table, _, _ = generate_and_score(self.services, self.prompts, self.sampling, f"in the eval at step {step}")
         valid = table.column("reward_valid").to_numpy(zero_copy_only=False).astype(bool)
-        if not valid.any():
-            raise JobFailed(f"reward service returned no valid reward in the eval at step {step}")
         gold = None
         if self.gold is not None:
             gold = self.gold(table.column("prompt").to_pylist(), table.column("response").to_pylist())

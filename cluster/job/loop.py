@@ -34,7 +34,7 @@ from cluster.job.rollout_table import provenance, rollout_stats, staleness, trai
 from cluster.job.services import Services
 from cluster.outputs.run_dir import RunDir
 from contract.datasets import PromptIterator
-from contract.functions import load_function
+from contract.user_code import load_function
 
 
 @dataclass

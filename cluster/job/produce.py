@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from actors.config import SamplingConfig
 from cluster.config import DynamicSamplingConfig
 from cluster.errors import JobFailed, failing_as
 from cluster.job.rollout_table import scored
@@ -93,7 +94,7 @@ class StepProducer:
             if batch.num_rows == 0:
                 break
             seen.update(batch.column("prompt_id").to_pylist())
-            table, g_s, r_s = self._generate_and_score(step, batch)
+            table, g_s, r_s = generate_and_score(self.services, batch, None, f"at step {step}")
             t_gen, t_rew, draws = t_gen + g_s, t_rew + r_s, draws + 1
             keep = np.ones(table.num_rows, dtype=bool)
             if self.dynamic.enabled:
@@ -107,19 +108,25 @@ class StepProducer:
         return ScoredRollouts(step, pa.concat_tables(tables), np.concatenate(keeps), t_gen, t_rew,
                               self.services.pool.num_workers, draws, uniform)
 
-    def _generate_and_score(self, step: int, batch: pa.Table) -> tuple[pa.Table, float, float]:
-        t0 = time.perf_counter()
-        rollouts = self.services.pool.generate(batch)
-        t1 = time.perf_counter()
-        with failing_as(f"reward service failed at step {step}"):
-            table = scored(self.services.reward, rollouts)
-        t2 = time.perf_counter()
-        if table.num_rows and not any(table.column("reward_valid").to_pylist()):
-            from reward_service.client import reward_errors
 
-            why = "; ".join(reward_errors(table)[:3]) or "no reason given"
-            raise JobFailed(f"reward service returned no valid reward at step {step}: {why}"[:400])
-        return table, t1 - t0, t2 - t1
+
+def generate_and_score(services, batch: pa.Table, sampling: SamplingConfig | None,
+                       where: str) -> tuple[pa.Table, float, float]:
+    """The pool's samples of `batch` (`sampling`: None, the rollout section's) scored by the reward
+    service, with the seconds each took: a training step's path, and the held-out eval's
+    (evaluation.py). No valid reward at all fails the job, naming `where` and the reward's reasons."""
+    t0 = time.perf_counter()
+    rollouts = services.pool.generate(batch, sampling)
+    t1 = time.perf_counter()
+    with failing_as(f"reward service failed {where}"):
+        table = scored(services.reward, rollouts)
+    t2 = time.perf_counter()
+    if table.num_rows and not any(table.column("reward_valid").to_pylist()):
+        from reward_service.client import reward_errors
+
+        why = "; ".join(reward_errors(table)[:3]) or "no reason given"
+        raise JobFailed(f"reward service returned no valid reward {where}: {why}"[:400])
+    return table, t1 - t0, t2 - t1
 
 
 def distinct_new_prompts(batch: pa.Table, seen: set[str]) -> pa.Table:

@@ -162,7 +162,7 @@ def check_prompts(cfg, policy_ok: bool, problems: list[str]) -> None:
 
 def check_functions(cfg, problems: list[str]) -> None:
     """Reward functions (with reward.python_path) and the gold function import and are callable."""
-    from contract.functions import load_function
+    from contract.user_code import load_function
 
     added = [p for p in cfg.reward.python_path if p not in sys.path]
     sys.path[:0] = added

@@ -18,6 +18,40 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+
+# ---- inside one rank's process: written once for the RL ranks (rank.py) and SFT's (sft.py) -----
+
+def rank_endpoint(local_only: bool) -> tuple[str, int]:
+    """(address peers reach this rank's node at, a free port there), for a rendezvous store the rank
+    hosts: its DeepSpeed group's, and (RL rank 0) the weight-sync group's, whose peers may be
+    rollout workers on other nodes."""
+    from contract.net import free_port
+
+    return ("127.0.0.1" if local_only else ray.util.get_node_ip_address()), free_port("")
+
+
+def join_deepspeed_group(rank: int, world: int, master_addr: str, master_port: int, device_kind: str,
+                         dist_timeout_s: float, seed: int) -> None:
+    """This process becomes rank `rank` of `world` in torch.distributed through DeepSpeed (the device
+    profile's collective backend, `dist_timeout_s` on every collective), with torch's thread count
+    from OMP_NUM_THREADS (the actor's env) and `seed` set before any model is built."""
+    import datetime as dt
+    import os
+
+    import deepspeed
+    import torch
+
+    from contract.devices import DeviceProfile
+    from learner.ops import skip_shm_op
+
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK="0")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    skip_shm_op()  # learner/ops.py: no g++ compile of an op training never uses
+    deepspeed.init_distributed(dist_backend=DeviceProfile(kind=device_kind).collective_backend(),  # type: ignore[arg-type]
+                               timeout=dt.timedelta(seconds=dist_timeout_s))
+    torch.manual_seed(seed)
+
 DEATH_GRACE_S = 10.0  # how long a collective error may wait for the rank death that caused it
 
 
