@@ -1,7 +1,8 @@
 """`cluster`: composes the other packages into a job. Start reading here.
 
 Where a reader starts: `cluster/job/controller.py`, `Controller._main`. It is the recipe of a
-run, top to bottom: load the prompts, start the services (`job/services.py`: three together,
+run, top to bottom: load the prompts, start the services from the job's plan (`plan.py`;
+`job/services.py`: three together,
 then the weight sync), restore a checkpoint if resuming, run the loop (`job/loop.py`), write the
 report, stop the services.
 
@@ -9,6 +10,7 @@ report, stop the services.
 |---|---|---|
 | `cli.py`      | `rlhf` and its subcommands, thin shells over the functions below | the user's process |
 | `config.py`   | `JobConfig`: every package's section composed; YAML + dotted overrides | anywhere |
+| `plan.py`     | `JobPlan`: every value derived from several sections (the learner's scoring temperature and correction, staleness, the engines' LoRA rank, reward replicas), made once by the preflight | the user's process; handed to the controller |
 | `config_yaml.py` | `rlhf config [SECTION]`: the defaults as commented YAML, rendered from the models | the user's process |
 | `configs/`    | shipped job YAMLs (demo, async GRPO, GPU cluster, reward-model training) | - |
 | `errors.py`   | `UsageError` (exit 2) and `JobFailed` (exit 1), both one line | anywhere |
