@@ -109,7 +109,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--size", choices=["tiny", "m100"], default="tiny")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="our engine and learner")
-    p.add_argument("--trl-dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--trl-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="default: --dtype (the headline compares like with like)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3, help="first iterations pay for lazy inits; not timed")
     p.add_argument("--prompts", type=int, default=8)
@@ -120,7 +121,10 @@ def main() -> None:
     p.add_argument("--runs", default="trl,sync,async", help="which of trl, sync, async to run")
     p.add_argument("--out", default="benchmarks/RESULTS_e2e.md")
     a = p.parse_args()
+    a.trl_dtype = a.trl_dtype or a.dtype
+    t_start, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
+    from benchmarks.real_learning import cpu_line
     from cluster.demo.task import demo_prompts, write_jsonl
     from cluster.demo.tiny_models import make_tiny_models
 
@@ -137,7 +141,15 @@ def main() -> None:
             results[f"ours {mode}"] = ours(models, prompts_file, a, mode, work)
     print(json.dumps(results, indent=1))
     base = results.get("TRL GRPOTrainer", {}).get("samples_per_s")
-    lines = [f"## e2e: one GRPO iteration, {a.size} model ({a.prompts} prompts x {a.group} samples, "
+    import subprocess
+    import sys
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lines = [f"# e2e: one GRPO iteration, ours vs TRL GRPOTrainer, {a.size} model", "",
+             f"Command: `python -m benchmarks.e2e {' '.join(sys.argv[1:])}` (commit {commit}, started {started}, "
+             f"{(time.perf_counter() - t_start) / 60:.0f} min; written by the script)  ", f"CPU: {cpu_line()}  ",
+             f"Box load (1-min average at the end): {os.getloadavg()[0]:.1f}", "",
+             f"## e2e: one GRPO iteration, {a.size} model ({a.prompts} prompts x {a.group} samples, "
              f"{a.max_new_tokens} new tokens, {a.steps} steps, median after {a.warmup} warm-up; "
              f"TRL {a.trl_dtype}; ours {a.dtype} with {a.workers} rollout worker(s))", "",
              "| run | s/iter | samples/s | vs TRL | rollout | reward | learner | weight sync | learner idle |",
