@@ -48,8 +48,8 @@ def join_deepspeed_group(rank: int, world: int, master_addr: str, master_port: i
                       WORLD_SIZE=str(world), LOCAL_RANK="0")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     skip_shm_op()  # learner/ops.py: no g++ compile of an op training never uses
-    deepspeed.init_distributed(dist_backend=DeviceProfile(kind=device_kind).collective_backend(),  # type: ignore[arg-type]
-                               timeout=dt.timedelta(seconds=dist_timeout_s))
+    device = DeviceProfile(kind=device_kind)  # type: ignore[arg-type]
+    deepspeed.init_distributed(dist_backend=device.collective_backend, timeout=dt.timedelta(seconds=dist_timeout_s))
     torch.manual_seed(seed)
 
 DEATH_GRACE_S = 10.0  # how long a collective error may wait for the rank death that caused it
