@@ -230,6 +230,8 @@ class RolloutPool:
         while loading, or hangs past rollout.request_timeout_s (as a hung generate does), is killed
         and replaced; its replacement loads the current version before it serves."""
         refs = {h.update_weights.remote(version, ref): wid for wid, h in self.workers()}
+        if not refs:
+            return
         done, hung = ray.wait(list(refs), num_returns=len(refs), timeout=self.cfg.request_timeout_s)
         for r in done:
             try:
