@@ -214,6 +214,7 @@ def main() -> None:
     actor_env = {**resolve_device("auto").actor_env(threads=1), **threads}
     gen = _child(["--child", "generation", str(run_dir)])
     gen.update(_child(["--child", "pool", str(run_dir)]))
+    gen["job (recorded)"] = gen.pop("job (recorded)")  # last, as in the learner table
     learn = {"1 plain torch": _child(["--child", "learner:plain", str(run_dir)], threads)["train_s"],
              "2 + the actors' environment": _child(["--child", "learner:plain_actor_env", str(run_dir)],
                                                    actor_env)["train_s"],
