@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+REUSED: list[str] = []  # variants whose result an earlier run of this command measured
 
 
 def _setup(run_dir: Path):
@@ -181,6 +182,7 @@ def _child(args: list[str], env: dict | None = None) -> dict:
     after a failure measures only what is missing."""
     done = Path(args[-1]) / ".real_gaps" / (args[1].replace(":", "_") + ".json")
     if done.is_file():
+        REUSED.append(f"{args[1]} ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(done.stat().st_mtime))})")
         return json.loads(done.read_text())
     out = subprocess.run([sys.executable, "-m", "benchmarks.real_gaps", *args], capture_output=True, text=True,
                          env={**os.environ, **(env or {})}, cwd=ROOT)
@@ -228,6 +230,8 @@ def main() -> None:
     lines = ["# Where generation and learner time goes: one recorded step of a real-model run, piece by piece", "",
              f"Command: `python -m benchmarks.real_gaps {' '.join(sys.argv[1:])}` (commit {commit}, "
              f"{(time.perf_counter() - t0) / 60:.0f} min)  ", f"CPU: {cpu_line()}  ",
+             *([f"Measured by an earlier run of this command, an earlier commit (kept in RUN_DIR/.real_gaps; delete "
+                f"it to measure again): {', '.join(REUSED)}  "] if REUSED else []),
              f"Recorded step: {m['step']} of `{run_dir}` (SmolLM2-135M-Instruct; see RESULTS_real_learning.md)", "",
              "## Generation (tokens/s; ratio to bare vLLM unseeded)", "", "| what runs | tokens/s | ratio |",
              "|---|---|---|"]
