@@ -144,9 +144,10 @@ def autocast_step(local, b: Batch, dev: str) -> None:
 def learner_rank(cfg: LearnerConfig, model_dir: Path, device: DeviceProfile):
     """`LearnerRank` (DeepSpeed) set up in this process, world size 1."""
     from contract.net import free_port
+    from learner.algorithm import make_plan
     from learner.rank import LearnerRank
 
-    rank = LearnerRank(0, cfg.model_dump_json(), str(model_dir), None, device.kind, seed=0)
+    rank = LearnerRank(0, cfg.model_dump_json(), str(model_dir), None, device.kind, seed=0, plan=make_plan(cfg.rl))
     rank.setup("127.0.0.1", free_port())
     return rank
 
