@@ -87,8 +87,8 @@ def demonstrations(pairs: list[dict]) -> list[dict]:
 
 
 def sft_demo_policy(policy: Path, pairs: Path, out: Path, max_new_tokens: int) -> None:
-    """`rlhf train-sft` of the demo policy on `demonstrations(pairs)`, written to `out`."""
-    from cluster.launch.sft import sft_command
+    """The SFT stage (`rlhf train-sft`'s `run_sft`) of the demo policy on `demonstrations(pairs)`, written to `out`."""
+    from cluster.launch.sft import SFTJobConfig, run_sft
     from contract.net import free_port
 
     rows = [json.loads(line) for line in pairs.read_text().splitlines()]
@@ -96,9 +96,10 @@ def sft_demo_policy(policy: Path, pairs: Path, out: Path, max_new_tokens: int) -
     cfg = {"base_model": str(policy), "data": str(data), "output_dir": str(out), "epochs": 2, "lr": 1e-3,
            "batch_size": 16, "micro_batch_size": 16, "max_length": 32 + 2 * max_new_tokens, "eval_fraction": 0.1,
            "device": "cpu", "ray": {"namespace": "demo-sft", "dashboard_port": free_port()}}
-    (out.parent / "data" / "sft.yaml").write_text(json.dumps(cfg))
     print(f"demo: supervised fine-tuning the policy on {data}", flush=True)
-    sft_command(str(out.parent / "data" / "sft.yaml"), [])
+    done = run_sft(SFTJobConfig.model_validate(cfg))
+    print(f"demo: SFT model {done['output_dir']}: held-out loss {done['eval_loss_before']:.4f} -> "
+          f"{done['eval_loss']:.4f}", flush=True)
 
 
 def build_demo(work: Path, max_new_tokens: int = 16, steps: int = 60, sft: bool = True) -> dict:

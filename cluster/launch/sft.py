@@ -43,10 +43,21 @@ def check_base_model(d: str) -> None:
 
 
 def sft_command(config: str, overrides: list[str], address: str | None = None) -> int:
+    """`rlhf train-sft CONFIG [key=value ...]`."""
+    out = run_sft(load_config(config, overrides, model=SFTJobConfig), address)
+    print(f"rlhf train-sft: saved {out['output_dir']}: held-out loss {out['eval_loss_before']:.4f} -> "
+          f"{out['eval_loss']:.4f} ({out['num_eval']} held-out, {out['num_train']} training examples, "
+          f"{out['steps']} steps, {out['wall_s']:.0f}s)")
+    return 0
+
+
+def run_sft(job: SFTJobConfig, address: str | None = None) -> dict:
+    """The SFT stage (`rlhf train-sft`, and the demo's first stage): the base model and every example
+    checked before any actor starts, then DeepSpeed ranks on the embedded or attached cluster; the
+    summary `learner.sft.train_sft` returns. Raises UsageError (bad input) or JobFailed, one line each."""
     from contract.devices import resolve_device
     from learner.sft import SFTDataError, load_examples
 
-    job = load_config(config, overrides, model=SFTJobConfig)
     cfg = job.sft()
     check_base_model(cfg.base_model)
     from transformers import AutoTokenizer
@@ -78,7 +89,4 @@ def sft_command(config: str, overrides: list[str], address: str | None = None) -
     finally:
         if session.started_here:
             ray.shutdown()
-    print(f"rlhf train-sft: saved {out['output_dir']}: held-out loss {out['eval_loss_before']:.4f} -> "
-          f"{out['eval_loss']:.4f} ({out['num_eval']} held-out, {out['num_train']} training examples, "
-          f"{out['steps']} steps, {out['wall_s']:.0f}s)")
-    return 0
+    return out
