@@ -83,7 +83,7 @@ class ChunkRun:
                 if not inflight:
                     if not pool.has_workers():
                         raise RuntimeError("rollout pool: no live workers left to generate "
-                                               f"{sum(len(c.rows) for c in self.queue)} prompt(s)")
+                                           f"{sum(len(c.rows) for c in self.queue)} prompt(s)")
                     time.sleep(POLL_S)
                     continue
                 ready, rest = ray.wait(list(inflight), num_returns=1, timeout=POLL_S)

@@ -25,7 +25,6 @@ CONFIGS_DIR = Path(__file__).parent / "configs"  # the shipped job YAMLs
 PLACEHOLDER = re.compile(r"^<[^<>]+>$")  # `<required>` and the like: a value the user must fill in
 
 
-
 class EvalConfig(Section):
     prompts: str | None = Field(None, description="held-out prompt file (same formats as data.prompts); None: no "
                                                   "evaluation")
@@ -49,6 +48,7 @@ class DynamicSamplingConfig(Section):
                                                 "cost when most groups are uniform")
     min_std: float = Field(0.0, ge=0.0, description="a group counts as uniform when the std of its rewards is <= "
                                                     "this (0: exactly equal)")
+
 
 class ModelConfig(Section):
     policy: str = Field(..., description="HF causal-LM directory of the pretrained (SFT) policy; also the frozen "

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+
 from actors.config import SamplingConfig
 from cluster.config import DynamicSamplingConfig
 from cluster.errors import JobFailed, failing_as
@@ -107,7 +108,6 @@ class StepProducer:
             keeps.append(keep)
         return ScoredRollouts(step, pa.concat_tables(tables), np.concatenate(keeps), t_gen, t_rew,
                               self.services.pool.num_workers, draws, uniform)
-
 
 
 def generate_and_score(services, batch: pa.Table, sampling: SamplingConfig | None,
