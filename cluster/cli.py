@@ -5,11 +5,12 @@ Errors the user can fix (config, data, model dirs, addresses) print one line per
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from contract.config_base import ConfigError
 from contract.datasets import DatasetError
-from cluster.errors import JobFailed, UsageError
+from cluster.errors import JobFailed, Stopped, UsageError
 from cluster.demo.tiny_models import SIZES
 
 USER_ERRORS = (ConfigError, DatasetError, UsageError)
@@ -241,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     except JobFailed as e:
         print(f"rlhf {args.command}: failed: {e}", file=sys.stderr)
         return 1
+    except Stopped as e:
+        print(f"rlhf {args.command}: stopped by {signal.Signals(e.signum).name}; nothing half written was kept",
+              file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         print(f"rlhf {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -12,6 +12,20 @@ class JobFailed(RuntimeError):
     the message names the cause and the resume command."""
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (kill, Kubernetes, Slurm, docker stop) to a command with no run to keep: it unwinds like
+    Ctrl-C (every `finally` runs, nothing half written stays) and exits 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_stopped(signum: int, frame) -> None:
+    """A signal handler: SIGTERM becomes `Stopped` in the main thread."""
+    raise Stopped(signum)
+
+
 def one_line(e: BaseException) -> str:
     """`Type: last non-empty line of the message`, the part of a remote traceback that says why."""
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]

@@ -6,6 +6,7 @@ import json
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -443,3 +444,47 @@ def test_a_stop_signal_asks_the_job_to_stop_and_a_second_one_aborts():
         signals.armed = True
         deliver(signal.SIGINT)
         assert signals.received == "SIGINT" and signals.exit_code == 130
+
+
+SIGTERM_AFTER_CONNECT = """
+import sys, time
+from cluster.launch.ray_session import use_token_auth
+use_token_auth()
+from cluster import cli
+from cluster.config import RayConfig
+from cluster.launch.ray_session import connect
+
+def command(args):  # a command with no run to keep (train-sft's shape): attached, working, then SIGTERM
+    connect(RayConfig(), sys.argv[1], {})
+    try:
+        print("up", flush=True)
+        time.sleep(120)
+    finally:
+        print("unwound", flush=True)
+
+cli._cmd_make_task = command
+sys.exit(cli.main(["make-task", "arithmetic", "unused"]))
+"""
+
+
+def test_sigterm_to_a_command_attached_to_ray_unwinds_in_one_line_with_143(ray_local, tmp_path):
+    """ray.init makes SIGTERM end the driver with a C stack dump (or sys.exit(15)); after `connect` it
+    unwinds like Ctrl-C instead: every `finally` runs (the embedded cluster shut down, nothing half
+    written), one line naming the signal, exit code 128 + 15. A real driver process, a real signal."""
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "cmd.py"
+    script.write_text(SIGTERM_AFTER_CONNECT)
+    proc = subprocess.Popen([sys.executable, str(script), ray_local.get_runtime_context().gcs_address],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        assert proc.stdout.readline().strip() == "up"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143 and "unwound" in out, (proc.returncode, out, err[-2000:])
+    assert err.splitlines()[-1] == "rlhf make-task: stopped by SIGTERM; nothing half written was kept", err[-2000:]
+    assert "Traceback" not in err and "SIGTERM received" not in err, err[-2000:]  # no stack, no C dump

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
+import threading
 from dataclasses import dataclass
 
 from cluster.config import RayConfig
-from cluster.errors import JobFailed, UsageError
+from cluster.errors import JobFailed, UsageError, raise_stopped
 from contract.net import port_free
 
 
@@ -71,6 +73,16 @@ def connect(cfg: RayConfig, address: str | None, env: dict[str, str],
     gets at least `cpus_needed` logical CPUs plus room to scale, whatever the core count: on a small
     box the actors mostly wait on each other, and an unsatisfiable reservation would hang the job.
     """
+    session = _connect(cfg, address, env, own_ports, cpus_needed)
+    # ray.init's SIGTERM handling ends the driver with a C stack dump; SIGTERM unwinds like Ctrl-C instead
+    # (the embedded cluster is shut down, nothing half written; `rlhf train` installs its graceful stop over it)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, raise_stopped)
+    return session
+
+
+def _connect(cfg: RayConfig, address: str | None, env: dict[str, str],
+             own_ports: dict[str, tuple[str, int]] | None, cpus_needed: float) -> RaySession:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or cfg.address
