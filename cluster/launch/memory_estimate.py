@@ -39,7 +39,7 @@ def roles(cfg, plan, device) -> list[tuple[str, int, float]]:
 
     host = device.weights_in_host_memory
     policy = parameters(cfg.model.policy)
-    engine = cfg.rollout.engine
+    engine = plan.rollout.engine  # as the workers get it (lora_rank from learner.lora)
     worker = BASE["rollout"] + (policy * BYTES.get(engine.dtype, 4) + kv_cache_bytes(cfg.model.policy, engine)
                                 if host else 0)
     lc = cfg.learner
@@ -54,7 +54,7 @@ def roles(cfg, plan, device) -> list[tuple[str, int, float]]:
     if lc.rl.algorithm == "ppo" and host:  # the critic: weights, gradients and moments
         rank += parameters(lc.critic_model or cfg.model.policy) * trained
     replica = BASE["reward"] + (parameters(cfg.reward.model_dir) * 4 if cfg.reward.model_dir and host else 0)
-    return [("rollout.num_workers", cfg.rollout.num_workers, worker), ("learner.num_ranks", lc.num_ranks, rank),
+    return [("rollout.num_workers", plan.rollout.num_workers, worker), ("learner.num_ranks", lc.num_ranks, rank),
             ("reward.num_replicas", plan.reward_replicas, replica)]
 
 

@@ -234,7 +234,7 @@ def print_summary(st: JobStatus, root: Path) -> None:
     if "gold_mean" in last:
         print(f"  gold score (task's true objective): step 0 {first.get('gold_mean', float('nan')):.3f} -> "
               f"final {last['gold_mean']:.3f}")
-    print(f"  reward model score (proxy):          step 0 {first.get('reward_mean', float('nan')):.3f} -> "
+    print(f"  training reward (as combined):       step 0 {first.get('reward_mean', float('nan')):.3f} -> "
           f"final {last.get('reward_mean', float('nan')):.3f}")
     print(f"  report {root / 'report.png'}; resume/extend with: rlhf train --resume {root} loop.steps=N")
 

@@ -6,7 +6,7 @@ from contract.atomic import staged_file
 from cluster.outputs.run_dir import RunDir
 
 PANELS = [
-    ("reward model score (proxy)", ["reward_mean"]),
+    ("training reward (reward model, functions and verifier, as combined)", ["reward_mean"]),
     ("gold score (when the task has one)", ["gold_mean"]),
     ("KL to reference", ["kl"]),
     ("losses", ["policy_loss", "value_loss"]),
