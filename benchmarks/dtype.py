@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.provenance import git_commit
 from contract.dtype_choice import BF16_FLAGS, BF16_MARGIN, PROBE_REPS, PROBE_SHAPE, DtypeChoice, measure_cpu
 
 RESULT = "RESULT "  # a child's one line of JSON on stdout
@@ -115,14 +116,6 @@ def child(spec: dict) -> None:
 
 
 # ---- driver -----------------------------------------------------------------------------------
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=30).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def versions() -> str:

@@ -124,7 +124,7 @@ def main() -> None:
     a.trl_dtype = a.trl_dtype or a.dtype
     t_start, started = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
-    from benchmarks.real_learning import cpu_line
+    from benchmarks.provenance import cpu_line, git_commit
     from cluster.demo.task import demo_prompts, write_jsonl
     from cluster.demo.tiny_models import make_tiny_models
 
@@ -141,10 +141,9 @@ def main() -> None:
             results[f"ours {mode}"] = ours(models, prompts_file, a, mode, work)
     print(json.dumps(results, indent=1))
     base = results.get("TRL GRPOTrainer", {}).get("samples_per_s")
-    import subprocess
     import sys
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     lines = [f"# e2e: one GRPO iteration, ours vs TRL GRPOTrainer, {a.size} model", "",
              f"Command: `python -m benchmarks.e2e {' '.join(sys.argv[1:])}` (commit {commit}, started {started}, "
              f"{(time.perf_counter() - t_start) / 60:.0f} min; written by the script)  ", f"CPU: {cpu_line()}  ",

@@ -2,8 +2,9 @@
 
     python -m benchmarks.learning [--rows all|NAME,NAME] [--steps 60] [--out benchmarks/RESULTS_learning.md]
 
-Every row is the demo job (`rlhf train` with no config: tiny policy, reward model trained on
-gold-ranked pairs, 16 prompts x 4 samples per step) with a few overrides, run through the real
+Every row is the demo job's RL stage (`rlhf train` with no config: tiny policy, reward model trained
+on gold-ranked pairs, 16 prompts x 4 samples per step) with a few overrides, from the raw policy (the
+demo fine-tunes it first; RL from the raw policy is where the algorithms differ), run through the real
 stack (local Ray, vLLM worker, reward Serve app, DeepSpeed rank) one after the other in this
 process. For each: gold score at step 0 and at the end, the first step whose gold mean reaches
 0.8, and the final KL to the reference. Targets (issue 14): every row reaches gold >= 0.8 within
@@ -26,7 +27,7 @@ GOLD_TARGET = 0.8
 GRPO = ["learner.rl.algorithm=grpo", "learner.rl.kl_coef=0.01"]
 ASYNC2 = ["loop.mode=async", "loop.max_staleness=2"]
 ROWS: dict[str, list[str]] = {
-    "sync PPO (demo)": [],
+    "sync PPO (the demo's RL settings)": [],
     "sync GRPO": GRPO,
     "sync RLOO": ["learner.rl.algorithm=rloo", "learner.rl.kl_coef=0.01"],
     "sync REINFORCE++": ["learner.rl.algorithm=reinforce_pp"],
@@ -68,13 +69,17 @@ def run_row(name: str, overrides: list[str], base: dict, steps: int, work: Path)
 
 def write(results: list[dict], out: Path, steps: int) -> None:
     sync_grpo = next((r for r in results if r["name"] == "sync GRPO"), None)
+    cpus = sorted({r.get("cpu", "not recorded") for r in results})
+    commits = sorted({r.get("commit", "not recorded") for r in results})
     lines = [f"# Learning on the demo task ({steps} steps, 16 prompts x 4 samples per step, tiny models)", "",
-             "Each row ran in one process, rows one after another, with the command and at the time in its last "
+             "Each row ran in one process, rows one after another, with the command, commit and time in its last "
              "columns (`python -m benchmarks.learning` runs them all; `--rows` reruns some and keeps the others, "
-             "from RESULTS_learning.json). Wall times depend on what else the box ran.",
+             "from RESULTS_learning.json). Wall times depend on what else the box ran. RL starts from the raw "
+             "tiny policy (the demo job fine-tunes it first).", "",
+             f"Commit{'s' if len(commits) > 1 else ''}: {', '.join(commits)}  ", f"CPU: {'; '.join(cpus)}", "",
              f"Target: gold >= {GOLD_TARGET} within the budget; async with correction <= 1.2x the steps of sync GRPO.",
-             "", "| row | gold step 0 | gold end | best | steps to gold 0.8 | final KL | wall | met? | command | when |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| row | gold step 0 | gold end | best | steps to gold 0.8 | final KL | wall | met? | command | commit | when |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         met = r["steps_to_target"] is not None
         if "correction" in r["name"] and "TIS" in r["name"] and sync_grpo and sync_grpo["steps_to_target"]:
@@ -82,7 +87,7 @@ def write(results: list[dict], out: Path, steps: int) -> None:
         lines.append(f"| {r['name']} | {r['gold_0']:.3f} | {r['gold_end']:.3f} | {r['gold_best']:.3f} | "
                      f"{r['steps_to_target'] if r['steps_to_target'] is not None else 'not reached'} | "
                      f"{r['kl_end']:.4f} | {r['wall_s']:.0f} s | {'yes' if met else 'no'} | `{r.get('command', '')}` | "
-                     f"{r.get('date', '')} |")
+                     f"{r.get('commit', '')} | {r.get('date', '')} |")
     lines += ["", "Overrides per row (on top of the demo config, `rlhf config` shows every key):", ""]
     lines += [f"- {r['name']}: `{' '.join(r['overrides']) or '(none)'}`" for r in results]
     lines += ["", f"Curves: `{out.with_suffix('.png').name}`."]
@@ -111,6 +116,7 @@ def main() -> None:
     a = p.parse_args()
     import ray
 
+    from benchmarks.provenance import cpu_line, git_commit
     from cluster.demo.task import build_demo
     from contract.devices import resolve_device
 
@@ -130,7 +136,7 @@ def main() -> None:
             print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
             kept[name] = {**r, "steps": a.steps, "command": "python -m benchmarks.learning " + " ".join(
                 f"--{k} '{v}'" for k, v in (("rows", a.rows), ("steps", a.steps)) if v != p.get_default(k)),
-                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": git_commit(), "cpu": cpu_line()}
             store.write_text(json.dumps(kept, indent=1) + "\n")
             write([kept[k] for k in ROWS if k in kept], Path(a.out), a.steps)
     finally:

@@ -207,7 +207,7 @@ def main() -> None:
             generation_pool(run_dir) if kind == "pool" else learner(run_dir, variant))
         print(json.dumps(res), flush=True)
         return
-    from benchmarks.real_learning import cpu_line
+    from benchmarks.provenance import cpu_line, git_commit
     from contract.devices import resolve_device
 
     t0 = time.perf_counter()
@@ -224,8 +224,7 @@ def main() -> None:
                                                       actor_env)["train_s"],
              "4 + Ray: a LearnerGroup of one rank": _child(["--child", "learner:group", str(run_dir)])["train_s"]}
     learn["job (recorded)"] = m["train_s"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
+    commit = git_commit()
     floor_gen, floor_learn = gen["1 bare vLLM, unseeded"], learn["1 plain torch"]
     lines = ["# Where generation and learner time goes: one recorded step of a real-model run, piece by piece", "",
              f"Command: `python -m benchmarks.real_gaps {' '.join(sys.argv[1:])}` (commit {commit}, "

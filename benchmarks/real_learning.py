@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -35,18 +34,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 TASK_VERIFIER = {"arithmetic": "math", "reverse_text": "lcs"}
-
-
-def cpu_line() -> str:
-    flags = set()
-    model = platform.processor()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    shown = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
-    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(shown) or 'none of avx2/avx512/amx'}"
 
 
 class LoadMeter:
@@ -172,6 +159,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/rlhf-real-learning")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS_real_learning.md"))
     a = ap.parse_args()
+    from benchmarks.provenance import cpu_line, git_commit
     from benchmarks.real_floors import floors
     from benchmarks.real_report import write_report
     from cluster.launch.gguf_import import cached_smollm2_dir
@@ -236,8 +224,7 @@ def main() -> None:
               "rows": rows, "ours": {k: v for k, v in ours.items() if k != "checkpoints"},
               "trl": None if trl is None else {k: v for k, v in trl.items() if k != "checkpoints"},
               "sft": sft, "floors": floor, "bench_s": time.perf_counter() - t_start, "load": load.summary(),
-              "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       cwd=ROOT).stdout.strip(),
+              "commit": git_commit(),
               "command": command,
               "trained_by": (work / "command.txt").read_text().strip() if (work / "command.txt").exists() else command}
     write_report(result, Path(a.out))

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.real_learning import cpu_line
+from benchmarks.provenance import cpu_line, git_commit
 from benchmarks.real_model_paths_report import report
 from contract.atomic import write_atomically
 from contract.net import free_port
@@ -299,10 +299,8 @@ def main() -> None:
     t0 = time.perf_counter()
     model = cached_smollm2_dir()
     task = make_task("arithmetic", work / "task", n_train=max(N_SFT, N_PAIRS), n_heldout=N_PAIRS_EVAL, seed=1)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout
     r = {"command": "python -m benchmarks.real_model_paths", "cpu": cpu_line(), "model": str(model),
-         "commit": commit.strip() + (" + uncommitted changes in the working tree" if dirty.strip() else ""),
+         "commit": git_commit(),
          "task_sizes": f"{max(N_SFT, N_PAIRS)} train / {N_PAIRS_EVAL} held-out problems",
          "load": " ".join(Path("/proc/loadavg").read_text().split()[:3])}
     for name, fn in (("sft", run_sft), ("rm", run_reward_model)):
