@@ -1,9 +1,9 @@
 # Two entry points for a fresh machine: `make demo` (the main job) and `make test` (the suite).
 # Both create/update the project's own virtual environment first (idempotent: a stamp keyed on
-# pyproject.toml skips the install when nothing changed).
+# pyproject.toml and this Makefile skips the install when neither changed).
 PY ?= python3.11
 VENV := .venv
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | cksum | cut -d' ' -f1)
 
 .PHONY: demo test env bench sysdeps smollm2
 env: $(STAMP)
