@@ -475,7 +475,7 @@ def test_sigterm_to_a_command_attached_to_ray_unwinds_in_one_line_with_143(ray_l
     import subprocess
     import sys
 
-    script = tmp_path / "cmd.py"
+    script = tmp_path / "sigterm_command.py"  # not cmd.py: that would shadow the stdlib module pdb imports
     script.write_text(SIGTERM_AFTER_CONNECT)
     proc = subprocess.Popen([sys.executable, str(script), ray_local.get_runtime_context().gcs_address],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
