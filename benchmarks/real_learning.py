@@ -214,9 +214,9 @@ def main() -> None:
     load.phase = "floors"
     floor = floors(start_dir, task_dir, work / "ours", cfg, dtype)
     load.phase = "evaluation"
-    rows = evaluate_base("base", model_dir, task_dir, verifier, a, dtype)
+    rows = evaluate_before_rl("base", model_dir, task_dir, verifier, a, dtype)
     if sft:
-        rows += evaluate_base("sft", start_dir, task_dir, verifier, a, dtype)
+        rows += evaluate_before_rl("sft", start_dir, task_dir, verifier, a, dtype)
     rows += eval_all("ours", ours, task_dir, verifier, a, dtype)
     if trl is not None:
         rows += eval_all("trl", trl, task_dir, verifier, a, dtype)
@@ -231,7 +231,7 @@ def main() -> None:
     print(f"wrote {a.out}", flush=True)
 
 
-def evaluate_base(system: str, model_dir: Path, task_dir: Path, verifier: str, a, dtype: str) -> list[dict]:
+def evaluate_before_rl(system: str, model_dir: Path, task_dir: Path, verifier: str, a, dtype: str) -> list[dict]:
     """A model before RL: `base` (the pretrained one) or `sft` (its warm-up), at step 0 of RL."""
     r = evaluate(str(model_dir), str(task_dir / "heldout.jsonl"), verifier, a.k, a.max_new_tokens, dtype,
                  limit=a.heldout)
