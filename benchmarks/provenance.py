@@ -10,11 +10,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def git_commit() -> str:
+def git_commit(root: Path = ROOT) -> str:
     """HEAD's short hash, with `+dirty` when tracked files other than the benchmarks' own RESULTS files (which
     a benchmark rewrites as it goes) differ from it; `unknown` outside a checkout."""
     try:
-        run = dict(capture_output=True, text=True, cwd=ROOT, timeout=30)
+        run = dict(capture_output=True, text=True, cwd=root, timeout=30)
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **run).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
                                 ":(exclude)benchmarks/RESULTS*"], **run).stdout.strip()
