@@ -76,6 +76,11 @@ class RolloutConfig(Section):
                                                             "load; the first start on a box compiles kernels)")
     max_retries: int = Field(3, ge=0, description="re-dispatches of a prompt whose worker died or hung before "
                                                   "the step fails")
+    inflight_updates: bool = Field(False, description=(
+        "load a new policy version between two engine steps, while responses are mid-generation (the "
+        "sequences in flight are recomputed under it and carry on; each token records its version), "
+        "rather than after the generate call in flight. A job config leaves it unset: its plan turns it "
+        "on for loop.mode inflight (cluster/plan.py)"))
     chunks_per_worker: int = Field(1, ge=1, description="a generate call is cut into num_workers * this many "
                                                         "token-balanced chunks handed out as workers free up; "
                                                         "1 = largest vLLM batches, more = finer re-dispatch")

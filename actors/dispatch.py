@@ -63,9 +63,12 @@ class Pickled:
 
 
 class ChunkRun:
-    def __init__(self, pool, columns: tuple[list, list, list], chunks: list[list[int]], sampling: SamplingConfig):
-        """`columns`: prompt ids, texts and token ids of the whole call; `chunks`: row numbers of each."""
+    def __init__(self, pool, columns: tuple[list, list, list], chunks: list[list[int]], sampling: SamplingConfig,
+                 one_version: bool = False):
+        """`columns`: prompt ids, texts and token ids of the whole call; `chunks`: row numbers of each;
+        `one_version`: see `Worker.generate`."""
         self.pool, self.cfg, self.columns, self.sampling = pool, pool.cfg, columns, Pickled(sampling)
+        self.one_version = one_version
         self.queue: deque[Chunk] = deque(Chunk(c) for c in chunks)
         self.inflight: dict[Any, tuple[str, Chunk, float]] = {}
         self.results: list[pa.RecordBatch] = []
@@ -133,7 +136,7 @@ class ChunkRun:
     def _dispatch(self) -> None:
         for wid, handle in self.pool.claim_idle(len(self.queue)):
             chunk = self.queue.popleft()
-            ref = handle.generate.remote(self._slice(chunk.rows), self.sampling)
+            ref = handle.generate.remote(self._slice(chunk.rows), self.sampling, self.one_version)
             self.inflight[ref] = (wid, chunk, time.monotonic())
 
     def _slice(self, rows: list[int]) -> PromptSlice:

@@ -6,8 +6,9 @@ pool-vs-direct comparison measures exactly the Ray/pool overhead and nothing els
 from __future__ import annotations
 
 import time
+import uuid
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pyarrow as pa
 import torch
@@ -85,11 +86,13 @@ class RolloutEngine:
     def tokenize(self, prompts: list[str]) -> list[list[int]]:
         return self.tokenizer(prompts)["input_ids"]
 
-    def generate(self, prompts: pa.Table, sampling: SamplingConfig, version: int, worker_id: str) -> pa.RecordBatch:
+    def generate(self, prompts: pa.Table, sampling: SamplingConfig, version: int, worker_id: str,
+                 between_steps: Callable[[int], int] | None = None) -> pa.RecordBatch:
         """One row per (prompt, sample) in ROLLOUT_SCHEMA. Uses a `prompt_ids` column when the caller
-        already tokenized (the pool does), else tokenizes here. `gen_s` is this call's wall time."""
-        from vllm.inputs import TokensPrompt
-
+        already tokenized (the pool does), else tokenizes here. `gen_s` is this call's wall time.
+        `between_steps(version) -> version`: called before every engine step; it may load a new policy
+        version mid-generation (in-flight updates, `run_steps`). Each token's `token_versions` entry is
+        the version that sampled it; `policy_version` is the first token's (the oldest)."""
         check_prompt_table(prompts)
         ids_col = prompts.column("prompt_id").to_pylist()
         texts = prompts.column("prompt").to_pylist()
@@ -98,26 +101,62 @@ class RolloutEngine:
         check_prompt_lengths(ids_col, token_ids, self.cfg.max_model_len)
         params = [sampling_params(sampling, prompt_seed(sampling.seed, pid)) for pid in ids_col]
         t0 = time.perf_counter()
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=t) for t in token_ids], params, use_tqdm=False,
-                                 lora_request=self.adapter.request)
+        outs, tags = self.run_steps(token_ids, params, version, between_steps)
         gen_s = time.perf_counter() - t0
         rows = []
-        for pid, text, toks, out in zip(ids_col, texts, token_ids, outs):
-            for c in out.outputs:
+        for i, (pid, text, toks, samples) in enumerate(zip(ids_col, texts, token_ids, outs)):
+            for c in samples:
                 resp = list(c.token_ids)
+                versions = tags[(i, c.index)][:len(resp)] or [version]
                 rows.append({"prompt_id": pid, "sample_idx": c.index, "prompt": text, "prompt_ids": list(toks),
                              "response": c.text, "response_ids": resp,
                              "logprobs": [lp[t].logprob for t, lp in zip(resp, c.logprobs or [])],
-                             "finish_reason": c.finish_reason or "length", "policy_version": version,
-                             "worker_id": worker_id, "gen_s": gen_s})
+                             "finish_reason": c.finish_reason or "length", "policy_version": versions[0],
+                             "worker_id": worker_id, "gen_s": gen_s, "token_versions": versions})
         return rollout_batch(rows)
+
+    def run_steps(self, token_ids: list[list[int]], params: list, version: int,
+                  between_steps: Callable[[int], int] | None) -> tuple[list[list], dict[tuple[int, int], list[int]]]:
+        """What `LLM.generate` does inside (add the requests, step the engine until all finish), with a
+        hook between two steps. The tokens a step emits were sampled by that step's forward, so they
+        are tagged with the version served when the step began. Returns, per input, its samples'
+        final CompletionOutputs (by sample index) and, per (input index, sample index), the version of
+        each emitted token. If anything raises, the unfinished requests are aborted: the engine is
+        left empty."""
+        from vllm.inputs import TokensPrompt
+
+        engine = self.llm.llm_engine
+        names = [f"{uuid.uuid4().hex[:8]}-{i}" for i in range(len(token_ids))]
+        index = {name: i for i, name in enumerate(names)}
+        latest: dict[tuple[int, int], object] = {}  # (input, sample) -> its CompletionOutput so far (cumulative)
+        tags: dict[tuple[int, int], list[int]] = {}
+        finished: set[str] = set()
+        try:
+            for name, toks, p in zip(names, token_ids, params):
+                engine.add_request(name, TokensPrompt(prompt_token_ids=toks), p, lora_request=self.adapter.request)
+            while engine.has_unfinished_requests():
+                if between_steps is not None:
+                    version = between_steps(version)
+                for out in engine.step():  # n > 1: one output per sample that advanced, each cumulative
+                    for c in out.outputs:
+                        key = (index[out.request_id], c.index)
+                        latest[key] = c
+                        seen = tags.setdefault(key, [])
+                        seen.extend([version] * (len(c.token_ids) - len(seen)))
+                    if out.finished:
+                        finished.add(out.request_id)
+        except BaseException:
+            engine.abort_request([n for n in names if n not in finished])
+            raise
+        outs = [[latest[(i, j)] for j in range(p.n)] for i, p in enumerate(params)]
+        return outs, tags
 
     def load_weights(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
         """HF-named tensors into the live engine; the prefix cache would otherwise serve stale KV."""
         if self.adapter.request is not None:
             raise RuntimeError("rollout engine: full weights sent to an engine serving a LoRA adapter")
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named})
-        self.llm.reset_prefix_cache()
+        self._drop_stale_kv()
 
     def load_adapter(self, version: int, named: Iterable[tuple[str, torch.Tensor]], config_json: str) -> None:
         """A LoRA adapter (PEFT names, its adapter_config.json) served from now on as policy `version`."""
@@ -125,4 +164,12 @@ class RolloutEngine:
             raise RuntimeError("rollout engine: a LoRA adapter sent to an engine started without LoRA "
                                "(rollout.engine.lora_rank 0; a job's plan sets it from learner.lora)")
         self.adapter.load(self.llm, version, named, config_json)
-        self.llm.reset_prefix_cache()
+        self._drop_stale_kv()
+
+    def _drop_stale_kv(self) -> None:
+        """After new weights: no KV computed under the old ones is used again. Cached prefixes are
+        dropped, and sequences in flight (an in-flight update, between two `run_steps` steps) are
+        preempted, so vLLM recomputes their prompt and tokens so far under the new weights before
+        sampling on (their seeded generators carry on): each later token's logprob is exactly the new
+        version's, never a mix of old KV and new weights."""
+        self.llm.reset_prefix_cache(reset_running_requests=True)

@@ -171,9 +171,10 @@ class RolloutPool:
             self._start_in_background(-extra, "scale-up")
 
     # ---- generation -------------------------------------------------------------------------
-    def generate(self, prompts: pa.Table, sampling: SamplingConfig | None = None) -> pa.Table:
+    def generate(self, prompts: pa.Table, sampling: SamplingConfig | None = None, one_version: bool = False
+                 ) -> pa.Table:
         """ROLLOUT_SCHEMA rows, ordered by prompt (input order) then sample_idx; each
-        (prompt_id, sample_idx) exactly once."""
+        (prompt_id, sample_idx) exactly once. `one_version`: see `Worker.generate`."""
         sampling = sampling or self.cfg.sampling
         check_prompt_table(prompts)
         ids = prompts.column("prompt_id").to_pylist()
@@ -183,7 +184,7 @@ class RolloutPool:
         check_prompt_lengths(ids, token_ids, self.cfg.engine.max_model_len)
         costs = expected_tokens([len(t) for t in token_ids], sampling.max_new_tokens, sampling.n)
         chunks = split_balanced(costs, max(1, self.num_workers) * self.cfg.chunks_per_worker)
-        self.last_run = ChunkRun(self, (ids, texts, token_ids), chunks, sampling)  # kept for its timings
+        self.last_run = ChunkRun(self, (ids, texts, token_ids), chunks, sampling, one_version)  # kept for its timings
         batches = self.last_run.run()
         # a chat prompt's conversation rejoins its samples (the Parquet and the reward model use it)
         return attach_prompt_columns(ordered_exactly_once(concat(batches), ids, sampling.n), prompts)

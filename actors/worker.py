@@ -4,10 +4,17 @@ Weights arrive by either transport the learner offers: a state dict (Ray derefs 
 argument) or a broadcast over a side process group the worker joins as rank >= 1. Either way the
 tensors stream into `reload_weights`, or, when they are a LoRA adapter (`adapter` set on the
 manifest / packed state dict), into the engine's adapter slot; the engine is never restarted.
+
+Weights and generation never race: the weight calls run on their own thread ("weights" group), and
+a version that arrives while a generate runs is staged, not loaded. The thread that steps the
+engine loads it: between two engine steps when `rollout.inflight_updates` is on (sequences in
+flight carry on under the new version, tagged per token: actors/engine.py `run_steps`), else when
+the generate returns. A version that arrives while no generate runs loads at once.
 """
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pyarrow as pa
@@ -40,8 +47,12 @@ class Worker:
         self.engine = None
         self.version = 0
         self._group = None
+        self._weights_lock = threading.Lock()  # guards the three below; held while weights load
+        self._generating = False
+        self._staged: tuple[int, object, str] | None = None  # (version, tensors, adapter) for the engine's thread
         self._samples = self._tokens = 0
         self._gen_s = 0.0
+        self._engine_steps = 0
         if not defer_engine:
             self.start_engine()
 
@@ -68,13 +79,40 @@ class Worker:
         """The Ray node this worker runs on (placement by role is checked against it)."""
         return ray.get_runtime_context().get_node_id()
 
-    def generate(self, prompts: pa.Table, sampling: SamplingConfig | None = None) -> pa.RecordBatch:
+    def generate(self, prompts: pa.Table, sampling: SamplingConfig | None = None, one_version: bool = False
+                 ) -> pa.RecordBatch:
+        """`one_version`: every sample of this call from one policy version even with in-flight updates
+        on (a held-out eval): a version arriving meanwhile loads when the call returns."""
         t0 = time.perf_counter()
-        batch = self.engine.generate(prompts, sampling or self.cfg.sampling, self.version, self.worker_id)
+        with self._weights_lock:
+            self._load_staged()
+            self._generating = True
+        try:
+            load = self.cfg.inflight_updates and not one_version
+            batch = self.engine.generate(prompts, sampling or self.cfg.sampling, self.version, self.worker_id,
+                                         between_steps=lambda version: self._between_steps(version, load))
+        finally:
+            with self._weights_lock:
+                self._generating = False
+                self._load_staged()
         self._gen_s += time.perf_counter() - t0
         self._samples += batch.num_rows
         self._tokens += sum(len(r) for r in batch.column("response_ids").to_pylist())
         return batch
+
+    def _between_steps(self, version: int, load: bool) -> int:
+        """The engine's hook between two steps: count it, and (`load`) load a staged version; returns
+        the version the next step serves."""
+        with self._weights_lock:
+            self._engine_steps += 1
+            if load:
+                self._load_staged()
+            return self.version
+
+    def _load_staged(self) -> None:
+        if self._staged is not None:
+            (version, named, adapter), self._staged = self._staged, None
+            self._load(version, named, adapter)
 
     def _load(self, version: int, named, adapter: str) -> None:
         """Tensors into the engine: a LoRA adapter (with its adapter_config.json) or full weights."""
@@ -84,17 +122,39 @@ class Worker:
             self.engine.load_weights(named)
         self.version = version
 
+    def _accept(self, version: int, named, adapter: str, stream: bool) -> int:
+        """Load `version` now, or stage it for the engine's thread if a generate runs. `named`: a
+        callable giving the (name, tensor) pairs; `stream`: they come off a broadcast, so staging
+        drains and copies them now (the sender's collective must finish; its buffers are reused)."""
+        with self._weights_lock:
+            if not self._generating:
+                self._load(version, named(), adapter)
+            elif stream:
+                copies = [(n, t.clone()) for n, t in named()]
+                self._staged = (version, copies, adapter)
+            else:
+                self._staged = (version, named(), adapter)
+            return version
+
+    @ray.method(concurrency_group="weights")
     def update_weights(self, version: int, weights: PackedStateDict) -> int:
         """Object-store transport: `weights` (HF names, or a LoRA adapter) maps from shared memory
-        without a copy."""
-        if check_version(self.version, version):
-            self._load(version, weights.tensors(), weights.adapter)
-        return self.version
+        without a copy. Returns once the version is loaded, or staged while a generate runs."""
+        if check_version(self._newest(), version):
+            return self._accept(version, weights.tensors, weights.adapter, stream=False)
+        return self._newest()
 
+    def _newest(self) -> int:
+        """The version this worker will serve next: staged, else loaded."""
+        with self._weights_lock:
+            return self._staged[0] if self._staged is not None else self.version
+
+    @ray.method(concurrency_group="weights")
     def join_weight_group(self, addr: GroupAddress, rank: int) -> None:
         self.leave_weight_group()
         self._group = join_group(addr, rank)
 
+    @ray.method(concurrency_group="weights")
     def receive_weights(self, version: int, manifest: WeightManifest) -> int:
         """Broadcast transport. A stale version still drains the broadcast (so the sender and the other
         receivers finish the collective), then raises."""
@@ -102,18 +162,18 @@ class Worker:
             raise RuntimeError(f"worker {self.worker_id}: receive_weights before join_weight_group")
         stream = receive_weights(self._group, manifest, device=self.device.torch_device())
         try:
-            load = check_version(self.version, version)
+            load = check_version(self._newest(), version)
         except StaleVersionError:
             for _ in stream:
                 pass
             raise
         if load:
-            self._load(version, stream, manifest.adapter)
-        else:
-            for _ in stream:
-                pass
-        return self.version
+            return self._accept(version, lambda: stream, manifest.adapter, stream=True)
+        for _ in stream:
+            pass
+        return self._newest()
 
+    @ray.method(concurrency_group="weights")
     def leave_weight_group(self) -> None:
         if self._group is not None:
             leave_group(self._group)
@@ -123,9 +183,11 @@ class Worker:
     def metrics(self) -> dict:
         return {"worker_id": self.worker_id, "version": self.version, "samples": self._samples,
                 "tokens": self._tokens, "gen_s": self._gen_s,
+                "engine_steps": self._engine_steps,
                 "tokens_per_s": self._tokens / self._gen_s if self._gen_s else 0.0}
 
 
-# ping/metrics run on their own thread so a health check answers while a long generate runs;
-# generate and the weight calls share the default group and never overlap.
-RolloutWorker = ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"health": 1})(Worker)
+# ping/metrics run on their own thread so a health check answers while a long generate runs; the
+# weight calls on another, so a version can arrive mid-generate (it is staged, see the module doc).
+RolloutWorker = ray.remote(max_restarts=0, max_task_retries=0,
+                           concurrency_groups={"health": 1, "weights": 1})(Worker)

@@ -18,7 +18,7 @@ class SimulatedEngine:
     def __init__(self, model_dir: str, cfg, device, per_token: float = 0.001):
         self.per_token = per_token
 
-    def generate(self, prompts, sampling, version: int, worker_id: str):
+    def generate(self, prompts, sampling, version: int, worker_id: str, between_steps=None):
         import pyarrow as pa
 
         from contract.experience import ROLLOUT_SCHEMA

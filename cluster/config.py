@@ -67,11 +67,15 @@ class DataConfig(Section):
 
 class LoopConfig(Section):
     steps: int = Field(10, ge=1, description="training steps (one generate + score + learner update each)")
-    mode: Literal["sync", "async"] = Field("sync", description="sync: fully on-policy; async: the next step's "
-                                                               "rollouts are generated while the learner trains "
-                                                               "(faster, samples one version old)")
-    max_staleness: int = Field(1, ge=0, description="async only: samples more than this many policy versions "
-                                                    "behind the learner are dropped; 1 fits one-step-off")
+    mode: Literal["sync", "async", "inflight"] = Field("sync", description=(
+        "sync: fully on-policy; async: the next step's rollouts are generated while the learner trains "
+        "(faster, samples one version old); inflight: as async, and each new version is loaded into the "
+        "engines as soon as it is trained, between two engine steps of the responses in flight (they carry "
+        "on under it: per-token versions in the Parquet's token_versions)"))
+    max_staleness: int = Field(1, ge=0, description=(
+        "async/inflight only: a sample whose oldest token is more than this many policy versions behind the "
+        "learner is not trained on (kept in the Parquet with trained=false, counted as dropped_stale); 1 fits "
+        "one-step-off"))
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0: only at the end")
     keep_checkpoints: int = Field(2, ge=0, description="newest checkpoints kept on disk; 0 keeps all; 2 survives "
                                                        "a crash during a save")
@@ -135,6 +139,13 @@ class JobConfig(Section):
         if self.rollout.engine.lora_rank:
             problems.append(f"rollout.engine.lora_rank: a job derives it from learner.lora (r when lora.sync is "
                             f"adapter, else 0; cluster/plan.py); remove it (got {self.rollout.engine.lora_rank})")
+        if self.rollout.inflight_updates:
+            problems.append("rollout.inflight_updates: a job derives it from loop.mode (on for inflight; "
+                            "cluster/plan.py); remove it and set loop.mode: inflight")
+        lora = getattr(self.learner, "lora", None)
+        if self.loop.mode == "inflight" and lora is not None and lora.sync == "adapter":
+            problems.append("loop.mode: inflight loads full weights mid-generation; a LoRA adapter sync would "
+                            "swap the adapter under requests in flight: set learner.lora.sync: merged")
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -13,6 +13,7 @@ else; each service is handed its own part of the plan:
 | `max_staleness`  | loop.mode, loop.max_staleness                       | the loop's trainable mask, the |
 |                  |                                                     | learner's experience check     |
 | `rollout`        | rollout + learner.lora (engine.lora_rank)           | RolloutPool -> workers/engines |
+|                  | + loop.mode (inflight_updates)                      |                                |
 | `reward_replicas`| reward.num_replicas / reward.autoscaling            | preflight's demand and memory  |
 
 `rlhf train` builds it at preflight (what it cannot resolve is a one-line error before anything
@@ -30,14 +31,15 @@ from learner.algorithm import Plan, make_plan
 @dataclass(frozen=True)
 class JobPlan:
     learner: Plan           # what one update needs beyond learner.*: scoring temperature, correction, lengths
-    max_staleness: int      # oldest policy lag (versions) a step trains on: loop.max_staleness if async, 0 if sync
-    rollout: RolloutConfig  # the rollout section as the engines run it (engine.lora_rank from learner.lora)
+    max_staleness: int      # oldest policy lag (versions) a step trains on: loop.max_staleness unless sync, then 0
+    rollout: RolloutConfig  # the rollout section as the engines run it (engine.lora_rank from learner.lora,
+                            # inflight_updates from loop.mode)
     reward_replicas: int    # scorer replicas the job starts with
 
 
 def make_job_plan(cfg: JobConfig) -> JobPlan:
     """Raises ValueError naming the key of what cannot be resolved."""
-    sampling, asynchronous = cfg.rollout.sampling, cfg.loop.mode == "async"
+    sampling, asynchronous = cfg.rollout.sampling, cfg.loop.mode != "sync"
     lora = cfg.learner.lora
     engine_lora_rank = lora.r if lora is not None and lora.sync == "adapter" else 0  # actors/adapter.py
     auto = cfg.reward.autoscaling or {}
@@ -45,6 +47,7 @@ def make_job_plan(cfg: JobConfig) -> JobPlan:
         learner=make_plan(cfg.learner.rl, temperature=sampling.temperature, async_rollouts=asynchronous,
                           max_new_tokens=sampling.max_new_tokens),
         max_staleness=cfg.loop.max_staleness if asynchronous else 0,
-        rollout=cfg.rollout.model_copy(update={"engine": cfg.rollout.engine.model_copy(
-            update={"lora_rank": engine_lora_rank})}),
+        rollout=cfg.rollout.model_copy(update={"inflight_updates": cfg.loop.mode == "inflight",
+                                               "engine": cfg.rollout.engine.model_copy(
+                                                   update={"lora_rank": engine_lora_rank})}),
         reward_replicas=int(auto.get("min_replicas", 1) or 1) if auto else cfg.reward.num_replicas)

@@ -29,10 +29,15 @@ ROLLOUT_FIELDS = [
     # The prompt's reference answer (the prompt file's `data.columns.answer`), which a verifier checks
     # the response against; null when the task has none.
     pa.field("reference", pa.string(), nullable=True),
+    # The policy version that sampled each response token (one per `response_ids` entry). With in-flight
+    # updates (`loop.mode: inflight`) a new version can load between two tokens of one response; the
+    # engine then recomputes the response's KV under it, so each token's logprob is exactly that of
+    # its version. `policy_version` is the first (oldest) entry. Null: every token is `policy_version`.
+    pa.field("token_versions", pa.list_(pa.int64()), nullable=True),
 ]
 ROLLOUT_SCHEMA = pa.schema(ROLLOUT_FIELDS)
 # Columns a table may lack (older producers, hand-built tables): readers treat them as all null.
-OPTIONAL_COLUMNS = frozenset({"messages", "reference", "verifier", "verifier_outcome"})
+OPTIONAL_COLUMNS = frozenset({"messages", "reference", "token_versions", "verifier", "verifier_outcome"})
 # Columns that come from the prompt table, not from the engine: joined back onto the samples by prompt_id.
 PROMPT_COLUMNS = ("messages", "reference")
 

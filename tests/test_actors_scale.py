@@ -29,7 +29,7 @@ def stand_in_engine():
         def __init__(self, model_dir, cfg, device):
             pass
 
-        def generate(self, table, sampling, version, worker_id):
+        def generate(self, table, sampling, version, worker_id, between_steps=None):
             return rollout_batch([{"prompt_id": pid, "sample_idx": s, "prompt": p, "prompt_ids": ids,
                                    "response": "x", "response_ids": [5], "logprobs": [-1.0], "finish_reason": "length",
                                    "policy_version": version, "worker_id": worker_id, "gen_s": 0.0}

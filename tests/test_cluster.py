@@ -88,8 +88,12 @@ def test_the_job_plan_tells_the_learner_the_loops_staleness_and_the_samplers_set
     base = {"model": {"policy": "m"}, "data": {"prompts": "p"}, "reward": {"model_dir": "r"}}
     plan = make_job_plan(load_config(None, ["loop.mode=async", "loop.max_staleness=2"], base=base))
     assert (plan.max_staleness, plan.learner.correction) == (2, "tis")  # null correction: tis when async
+    assert not plan.rollout.inflight_updates
     plan = make_job_plan(load_config(None, ["loop.max_staleness=2"], base=base))
     assert (plan.max_staleness, plan.learner.correction) == (0, "off")
+    # inflight: as async for the learner, and the engines load versions between steps
+    plan = make_job_plan(load_config(None, ["loop.mode=inflight", "loop.max_staleness=2"], base=base))
+    assert (plan.max_staleness, plan.learner.correction, plan.rollout.inflight_updates) == (2, "tis", True)
     # the overlong penalty's L_max and seq_sum_norm's constant are the sampler's max_new_tokens: a job with
     # them resolves its plan (it failed at learner start when the job did not pass max_new_tokens)
     cfg = load_config(None, ["learner.rl.overlong.mode=penalty", "learner.rl.loss_aggregation=seq_sum_norm",

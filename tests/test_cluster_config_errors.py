@@ -40,7 +40,7 @@ def test_yaml_and_dotted_overrides(tmp_path):
     (["rollot.num_workers=2"], "rollot: unknown key (did you mean rollout?)"),
     (["learner.rl.clip=-1"], "learner.rl.clip: input should be greater than 0 (got -1)"),
     (["rollout.num_workers=two"], "rollout.num_workers: input should be a valid integer"),
-    (["loop.mode=sideways"], "loop.mode: input should be 'sync' or 'async'"),
+    (["loop.mode=sideways"], "loop.mode: input should be 'sync', 'async' or 'inflight'"),
     (["learner.zero_stage=4"], "learner.zero_stage: input should be less than or equal to 3"),
     (["reward.model_dir=null"], "reward: set reward.model_dir or at least one reward.functions entry"),
     (["reward.functions=[{path: a.b:c, wieght: 2}]"], "reward.functions[0].wieght: unknown key (did you mean weight?)"),
@@ -79,6 +79,17 @@ def test_the_loop_owns_the_learners_staleness():
     assert problems(["learner.max_staleness=3"])[0].startswith("config: learner.max_staleness: unknown key")
     cfg = load_config(None, ["loop.mode=async"], base=BASE)
     assert "max_staleness" not in yaml.safe_load(dump_config(cfg))["learner"]
+
+
+def test_inflight_updates_come_from_the_loop_mode_and_refuse_an_adapter_sync():
+    assert problems(["rollout.inflight_updates=true"]) == [
+        "config: rollout.inflight_updates: a job derives it from loop.mode (on for inflight; cluster/plan.py); "
+        "remove it and set loop.mode: inflight"]
+    assert problems(["loop.mode=inflight", "learner.lora.r=8", "learner.lora.sync=adapter"]) == [
+        "config: loop.mode: inflight loads full weights mid-generation; a LoRA adapter sync would swap the adapter "
+        "under requests in flight: set learner.lora.sync: merged"]
+    assert load_config(None, ["loop.mode=inflight", "learner.lora.r=8", "learner.lora.sync=merged"],
+                       base=BASE).loop.mode == "inflight"
 
 
 def test_unfilled_placeholders_are_refused_by_key():

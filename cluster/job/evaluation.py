@@ -38,7 +38,8 @@ class Evaluator:
     def run(self, step: int, version: int) -> tuple[dict, pa.Table]:
         """Metrics and the provenance table of one eval of the policy at `version`."""
         t0 = time.perf_counter()
-        table, _, _ = generate_and_score(self.services, self.prompts, self.sampling, f"in the eval at step {step}")
+        table, _, _ = generate_and_score(self.services, self.prompts, self.sampling, f"in the eval at step {step}",
+                                         one_version=True)
         valid = table.column("reward_valid").to_numpy(zero_copy_only=False).astype(bool)
         gold = None
         if self.gold is not None:

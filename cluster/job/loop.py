@@ -8,6 +8,10 @@ async: the rollouts of the next `loop.max_staleness` steps are generated (and sc
        sample keeps the version that produced it; the learner corrects for the lag with the
        engine's own logprobs (learner.rl.rollout_correction), and a sample more than
        `loop.max_staleness` versions behind is not trained on and is counted.
+inflight: as async, but each step's weights are published as soon as it is trained, while the next
+       rollouts are mid-generation: the engines load them between two engine steps (the workers'
+       `rollout.inflight_updates`), so a response can span versions; every token keeps the version
+       that sampled it (`token_versions`) and a sample counts as old as its oldest token.
 
 Held-out evaluation (`eval`, cluster/job/evaluation.py) runs on the policy the workers hold at the
 start of a step, serialized with generation. Scaling requests from other processes are applied
@@ -198,6 +202,7 @@ class TrainingLoop:
                 pending.append(ex.submit(self.producer.produce, nxt))
                 nxt += 1
 
+        inflight = self.cfg.loop.mode == "inflight"
         self._start_eval(ex, first)
         fill()
         for step in range(first, last):
@@ -205,12 +210,17 @@ class TrainingLoop:
             produced = self._wait(pending.popleft(), step)
             if self.stop.is_set():
                 return
-            sync_s = self._publish(step - 1) if step > first else 0.0
+            # async: the previous step's weights go out once its successor's rollouts are in (nothing
+            # generates then); inflight: they went out right after training, into the generation in flight
+            sync_s = self._publish(step - 1) if step > first and not inflight else 0.0
             self._apply_scaling()
             if step > first:
                 self._start_eval(ex, step)
             fill()
             m = self._train(produced, t0, sync_s)
+            if inflight:
+                m["sync_s"] = self._publish(step)
+                m["wall_s"] = time.perf_counter() - t0
             self._finish_step(step, m)
 
     def _wait(self, future: Future, step: int) -> ScoredRollouts:

@@ -111,12 +111,13 @@ class StepProducer:
 
 
 def generate_and_score(services, batch: pa.Table, sampling: SamplingConfig | None,
-                       where: str) -> tuple[pa.Table, float, float]:
+                       where: str, one_version: bool = False) -> tuple[pa.Table, float, float]:
     """The pool's samples of `batch` (`sampling`: None, the rollout section's) scored by the reward
     service, with the seconds each took: a training step's path, and the held-out eval's
-    (evaluation.py). No valid reward at all fails the job, naming `where` and the reward's reasons."""
+    (evaluation.py: `one_version`, no in-flight update inside it). No valid reward at all fails the
+    job, naming `where` and the reward's reasons."""
     t0 = time.perf_counter()
-    rollouts = services.pool.generate(batch, sampling)
+    rollouts = services.pool.generate(batch, sampling, one_version)
     t1 = time.perf_counter()
     with failing_as(f"reward service failed {where}"):
         table = scored(services.reward, rollouts)

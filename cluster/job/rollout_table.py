@@ -40,6 +40,15 @@ def staleness(table: pa.Table, learner_version: int) -> np.ndarray:
     return learner_version - table.column("policy_version").to_numpy()
 
 
+def version_spread(table: pa.Table) -> np.ndarray:
+    """[rows] newest minus oldest version among a sample's tokens: 0 unless an in-flight update landed
+    inside the response (no `token_versions`: 0)."""
+    if "token_versions" not in table.column_names:
+        return np.zeros(table.num_rows, dtype=np.int64)
+    return np.array([max(v) - min(v) if v else 0 for v in table.column("token_versions").to_pylist()],
+                    dtype=np.int64)
+
+
 def trainable_mask(table: pa.Table, learner_version: int, max_staleness: int) -> np.ndarray:
     """Valid reward and at most `max_staleness` versions behind the learner (the job plan's: 0 when sync,
     as the learner's experience check holds it)."""
@@ -62,6 +71,7 @@ def provenance(table: pa.Table, step: int, trained: np.ndarray, gold: list[float
 def rollout_stats(table: pa.Table, wall_s: float) -> dict[str, float]:
     tokens = int(pc.sum(pc.list_value_length(table.column("response_ids"))).as_py() or 0)
     rewards = table.column("reward").to_numpy(zero_copy_only=False)
+    spread = version_spread(table)
     return {"samples": table.num_rows, "rollout_tokens": tokens,
             "rollout_tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
             "reward_mean": float(rewards.mean()) if len(rewards) else 0.0,
@@ -69,6 +79,9 @@ def rollout_stats(table: pa.Table, wall_s: float) -> dict[str, float]:
             "response_len": tokens / max(1, table.num_rows),
             # cut at max_new_tokens rather than ended by EOS or a stop string
             "truncated_frac": float(pc.mean(pc.equal(table.column("finish_reason"), "length")).as_py() or 0.0),
+            # in-flight updates: samples whose tokens span versions, and the widest span
+            "spanning_versions_frac": float((spread > 0).mean()) if len(spread) else 0.0,
+            "token_version_spread_max": int(spread.max()) if len(spread) else 0,
             **verifier_stats(table)}
 
 
