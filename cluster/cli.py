@@ -115,6 +115,12 @@ def _cmd_stop(args) -> int:
     return stop_command(address=args.address, name=args.name)
 
 
+def _cmd_replay(args) -> int:
+    from cluster.launch.replay import replay_command
+
+    return replay_command(args.run_dir, address=args.address)
+
+
 def _cmd_submit(args) -> int:
     from cluster.launch.submit import submit_command
 
@@ -133,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="where to write the run (default runs/<name>-<timestamp>)")
     t.add_argument("--address", help="Ray cluster to attach to (default RAY_ADDRESS, else an embedded one)")
     t.set_defaults(func=_cmd_train)
+
+    rp = sub.add_parser("replay", help="train again from a run's recorded experience and check its weights at "
+                        "every checkpoint bit for bit (exit 1 naming the first step and tensor that differ)")
+    rp.add_argument("run_dir", metavar="RUN_DIR")
+    rp.add_argument("--address", help="Ray cluster to attach to (default RAY_ADDRESS, else an embedded one)")
+    rp.set_defaults(func=_cmd_replay)
 
     s = sub.add_parser("submit", help="submit `rlhf train CONFIG` as a Ray job to a cluster")
     s.add_argument("config")

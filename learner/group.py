@@ -36,6 +36,7 @@ class LearnerGroup:
         `max_staleness`: the oldest policy lag (versions) a train step accepts (the job plan's)."""
         plan = plan or make_plan(cfg.rl)
         self.cfg, self.version, self.max_staleness = cfg, 0, max_staleness
+        self.device_kind = device.kind
         self._namespace = namespace
         self._joined = False
         self._ranks = start_ranks(  # learner.resources: only nodes of the learner role (contract.placement)

@@ -51,43 +51,83 @@ def test_a_step_never_holds_a_prompt_twice_across_an_epoch_boundary_or_extra_dra
     assert distinct_new_prompts(crossing, set(ids)).num_rows == 0
 
 
-@pytest.mark.slow
-def test_async_k2_dynamic_sampling_and_eval_on_the_real_stack(tiny_models, ray_local, tmp_path):
+def loop_config(tiny_models, tmp_path, loop: dict, eval_prompts: Path | None = None):
     from cluster.config import load_config
-    from cluster.job.loop import LoopState, TrainingLoop
-    from cluster.job.services import start_services, stop_services
-    from cluster.outputs.run_dir import RunDir
-    from contract.datasets import PromptIterator, load_prompts
-    from contract.devices import DeviceProfile
 
     prompts = tmp_path / "prompts.jsonl"  # every other prompt is "flat": the reward ignores the response
     prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"{'flat' if i % 2 else 'red'} cat {i}"}) + "\n"
                                for i in range(12)))
-    held_out = tmp_path / "eval.jsonl"
-    held_out.write_text("".join(json.dumps({"id": f"e{i}", "prompt": f"blue dog {i}"}) + "\n" for i in range(3)))
-    steps, per_step, n = 4, 4, 2
-    cfg = load_config(None, [], base={
+    return load_config(None, [], base={
         "name": "loop-modes", "model": {"policy": str(tiny_models["policy"])},
-        "data": {"prompts": str(prompts), "prompts_per_step": per_step},
-        "rollout": {"num_workers": 1, "sampling": {"n": n, "max_new_tokens": 6, "temperature": 0.7}},
+        "data": {"prompts": str(prompts), "prompts_per_step": 4},
+        "rollout": {"num_workers": 1, "sampling": {"n": 2, "max_new_tokens": 6, "temperature": 0.7, "seed": 5}},
         "reward": {"functions": [{"path": "support_rewards:flat_or_colour"}], "python_path": [str(HERE)],
                    "http_port": free_port(), "max_retries": 1},
         "learner": {"num_ranks": 1, "lr": 1e-3,
                     "rl": {"algorithm": "grpo", "kl_coef": 0.0, "minibatch_size": 8, "micro_batch_size": 8}},
-        "loop": {"steps": steps, "mode": "async", "max_staleness": 2, "gold_function": "support_rewards:colour_only",
-                 "dynamic_sampling": {"enabled": True, "max_draws": 3}},
-        "eval": {"prompts": str(held_out), "every_steps": 2, "n": 1, "max_new_tokens": 4},
+        "loop": {"gold_function": "support_rewards:colour_only", **loop},
+        **({"eval": {"prompts": str(eval_prompts), "every_steps": 2, "n": 1, "max_new_tokens": 4}}
+           if eval_prompts else {}),
     })
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_models, ray_local, tmp_path_factory):
+    """One job's services (reward app, learner rank, pool) for the module, and the learner's starting
+    state: `fresh(stack)` brings them back to version 0 for a run of its own."""
     import sys
 
+    from cluster.job.services import start_services, stop_services
+    from contract.devices import DeviceProfile
+
+    tmp = tmp_path_factory.mktemp("stack")
+    cfg = loop_config(tiny_models, tmp, {"mode": "async", "max_staleness": 2})
     sys.path.insert(0, str(HERE))  # the gold function runs in this process
-    run = RunDir(tmp_path / "run").create("")
-    services = start_services(cfg, DeviceProfile("cpu"), str(tmp_path / "store"), log=lambda m: None)
+    services = start_services(cfg, DeviceProfile("cpu"), str(tmp / "store"), log=lambda m: None)
     try:
-        TrainingLoop(cfg, run, services, PromptIterator(load_prompts(prompts)), LoopState(), log=lambda m: None).run_loop()
+        services.learner.save_checkpoint(str(tmp / "initial"))
+        yield {"services": services, "cfg": cfg, "initial": tmp / "initial"}
     finally:
         stop_services(services)
         sys.path.remove(str(HERE))
+
+
+def fresh(stack):
+    """The learner back to its initial state (version 0) and new rollout workers (a worker refuses to
+    go back to an older version): a new run's start, or a resume's, on the same services."""
+    from actors.pool import RolloutPool
+    from cluster.job.weight_sync import WeightSync
+    from contract.devices import DeviceProfile
+
+    services, cfg = stack["services"], stack["cfg"]
+    if services.learner.version == 0:
+        return services  # nothing trained since the start
+    services.learner.load_checkpoint(str(stack["initial"]))
+    services.sync.leave(services.pool)
+    services.pool.shutdown()
+    device = DeviceProfile("cpu")
+    services.sync = WeightSync(services.learner, cfg.learner.weight_sync, device.collective_backend,
+                               cfg.learner.sync_timeout_s, log=lambda m: None)
+    services.pool = RolloutPool(services.plan.rollout, cfg.model.policy, device,
+                                weights_source=services.current_weights, namespace=cfg.ray.namespace)
+    return services
+
+
+@pytest.mark.slow
+def test_async_k2_dynamic_sampling_and_eval_on_the_real_stack(stack, tiny_models, tmp_path):
+    from cluster.job.loop import LoopState, TrainingLoop
+    from cluster.outputs.run_dir import RunDir
+    from contract.datasets import PromptIterator, load_prompts
+
+    held_out = tmp_path / "eval.jsonl"
+    held_out.write_text("".join(json.dumps({"id": f"e{i}", "prompt": f"blue dog {i}"}) + "\n" for i in range(3)))
+    steps, per_step = 4, 4
+    cfg = loop_config(tiny_models, tmp_path, {"steps": steps, "mode": "async", "max_staleness": 2,
+                                              "dynamic_sampling": {"enabled": True, "max_draws": 3}}, held_out)
+    prompts = Path(cfg.data.prompts)
+    run = RunDir(tmp_path / "run").create("")
+    services = fresh(stack)
+    TrainingLoop(cfg, run, services, PromptIterator(load_prompts(prompts)), LoopState(), log=lambda m: None).run_loop()
 
     rows = run.read_metrics()
     train_rows = [r for r in rows if "train_s" in r]
@@ -126,3 +166,76 @@ def test_async_k2_dynamic_sampling_and_eval_on_the_real_stack(tiny_models, ray_l
     assert ev.num_rows == 3 * 3 and set(ev.column("split").to_pylist()) == {"eval"}
     assert not any(ev.column("trained").to_pylist())
     assert set(ev.column("prompt_id").to_pylist()) == {"e0", "e1", "e2"}
+
+
+class Crash(Exception):
+    """Stands in for a driver killed mid-run: the loop ends without its final checkpoint."""
+
+
+@pytest.mark.slow
+def test_a_crashed_async_run_resumes_sample_for_sample_and_replays_to_the_same_weights(stack, tiny_models, tmp_path):
+    """One async run uninterrupted (A); the same run (B) crashed after step 3, its steps past the step-2
+    checkpoint lost, and resumed. B's experience equals A's sample for sample (the step the checkpoint
+    had generated but not trained included: saved with it, not drawn again under newer weights), and
+    its weights at every checkpoint are A's bit for bit. Then `replay` retrains B from its Parquet
+    files and finds the same weights; with one recorded reward changed it names the first checkpoint
+    and tensor that differ."""
+    from cluster.errors import JobFailed
+    from cluster.job.loop import LoopState, TrainingLoop
+    from cluster.job.resume import restore
+    from cluster.launch.replay import replay
+    from cluster.outputs.run_dir import RunDir
+    from contract.datasets import PromptIterator, load_prompts
+
+    steps = 6
+    cfg = loop_config(tiny_models, tmp_path, {"steps": steps, "mode": "async", "max_staleness": 1,
+                                              "checkpoint_every": 2, "keep_checkpoints": 0,
+                                              "dynamic_sampling": {"enabled": True, "max_draws": 2}})
+    from cluster.config import dump_config
+
+    def prompts():
+        return PromptIterator(load_prompts(cfg.data.prompts), seed=cfg.seed)
+
+    a = RunDir(tmp_path / "a").create(dump_config(cfg))
+    TrainingLoop(cfg, a, fresh(stack), prompts(), LoopState(), log=lambda m: None).run_loop()
+
+    b = RunDir(tmp_path / "b").create(dump_config(cfg))
+
+    def crash_after_3(step, m):
+        if step == 3:
+            raise Crash
+    with pytest.raises(Crash):
+        TrainingLoop(cfg, b, fresh(stack), prompts(), LoopState(), on_step=crash_after_3, log=lambda m: None).run_loop()
+    assert b.latest_checkpoint().name == "step=000002" and len(b.read_metrics()) == 4
+    saved = json.loads((b.latest_checkpoint() / "controller.json").read_text())
+    assert saved["in_flight_steps"] == [2]  # generated under version 1, not trained before the crash
+    services, it = fresh(stack), prompts()
+    state, in_flight = restore(b, services, it, log=lambda m: None)
+    assert (state.step, [p.step for p in in_flight], services.learner.version) == (2, [2], 2)
+    TrainingLoop(cfg, b, services, it, state, log=lambda m: None, in_flight=in_flight).run_loop()
+
+    def samples(run):
+        t = run.read_rollouts()
+        return sorted(zip(t.column("step").to_pylist(), t.column("prompt_id").to_pylist(),
+                          t.column("sample_idx").to_pylist(), t.column("policy_version").to_pylist(),
+                          map(tuple, t.column("response_ids").to_pylist()), t.column("reward").to_pylist(),
+                          t.column("trained").to_pylist()))
+    got, want = samples(b), samples(a)
+    assert len(want) >= steps * 4 * 2 and {s[3] for s in want} == set(range(steps - 1))  # one step off: 0, 0, 1, .., 4
+    assert got == want
+    digests = [(e["step"], e["sha256"]) for e in a.read_weight_ledger()]
+    assert [s for s, _ in digests] == [2, 4, 6]
+    assert [(e["step"], e["sha256"]) for e in b.read_weight_ledger()] == digests
+
+    assert replay(str(b.root), connect_ray=False, log=lambda m: None) == [2, 4, 6]
+    import pyarrow.parquet as pq
+
+    path = b.rollout_path(1)
+    t = pq.read_table(path)
+    row = t.column("trained").to_pylist().index(True)
+    rewards = t.column("reward").to_pylist()
+    rewards[row] += 0.5
+    pq.write_table(t.set_column(t.column_names.index("reward"), "reward", pa.array(rewards, pa.float32())), path)
+    with pytest.raises(JobFailed, match=r"weights differ at the checkpoint of step 2 \(policy version 2\): first "
+                                        r"tensor \S+"):
+        replay(str(b.root), connect_ray=False, log=lambda m: None)

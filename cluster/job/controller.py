@@ -124,9 +124,9 @@ class Controller:
                                            review=review_paths(self.run.root), plan=self.plan)
             self.refresh = reward_started(self.cfg, self.run.root, self.services.reward, self._log)
             check_shared_run_dir(self.run.root, [n for n in self.services.learner.node_ids() if n not in shared])
-            state = self._restore(prompts) if self.resume else LoopState()
+            state, in_flight = self._restore(prompts) if self.resume else (LoopState(), [])
             self.loop = TrainingLoop(self.cfg, self.run, self.services, prompts, state, on_step=self._on_step,
-                                   log=self._log)
+                                     log=self._log, in_flight=in_flight)
             if self._pending_workers is not None:
                 self.loop.request_workers(self._pending_workers)
             if self._stop_requested:
@@ -174,22 +174,13 @@ class Controller:
         return PromptIterator(load_prompts(self.cfg.data.prompts, self.cfg.data.columns, policy_tok),
                               seed=self.cfg.seed)
 
-    def _restore(self, prompts) -> LoopState:
-        ckpt = self.run.latest_checkpoint()
-        if ckpt is None:
-            return LoopState()
-        saved = json.loads((ckpt / "controller.json").read_text())
-        self.services.learner.load_checkpoint(str(ckpt / "learner"))
-        prompts.load_state_dict(saved["prompts"])
-        state = LoopState(**saved["loop"])
-        self.run.truncate(after_step=state.step - 1)
+    def _restore(self, prompts) -> tuple[LoopState, list]:
+        from cluster.job.resume import restore
+
+        state, in_flight = restore(self.run, self.services, prompts, self._log)
         history = self.run.read_metrics()
         self.first = history[0] if history else None
-        if saved.get("num_workers") and saved["num_workers"] != self.services.pool.num_workers:
-            self.services.pool.scale_to(saved["num_workers"])
-        self.services.publish_weights()
-        self._log(f"resumed from {ckpt} at step {state.step}, policy version {self.services.learner.version}")
-        return state
+        return state, in_flight
 
     def _on_step(self, step: int, m: dict) -> None:
         if self.first is None:

@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -34,28 +34,27 @@ from cluster.config import JobConfig
 from cluster.errors import JobFailed, failing_as
 from cluster.job.evaluation import Evaluator
 from cluster.job.produce import ScoredRollouts, StepProducer
+from cluster.job.resume import LoopState, save_in_flight
 from cluster.job.rollout_table import provenance, rollout_stats, staleness, trainable_mask
 from cluster.job.services import Services
 from cluster.outputs.run_dir import RunDir
+from cluster.outputs.weight_digest import replay_requirements, tensor_digests
 from contract.datasets import PromptIterator
 from contract.user_code import load_function
 
 
-@dataclass
-class LoopState:
-    """What a checkpoint needs besides the learner: where the loop and the prompt order stand."""
-
-    step: int = 0  # steps completed == index of the next step
-    samples: int = 0
-    dropped_stale: int = 0
-    invalid_rewards: int = 0
-    uniform_groups: int = 0  # groups dynamic sampling set aside (all rewards equal)
-
-
 class TrainingLoop:
     def __init__(self, cfg: JobConfig, run: RunDir, services: Services, prompts: PromptIterator, state: LoopState,
-                 on_step: Callable[[int, dict], None] = lambda step, m: None, log: Callable[[str], None] = print):
+                 on_step: Callable[[int, dict], None] = lambda step, m: None, log: Callable[[str], None] = print,
+                 in_flight: list[ScoredRollouts] | None = None):
+        """`in_flight`: a resumed run's steps that its checkpoint saved generated but not yet trained
+        (`produce.load_in_flight`), trained before anything new is drawn."""
         self.cfg, self.run, self.services, self.state = cfg, run, services, state
+        self._pending: deque[tuple[int, Future]] = deque()  # (step, its production): async/inflight
+        for p in in_flight or []:
+            done: Future = Future()
+            done.set_result(p)
+            self._pending.append((p.step, done))
         self.on_step, self.log = on_step, log
         self.gold = load_function(cfg.loop.gold_function, "loop.gold_function") if cfg.loop.gold_function else None
         self.producer = StepProducer(services, prompts, cfg.data.prompts_per_step, cfg.loop.dynamic_sampling)
@@ -193,13 +192,13 @@ class TrainingLoop:
         """Up to `loop.max_staleness` steps' rollouts in flight (at least one) while the learner trains."""
         first, last = self.state.step, self.cfg.loop.steps
         depth = max(1, self.cfg.loop.max_staleness)
-        pending: deque[Future] = deque()
-        nxt = first
+        pending = self._pending  # a resume's saved steps first
+        nxt = pending[-1][0] + 1 if pending else first
 
         def fill() -> None:
             nonlocal nxt
             while nxt < last and len(pending) < depth:
-                pending.append(ex.submit(self.producer.produce, nxt))
+                pending.append((nxt, ex.submit(self.producer.produce, nxt)))
                 nxt += 1
 
         inflight = self.cfg.loop.mode == "inflight"
@@ -207,9 +206,10 @@ class TrainingLoop:
         fill()
         for step in range(first, last):
             t0 = time.perf_counter()
-            produced = self._wait(pending.popleft(), step)
+            produced = self._wait(pending[0][1], step)
             if self.stop.is_set():
-                return
+                return  # still pending: the final checkpoint saves it
+            pending.popleft()
             # async: the previous step's weights go out once its successor's rollouts are in (nothing
             # generates then); inflight: they went out right after training, into the generation in flight
             sync_s = self._publish(step - 1) if step > first and not inflight else 0.0
@@ -236,13 +236,35 @@ class TrainingLoop:
             return self.services.publish_weights()
 
     # -- checkpoints ---------------------------------------------------------------------------------
+    def _settled_in_flight(self) -> list[ScoredRollouts]:
+        """The productions in flight, waited for, in step order, up to the first that will not come (one
+        cancelled when the loop stopped, or one that failed): its prompts are drawn again on resume."""
+        out = []
+        for step, future in self._pending:
+            if future.cancelled() or step != self.state.step + len(out):
+                break
+            try:
+                out.append(future.result(timeout=self.cfg.loop.timeout_s))
+            except Exception:  # noqa: BLE001 - a failed production is redone on resume; the loop reports it
+                break
+        return out
+
     def checkpoint(self) -> None:
+        """Learner state, loop state, prompt order and the steps generated but not trained yet: a
+        resumed run goes on exactly as this one would have (async and inflight included)."""
         staging = self.run.checkpoint_staging(self.state.step)
         with failing_as(f"checkpoint at step {self.state.step} failed"):
             self.services.learner.save_checkpoint(str(staging / "learner"))
+        in_flight = self._settled_in_flight()
+        save_in_flight(staging, in_flight)
+        saved_through = in_flight[-1].step if in_flight else None
         state = {"loop": asdict(self.state), "policy_version": self.services.learner.version,
-                 "prompts": self.producer.resume_prompt_state(), "num_workers": self.services.pool.num_workers}
+                 "prompts": self.producer.resume_prompt_state(saved_through),
+                 "in_flight_steps": [p.step for p in in_flight], "num_workers": self.services.pool.num_workers}
         path = self.run.commit_checkpoint(staging, self.state.step, state)
+        self.run.record_weights(self.state.step, self.services.learner.version,
+                                tensor_digests(path / "learner" / "policy"),
+                                replay_requirements(self.cfg, self.services.learner.device_kind))
         self.run.prune_checkpoints(self.cfg.loop.keep_checkpoints)
         self.log(f"checkpoint {path}")
 

@@ -72,10 +72,14 @@ class StepProducer:
                 self._drawn.append((step, self.prompts.state_dict()))
             return self.prompts.next_batch(size)
 
-    def resume_prompt_state(self) -> dict:
-        """Iterator state from which the first not-yet-trained step's prompts are redrawn."""
+    def resume_prompt_state(self, saved_through: int | None = None) -> dict:
+        """Iterator state from which a resumed run draws: that before the first step not trained nor
+        saved with the checkpoint (`saved_through`: the last step whose rollouts were saved)."""
         with self._lock:
-            return self._drawn[0][1] if self._drawn else self.prompts.state_dict()
+            for step, state in self._drawn:
+                if saved_through is None or step > saved_through:
+                    return state
+            return self.prompts.state_dict()
 
     def trained(self, step: int) -> None:
         """Step `step` is done: its prompts are no longer redrawn on resume."""

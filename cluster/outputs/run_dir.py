@@ -5,6 +5,8 @@
     RUN/tb/                            TensorBoard events of the same scalars
     RUN/rollouts/step=000012.parquet   every sample of step 12 with its provenance
     RUN/ckpt/step=000010/              learner state + controller.json (step, version, prompt order)
+                                       + rollouts_in_flight/ (generated, not yet trained: async/inflight)
+    RUN/weights.jsonl                  per checkpoint: the policy's tensor digests (`rlhf replay` checks them)
     RUN/report.png                     curves drawn at the end
 
 A checkpoint directory is built under a temporary name and renamed into place, so `latest_checkpoint`
@@ -66,6 +68,8 @@ class RunDir:
             shutil.rmtree(staging, ignore_errors=True)
         kept = [m for m in self.read_metrics() if m["step"] <= after_step]
         write_atomically(self.root / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
+        ledger = [e for e in self.read_weight_ledger() if e["step"] <= after_step + 1]  # the resumed checkpoint's
+        write_atomically(self.root / "weights.jsonl", "".join(json.dumps(e) + "\n" for e in ledger))
         for f in (self.root / "rollouts").glob("*step=*.parquet"):  # train and eval files
             if int(f.stem.rsplit("step=", 1)[1]) > after_step:
                 f.unlink()
@@ -107,6 +111,21 @@ class RunDir:
     def latest_checkpoint(self) -> Path | None:
         done = self.checkpoints()
         return done[-1] if done else None
+
+    def record_weights(self, step: int, version: int, tensors: dict[str, str], requirements: dict) -> None:
+        """One weights.jsonl line for the checkpoint at `step` (replacing an earlier line for it)."""
+        from cluster.outputs.weight_digest import model_digest
+
+        ledger = [e for e in self.read_weight_ledger() if e["step"] != step]
+        ledger.append({"step": step, "policy_version": version, "sha256": model_digest(tensors),
+                       "requirements": requirements, "tensors": tensors})
+        write_atomically(self.root / "weights.jsonl", "".join(json.dumps(e) + "\n" for e in ledger))
+
+    def read_weight_ledger(self) -> list[dict]:
+        p = self.root / "weights.jsonl"
+        if not p.is_file():
+            return []
+        return [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def prune_checkpoints(self, keep: int) -> None:
         """Delete all but the newest `keep` complete checkpoints (0: keep everything)."""
