@@ -2,10 +2,12 @@
 over gloo. Each job start costs 1.5-2 minutes on a 2-core box (process spawns and imports), so
 scenarios share runs:
 
-1. an async GRPO run one of whose learner ranks is killed with SIGKILL: the job stops in one line
-   naming the resume command; `rlhf train --resume`, whose driver is then killed with SIGKILL; a
-   resume stopped by SIGTERM, and one stopped by Ctrl-C (SIGINT to its process group): each stops
-   as `rlhf stop` does, with a checkpoint and the resume line.
+1. an inflight GRPO run (async, weights loaded into the generation in flight) one of whose learner
+   ranks is killed with SIGKILL: the job stops in one line naming the resume command; `rlhf train
+   --resume`, whose driver is then killed with SIGKILL; a resume stopped by SIGTERM, and one stopped
+   by Ctrl-C (SIGINT to its process group): each stops as `rlhf stop` does, with a checkpoint and the
+   resume line. Then `rlhf replay` retrains the run from its Parquet files, across the three resumes,
+   to bit-identical weights at every checkpoint.
 2. a reward service that cannot score: one line, non-zero exit (attached to the session's Ray: the
    job fails at its start, and an embedded cluster's own start would be most of its time).
 
@@ -57,17 +59,18 @@ def kill_session(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.timeout(1500)  # four job starts
-def test_async_run_survives_a_killed_learner_rank_a_killed_driver_and_stop_signals(tmp_path, tiny_models):
-    """One async GRPO run on 2 ranks, four drivers: a learner rank SIGKILLed (the job stops in one
+def test_inflight_run_survives_a_killed_learner_rank_a_killed_driver_and_stop_signals_and_replays(
+        tmp_path, tiny_models, ray_local):
+    """One inflight GRPO run on 2 ranks, four drivers: a learner rank SIGKILLed (the job stops in one
     line naming the resume command; the last checkpoint is whole), a resume whose driver is SIGKILLed
     after its next checkpoint, a resume stopped by SIGTERM and one stopped by Ctrl-C (a checkpoint
     where each stopped, the resume line, exit code 128 + the signal). Every sample exactly once
-    throughout, in the order an uninterrupted run draws, at most one version behind the learner that
-    trained on it."""
+    throughout, in the order an uninterrupted run draws, its oldest token at most one version behind
+    the learner that trained on it. `rlhf replay` then finds the weights of every checkpoint."""
     every, dashboard = 2, free_port()
     run = tmp_path / "run"
     job = write_job(tmp_path, tiny_models, "e2e-crashes", run,
-                    loop={"steps": 100000, "mode": "async", "max_staleness": 1, "checkpoint_every": every},
+                    loop={"steps": 100000, "mode": "inflight", "max_staleness": 1, "checkpoint_every": every},
                     learner={"rl": {"algorithm": "grpo", "minibatch_size": 8, "micro_batch_size": 4}},
                     ray={"dashboard_port": dashboard})
     resume_cmd = f"resume with: rlhf train --resume {run.resolve()}"
@@ -134,7 +137,17 @@ def test_async_run_survives_a_killed_learner_rank_a_killed_driver_and_stop_signa
     for step, version in zip(table.column("step").to_pylist(), table.column("policy_version").to_pylist()):
         assert version in (max(0, step - 1), step), (step, version)
     assert all(table.column("trained").to_pylist())
+    for versions, first in zip(table.column("token_versions").to_pylist(), table.column("policy_version").to_pylist()):
+        assert versions == sorted(versions) and versions[0] == first
     assert json.loads((RunDir(run).latest_checkpoint() / "controller.json").read_text())["policy_version"] == steps
+
+    # the recorded experience retrains to the weights of every checkpoint, across the three resumes
+    ledger = [e["step"] for e in RunDir(run).read_weight_ledger()]
+    assert ledger == sorted(ledger) and ledger[-1] == steps and len(ledger) >= 4, ledger
+    r = rlhf("replay", str(run), "--address", ray_local.get_runtime_context().gcs_address, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert r.stdout.splitlines()[-1] == (f"rlhf replay: weights bit-identical at all {len(ledger)} checkpoint(s) "
+                                         f"(steps {', '.join(map(str, ledger))})"), r.stdout[-2000:]
 
 
 def stop_by_signal(run: Path, out: Path, args: list[str], resume_at: int, name: str, send, of: int) -> int:

@@ -178,8 +178,8 @@ def test_a_crashed_async_run_resumes_sample_for_sample_and_replays_to_the_same_w
     checkpoint lost, and resumed. B's experience equals A's sample for sample (the step the checkpoint
     had generated but not trained included: saved with it, not drawn again under newer weights), and
     its weights at every checkpoint are A's bit for bit. Then `replay` retrains B from its Parquet
-    files and finds the same weights; with one recorded reward changed it names the first checkpoint
-    and tensor that differ."""
+    files and finds the same weights, until a checkpoint whose recorded digest was changed: it names
+    that step and tensor."""
     from cluster.errors import JobFailed
     from cluster.job.loop import LoopState, TrainingLoop
     from cluster.job.resume import restore
@@ -227,15 +227,14 @@ def test_a_crashed_async_run_resumes_sample_for_sample_and_replays_to_the_same_w
     assert [s for s, _ in digests] == [2, 4, 6]
     assert [(e["step"], e["sha256"]) for e in b.read_weight_ledger()] == digests
 
-    assert replay(str(b.root), connect_ray=False, log=lambda m: None) == [2, 4, 6]
-    import pyarrow.parquet as pq
-
-    path = b.rollout_path(1)
-    t = pq.read_table(path)
-    row = t.column("trained").to_pylist().index(True)
-    rewards = t.column("reward").to_pylist()
-    rewards[row] += 0.5
-    pq.write_table(t.set_column(t.column_names.index("reward"), "reward", pa.array(rewards, pa.float32())), path)
-    with pytest.raises(JobFailed, match=r"weights differ at the checkpoint of step 2 \(policy version 2\): first "
-                                        r"tensor \S+"):
-        replay(str(b.root), connect_ray=False, log=lambda m: None)
+    # replay B; the ledger's last line is changed in one tensor, as a run that trained differently would be
+    ledger = b.read_weight_ledger()
+    name = sorted(ledger[-1]["tensors"])[3]
+    ledger[-1]["tensors"][name] = "0" * 64
+    (b.root / "weights.jsonl").write_text("".join(json.dumps(e) + "\n" for e in ledger))
+    said = []
+    with pytest.raises(JobFailed) as failed:
+        replay(str(b.root), connect_ray=False, log=said.append)
+    assert said == ["step 2: policy version 2, every tensor bit-identical",
+                    "step 4: policy version 4, every tensor bit-identical"]  # across the resume at step 2
+    assert str(failed.value) == f"weights differ at the checkpoint of step 6 (policy version 6): first tensor {name}"
