@@ -64,7 +64,8 @@ def run_row(name: str, overrides: list[str], base: dict, steps: int, work: Path)
     reached = next((r["step"] for r in rows if r["gold_mean"] >= GOLD_TARGET), None)
     return {"name": name, "overrides": overrides, "gold_0": gold[0], "gold_end": gold[-1],
             "gold_best": max(gold), "steps_to_target": reached, "kl_end": rows[-1].get("kl", float("nan")),
-            "curve": gold, "wall_s": time.perf_counter() - t0}
+            "curve": gold, "wall_s": time.perf_counter() - t0,
+            "train_rows": [r for r in run.read_metrics() if "train_s" in r]}  # every step's metrics (not stored)
 
 
 def write(results: list[dict], out: Path, steps: int) -> None:
@@ -133,6 +134,7 @@ def main() -> None:
     try:
         for name, overrides in chosen.items():
             r = run_row(name, overrides, base, a.steps, work)
+            r.pop("train_rows")
             print(json.dumps({k: v for k, v in r.items() if k != "curve"}), flush=True)
             kept[name] = {**r, "steps": a.steps, "command": "python -m benchmarks.learning " + " ".join(
                 f"--{k} '{v}'" for k, v in (("rows", a.rows), ("steps", a.steps)) if v != p.get_default(k)),

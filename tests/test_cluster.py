@@ -14,7 +14,7 @@ import pytest
 
 from cluster.config import load_config
 from cluster.errors import UsageError
-from cluster.job.rollout_table import provenance, trainable_mask, with_rewards
+from cluster.job.rollout_table import provenance, trainable_mask, untrained_reasons, with_rewards
 from cluster.launch.ray_session import check_port, check_reachable
 from cluster.outputs.run_dir import RunDir
 from contract.experience import EXPERIENCE_SCHEMA, rollout_batch
@@ -68,8 +68,12 @@ def test_stale_and_invalid_samples_are_kept_in_parquet_but_not_trained(tmp_path)
     assert mask.tolist() == [True, True, False, False]  # version 1 is 2 behind; row 3 invalid
     assert trainable_mask(exp, 3, 0).tolist() == [True, False, False, False]  # sync: only current rows
     run = RunDir(tmp_path).create("")
-    run.write_rollouts(7, provenance(exp, 7, mask, gold=[0.0, 0.25, 0.5, 1.0]))
+    keep = np.array([True, False, True, True])  # dynamic sampling set row 1's group aside
+    run.write_rollouts(7, provenance(exp, 7, mask & keep, gold=[0.0, 0.25, 0.5, 1.0],
+                                     why=untrained_reasons(exp, mask, keep)))
     table = run.read_rollouts()
+    assert table.column("not_trained").to_pylist() == [None, "uniform_group", "stale", "invalid_reward"]
+    mask = mask & keep
     assert table.num_rows == 4
     assert table.column("step").to_pylist() == [7] * 4
     assert table.column("trained").to_pylist() == mask.tolist()

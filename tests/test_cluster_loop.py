@@ -150,6 +150,7 @@ def test_async_k2_dynamic_sampling_and_eval_on_the_real_stack(stack, tiny_models
         flat = np.array(["flat" in p for p in rows_s.column("prompt").to_pylist()])
         trained = np.array(rows_s.column("trained").to_pylist())
         assert not trained[flat].any()  # uniform groups carry no signal: never trained on
+        assert set(np.array(rows_s.column("not_trained").to_pylist(), dtype=object)[~trained]) <= {"uniform_group"}
         assert r["uniform_groups"] == len(set(np.array(rows_s.column("prompt_id").to_pylist())[flat]))
         n_trained_groups = len(set(np.array(rows_s.column("prompt_id").to_pylist())[trained]))
         assert n_trained_groups <= per_step and r["trained_samples"] == int(trained.sum())

@@ -35,7 +35,7 @@ from cluster.errors import JobFailed, failing_as
 from cluster.job.evaluation import Evaluator
 from cluster.job.produce import ScoredRollouts, StepProducer
 from cluster.job.resume import LoopState, save_in_flight
-from cluster.job.rollout_table import provenance, rollout_stats, staleness, trainable_mask
+from cluster.job.rollout_table import provenance, rollout_stats, staleness, trainable_mask, untrained_reasons
 from cluster.job.services import Services
 from cluster.outputs.run_dir import RunDir
 from cluster.outputs.weight_digest import replay_requirements, tensor_digests
@@ -99,7 +99,8 @@ class TrainingLoop:
         stale = staleness(p.table, version_before)
         gold = self.gold(p.table.column("prompt").to_pylist(), p.table.column("response").to_pylist()) \
             if self.gold else None
-        self.run.write_rollouts(p.step, provenance(p.table, p.step, mask, gold))
+        self.run.write_rollouts(p.step, provenance(p.table, p.step, mask, gold,
+                                                   why=untrained_reasons(p.table, fresh, p.keep)))
         self.state.samples += int(mask.sum())
         self.state.dropped_stale += n_stale
         self.state.invalid_rewards += n_invalid

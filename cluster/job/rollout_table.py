@@ -56,12 +56,23 @@ def trainable_mask(table: pa.Table, learner_version: int, max_staleness: int) ->
     return ok & (staleness(table, learner_version) <= max_staleness)
 
 
+def untrained_reasons(table: pa.Table, fresh: np.ndarray, keep: np.ndarray) -> list[str | None]:
+    """Per sample, why it is not trained on (None: it is): `invalid_reward`, `stale` (its oldest token
+    more than loop.max_staleness versions behind: the sample is dropped whole, never cut), or
+    `uniform_group` (dynamic sampling set its group aside)."""
+    valid = table.column("reward_valid").to_numpy(zero_copy_only=False).astype(bool)
+    return ["invalid_reward" if not v else "stale" if not f else "uniform_group" if not k else None
+            for v, f, k in zip(valid, fresh, keep)]
+
+
 def provenance(table: pa.Table, step: int, trained: np.ndarray, gold: list[float] | None,
-               split: str = "train") -> pa.Table:
-    """The Parquet row set of one step: experience + step, trained flag, split ("train" or "eval")
-    and the gold score if known."""
+               split: str = "train", why: list[str | None] | None = None) -> pa.Table:
+    """The Parquet row set of one step: experience + step, trained flag, why not trained (`why`,
+    `untrained_reasons`; null for trained rows and evals), split ("train" or "eval") and the gold
+    score if known."""
     table = table.append_column("step", pa.array(np.full(table.num_rows, step, dtype=np.int64)))
     table = table.append_column("trained", pa.array(trained, type=pa.bool_()))
+    table = table.append_column("not_trained", pa.array(why or [None] * table.num_rows, type=pa.string()))
     table = table.append_column("split", pa.array([split] * table.num_rows, type=pa.string()))
     if gold is not None:
         table = table.append_column("gold", pa.array(gold, type=pa.float64()))
