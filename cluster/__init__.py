@@ -14,9 +14,9 @@ report, stop the services.
 | `config_yaml.py` | `rlhf config [SECTION]`: the defaults as commented YAML, rendered from the models | the user's process |
 | `configs/`    | shipped job YAMLs (demo, async GRPO, GPU cluster, reward-model training) | - |
 | `errors.py`   | `UsageError` (exit 2) and `JobFailed` (exit 1), both one line | anywhere |
-| `launch/`     | `rlhf train` (`train.py`, `preflight.py`: every check that can run before Ray starts), `submit`, `scale`/`status`/`stop`, `train-sft`, `generate` | the user's process |
+| `launch/`     | `rlhf train` (`train.py`, `preflight.py`: every check that can run before Ray starts), `submit`, `scale`/`status`/`stop`, `train-sft`, `generate`, `replay` (`replay.py`: retrain from the Parquet, weights checked bit for bit) | the user's process |
 | `job/`        | the controller actor, the services it starts, the training loop (`loop.py`, `produce.py`: one step's experience, `evaluation.py`: held-out eval), weight sync, rollout tables, Ray gauges, autoscaler requests, the shared-storage check, reward-model refresh from ratings | inside the cluster |
-| `outputs/`    | the run directory (config, metrics, Parquet, checkpoints, TensorBoard) and the report | the controller |
+| `outputs/`    | the run directory (config, metrics, Parquet, checkpoints, TensorBoard, weights.jsonl), tensor digests (`weight_digest.py`) and the report | the controller |
 | `demo/`       | the demo task (synthetic prompts, gold rule, RM preference pairs) and tiny local models | the user's process |
 | `manifests/`  | Ray cluster launcher and KubeRay RayJob manifests (placement by role) | - |
 | `monitoring/` | Grafana dashboard of the RL metrics and the Prometheus scrape config | - |
