@@ -1,6 +1,11 @@
 """Sync vs async vs inflight at long, uneven responses: learner idle share, samples/s, steps to the target.
 
     python -m benchmarks.inflight [--steps 40] [--max-new-tokens 256] [--target 0.3] [--out benchmarks/RESULTS_inflight.md]
+    python -m benchmarks.inflight --policy m100 --prompts-per-step 8 --steps 5 --out benchmarks/RESULTS_inflight_m100.md
+
+--policy m100: the policy is the 110M random-init model (`rlhf make-tiny-models --size m100`, a
+32000-token vocabulary) under the same tiny reward model: a throughput comparison only (the gold
+score of a random 110M model says nothing; its steps-to-target column is not a learning result).
 
 Each row is the demo job's RL stage from the raw tiny policy (as `benchmarks/learning.py` runs it:
 local Ray, a vLLM worker, the reward Serve app, a DeepSpeed rank, one process, rows one after the
@@ -50,12 +55,13 @@ def summary(r: dict, target: float) -> dict:
 def write(results: list[dict], out: Path, args, commit: str, cpu: str) -> None:
     by = {r["name"]: r for r in results}
     a, f = by.get("async (one step off, TIS)"), by.get("inflight (one step off, TIS)")
-    lines = [f"# Sync vs async vs inflight, responses up to {args.max_new_tokens} tokens ({args.steps} steps)", "",
+    lines = [f"# Sync vs async vs inflight, responses up to {args.max_new_tokens} tokens ({args.steps} steps, "
+             f"{args.policy} policy)", "",
              f"Command: `python -m benchmarks.inflight --steps {args.steps} --max-new-tokens {args.max_new_tokens} "
-             f"--target {args.target}`  ",
+             f"--target {args.target} --policy {args.policy} --prompts-per-step {args.prompts_per_step}`  ",
              f"Commit: {commit}  ", f"CPU: {cpu}  ", f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", "",
-             "The demo task's RL stage from the raw tiny policy (16 prompts x 4 samples per step, GRPO), one process; "
-             "written whole by the script.", "",
+             f"The demo task's RL stage from the raw {args.policy} policy ({args.prompts_per_step} prompts x 4 samples "
+             "per step, GRPO), one process; written whole by the script.", "",
              "| mode | learner idle | trained samples/s | s/step | mean response tokens | cut at limit | "
              f"steps to gold {args.target} | gold best | mean staleness | samples spanning versions | widest span |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -83,6 +89,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--target", type=float, default=0.3, help="gold mean a row must reach")
+    p.add_argument("--policy", choices=["tiny", "m100"], default="tiny")
+    p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--out", default="benchmarks/RESULTS_inflight.md")
     args = p.parse_args()
     import ray
@@ -95,7 +103,13 @@ def main() -> None:
     base = build_demo(work / "demo", sft=False)
     long = [f"rollout.sampling.max_new_tokens={args.max_new_tokens}",
             f"rollout.engine.max_model_len={args.max_new_tokens + 64}",
-            f"reward.max_length={args.max_new_tokens + 64}", "learner.rl.rollout_correction.mode=tis"]
+            f"reward.max_length={args.max_new_tokens + 64}", "learner.rl.rollout_correction.mode=tis",
+            f"data.prompts_per_step={args.prompts_per_step}",
+            f"learner.rl.minibatch_size={args.prompts_per_step * 4}", f"learner.rl.micro_batch_size={args.prompts_per_step * 4}"]
+    if args.policy == "m100":
+        from cluster.demo.tiny_models import make_tiny_models
+
+        long.append(f"model.policy={make_tiny_models(work / 'm100', size='m100')['policy']}")
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False, logging_level="WARNING",
              runtime_env={"env_vars": resolve_device("cpu").actor_env(1)})
     commit, cpu = git_commit(), cpu_line()
