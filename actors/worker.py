@@ -125,16 +125,19 @@ class Worker:
     def _accept(self, version: int, named, adapter: str, stream: bool) -> int:
         """Load `version` now, or stage it for the engine's thread if a generate runs. `named`: a
         callable giving the (name, tensor) pairs; `stream`: they come off a broadcast, so staging
-        drains and copies them now (the sender's collective must finish; its buffers are reused)."""
+        drains and copies them (the sender's collective must finish; its buffers are reused), outside
+        the lock: the engine keeps stepping meanwhile."""
         with self._weights_lock:
-            if not self._generating:
+            if not self._generating:  # streamed straight into the engine; a generate starting now waits
                 self._load(version, named(), adapter)
-            elif stream:
-                copies = [(n, t.clone()) for n, t in named()]
-                self._staged = (version, copies, adapter)
-            else:
-                self._staged = (version, named(), adapter)
-            return version
+                return version
+        tensors = [(n, t.clone()) for n, t in named()] if stream else named()
+        with self._weights_lock:
+            if self._generating:
+                self._staged = (version, tensors, adapter)
+            else:  # the generate ended meanwhile
+                self._load(version, tensors, adapter)
+        return version
 
     @ray.method(concurrency_group="weights")
     def update_weights(self, version: int, weights: PackedStateDict) -> int:
